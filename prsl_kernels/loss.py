@@ -1,0 +1,92 @@
+"""Public API: ``prsl_loss`` and the ``PRSLLoss`` module."""
+
+from typing import NamedTuple
+
+import torch
+
+from . import backends
+from .function import PRSLFunction
+from .spec import DIST, IGNORE_INDEX, LSE, SPREAD_SUM, TAU, TIE_COUNT
+from .validation import check_inputs, check_target_range
+
+
+class RowStats(NamedTuple):
+    """Per-row statistics (spec), flat over the leading dims; no gradient flows through them."""
+    lse: torch.Tensor
+    tau: torch.Tensor
+    dist: torch.Tensor
+    spread_sum: torch.Tensor
+    tie_count: torch.Tensor
+
+
+def prsl_loss(logits, target, k, b, *, ignore_index=IGNORE_INDEX, reduction="mean", backend="auto",
+              check_target=True, return_stats=False):
+    """Partially Recentralization Softmax Loss: ``CE + b * D`` per token.
+
+    Args:
+        logits: ``(..., V)`` float16/bfloat16/float32/float64.
+        target: integer tensor of shape ``logits.shape[:-1]``.
+        k: number of largest non-target probabilities penalised, ``0 <= k <= V-1``.
+        b: penalty weight (any real; ``b > 0`` restricts the top-k spread).
+        ignore_index: target value whose rows count neither in loss nor gradient.
+        reduction: ``"mean"`` (over counted rows), ``"sum"`` or ``"none"``.
+        backend: ``"auto"``, ``"triton"``, ``"cpp"`` or ``"reference"``.
+        check_target: verify targets lie in ``[0, V)`` (one host sync on GPU).
+        return_stats: also return :class:`RowStats` (e.g. to log CE and ``b * D`` apart).
+
+    Returns:
+        The loss (float32, or float64 for float64 logits), and the stats if asked.
+    """
+    check_inputs(logits, target, k, b, ignore_index, reduction, backend)
+    vocab = logits.shape[-1]
+    if check_target:
+        check_target_range(target, vocab, ignore_index)
+    k, b, ignore_index = int(k), float(b), int(ignore_index)
+    path = backends.resolve(backend, logits.device)
+    counted = target != ignore_index
+
+    if path == "reference":
+        loss_rows, stats = _reference_rows(logits, target, k, b, ignore_index)
+    else:
+        logits2d = logits.reshape(-1, vocab)
+        if logits2d.stride(-1) != 1:
+            logits2d = logits2d.contiguous()
+        # b == 0 is plain cross-entropy: tell the kernels to skip the top-k selection.
+        loss_rows, row_stats = PRSLFunction.apply(logits2d, target.reshape(-1).long(), k if b != 0 else 0,
+                                                  b, ignore_index, path)
+        stats = RowStats(*(row_stats[:, i] for i in (LSE, TAU, DIST, SPREAD_SUM, TIE_COUNT)))
+        loss_rows = loss_rows.reshape(target.shape)
+
+    if reduction == "none":
+        loss = loss_rows
+    elif reduction == "sum":
+        loss = loss_rows.sum()
+    else:  # mean over counted rows, as F.cross_entropy (all ignored -> nan)
+        loss = loss_rows.sum() / counted.sum()
+    return (loss, stats) if return_stats else loss
+
+
+def _reference_rows(logits, target, k, b, ignore_index):
+    from prsl_reference import row_stats_reference
+
+    lse, tau, dist, spread, ties, _, _, _, z_target = row_stats_reference(logits, target, k, ignore_index)
+    counted = target.reshape(-1) != ignore_index
+    loss_rows = torch.where(counted, lse - z_target + b * dist, torch.zeros_like(lse))
+    stats = RowStats(*(s.detach() for s in (lse, tau, dist, spread, ties)))
+    return loss_rows.reshape(target.shape), stats
+
+
+class PRSLLoss(torch.nn.Module):
+    """``nn.Module`` form of :func:`prsl_loss`; call as ``loss_fn(logits, target)``."""
+
+    def __init__(self, k, b, ignore_index=IGNORE_INDEX, reduction="mean", backend="auto"):
+        super().__init__()
+        self.k, self.b = k, b
+        self.ignore_index, self.reduction, self.backend = ignore_index, reduction, backend
+
+    def forward(self, logits, target):
+        return prsl_loss(logits, target, self.k, self.b, ignore_index=self.ignore_index,
+                         reduction=self.reduction, backend=self.backend)
+
+    def extra_repr(self):
+        return f"k={self.k}, b={self.b}, ignore_index={self.ignore_index}, reduction={self.reduction!r}"

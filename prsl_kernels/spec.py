@@ -1,0 +1,29 @@
+"""Constants of the PRSL specification (``shared/spec/prsl.md``), defined once.
+
+Every backend returns, besides the per-row loss, the five per-row statistics
+from which the backward pass rebuilds the gradient in one streaming pass:
+
+    lse        log-sum-exp of the row
+    tau        k-th largest non-target logit (+inf when k == 0 or b == 0)
+    dist       D = sqrt(sum_{j in A} (p_j - p_min)^2)
+    spread_sum S = sum_{j in A} (p_j - p_min)
+    tie_count  |T|, the number of non-target logits equal to tau
+
+They are stored as columns of one ``(N, NUM_ROW_STATS)`` tensor in the stats
+dtype (float32, or float64 for float64 logits), column order as below.
+"""
+
+import torch
+
+IGNORE_INDEX = -100
+REDUCTIONS = ("none", "mean", "sum")
+BACKENDS = ("auto", "triton", "cpp", "reference")
+
+ROW_STATS = ("lse", "tau", "dist", "spread_sum", "tie_count")
+NUM_ROW_STATS = len(ROW_STATS)
+LSE, TAU, DIST, SPREAD_SUM, TIE_COUNT = range(NUM_ROW_STATS)
+
+
+def stats_dtype(logits_dtype: torch.dtype) -> torch.dtype:
+    """The accumulation / loss dtype: float64 for float64 logits, else float32."""
+    return torch.float64 if logits_dtype == torch.float64 else torch.float32

@@ -1,0 +1,61 @@
+"""Input checks shared by every backend: clear errors before any kernel runs."""
+
+import numbers
+
+import torch
+
+from .spec import BACKENDS, REDUCTIONS
+
+
+def check_inputs(logits, target, k, b, ignore_index, reduction, backend):
+    """Raise ``TypeError``/``ValueError`` naming the bad argument (spec, "Errors")."""
+    if not isinstance(logits, torch.Tensor) or not logits.is_floating_point():
+        raise TypeError(f"logits must be a floating-point tensor, got {_describe(logits)}")
+    if logits.dim() < 1:
+        raise ValueError("logits must have at least 1 dimension (..., V), got a 0-d tensor")
+    if not isinstance(target, torch.Tensor) or target.is_floating_point() or target.is_complex() \
+            or target.dtype == torch.bool:
+        raise TypeError(f"target must be an integer tensor, got {_describe(target)}")
+    if tuple(target.shape) != tuple(logits.shape[:-1]):
+        raise ValueError(f"target must have shape logits.shape[:-1] = {tuple(logits.shape[:-1])}, "
+                         f"got {tuple(target.shape)}")
+    if target.device != logits.device:
+        raise ValueError(f"logits and target must be on the same device, got {logits.device} "
+                         f"and {target.device}")
+    vocab = logits.shape[-1]
+    if isinstance(k, bool) or not isinstance(k, numbers.Integral):
+        raise TypeError(f"k must be an int, got {type(k).__name__}")
+    if k < 0 or k > vocab - 1:
+        raise ValueError(f"k must be in [0, V-1] = [0, {vocab - 1}] (V = logits.shape[-1] = {vocab}: "
+                         f"there are only V-1 non-target classes), got k={k}")
+    if isinstance(b, bool) or not isinstance(b, numbers.Real):
+        raise TypeError(f"b must be a real number, got {type(b).__name__}")
+    if isinstance(ignore_index, bool) or not isinstance(ignore_index, numbers.Integral):
+        raise TypeError(f"ignore_index must be an int, got {type(ignore_index).__name__}")
+    if reduction not in REDUCTIONS:
+        raise ValueError(f"reduction must be one of {REDUCTIONS}, got {reduction!r}")
+    if backend not in BACKENDS:
+        raise ValueError(f"backend must be one of {BACKENDS}, got {backend!r}")
+
+
+def check_target_range(target, vocab, ignore_index):
+    """Targets must lie in [0, V) unless equal to ignore_index.
+
+    Eager mode raises a ValueError (one host sync: the caller may opt out);
+    under torch.compile the check becomes an asynchronous device assert so that
+    it neither syncs nor breaks the graph.
+    """
+    bad = ((target < 0) | (target >= vocab)) & (target != ignore_index)
+    if torch.compiler.is_compiling():
+        torch._assert_async(~bad.any(), "target out of range [0, V) and not ignore_index")
+        return
+    if bool(bad.any()):
+        first = target[bad].flatten()[0].item()
+        raise ValueError(f"target values must be in [0, V) = [0, {vocab}) or equal ignore_index="
+                         f"{ignore_index}; found {first}")
+
+
+def _describe(x):
+    if isinstance(x, torch.Tensor):
+        return f"a tensor of dtype {x.dtype}"
+    return type(x).__name__
