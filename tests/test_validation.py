@@ -1,0 +1,64 @@
+"""Every bad input in the spec's error list gives a clear error naming the argument."""
+
+import pytest
+import torch
+
+from prsl_kernels import prsl_loss
+
+V = 10
+
+
+def _ok():
+    g = torch.Generator().manual_seed(0)
+    return torch.randn(4, V, generator=g), torch.randint(0, V, (4,), generator=g)
+
+
+@pytest.mark.parametrize("backend", ["reference", "auto"])
+@pytest.mark.parametrize("case, exc, match", [
+    (lambda z, t: (z.long(), t, 2, 0.5, {}), TypeError, "logits must be a floating-point"),
+    (lambda z, t: (z.numpy(), t, 2, 0.5, {}), TypeError, "logits must be a floating-point"),
+    (lambda z, t: (torch.tensor(1.5), t, 0, 0.5, {}), ValueError, "at least 1 dimension"),
+    (lambda z, t: (z, t.float(), 2, 0.5, {}), TypeError, "target must be an integer"),
+    (lambda z, t: (z, t.bool(), 2, 0.5, {}), TypeError, "target must be an integer"),
+    (lambda z, t: (z, t[:3], 2, 0.5, {}), ValueError, r"target must have shape .*\(4,\)"),
+    (lambda z, t: (z, t[:, None], 2, 0.5, {}), ValueError, "target must have shape"),
+    (lambda z, t: (z, t.to("meta"), 2, 0.5, {}), ValueError, "same device"),
+    (lambda z, t: (z, t, -1, 0.5, {}), ValueError, r"k must be in \[0, V-1\]"),
+    (lambda z, t: (z, t, V, 0.5, {}), ValueError, r"k must be in \[0, V-1\] = \[0, 9\]"),
+    (lambda z, t: (z, t, 2.0, 0.5, {}), TypeError, "k must be an int"),
+    (lambda z, t: (z, t, 2, "0.5", {}), TypeError, "b must be a real number"),
+    (lambda z, t: (z, t, 2, 0.5, {"reduction": "avg"}), ValueError, "reduction must be one of"),
+    (lambda z, t: (z, t, 2, 0.5, {"backend": "cuda"}), ValueError, "backend must be one of"),
+    (lambda z, t: (z, t, 2, 0.5, {"ignore_index": 1.0}), TypeError, "ignore_index must be an int"),
+])
+def test_bad_inputs(case, exc, match, backend):
+    z, t = _ok()
+    logits, target, k, b, kw = case(z, t)
+    with pytest.raises(exc, match=match):
+        prsl_loss(logits, target, k, b, **{"backend": backend, **kw})
+
+
+@pytest.mark.parametrize("bad", [V, V + 5, -1, -99])
+def test_target_out_of_range(bad):
+    z, t = _ok()
+    t[2] = bad
+    with pytest.raises(ValueError, match=rf"target values must be in \[0, V\) = \[0, {V}\).*found {bad}"):
+        prsl_loss(z, t, 2, 0.5, backend="reference")
+
+
+def test_ignore_index_is_not_out_of_range():
+    z, t = _ok()
+    t[1] = -100
+    t[2] = 3
+    assert torch.isfinite(prsl_loss(z, t, 2, 0.5, backend="reference"))
+    t[1] = 0
+    t[2] = 77
+    assert torch.isfinite(prsl_loss(z, t, 2, 0.5, ignore_index=77, backend="reference"))
+    t[1] = -100
+    with pytest.raises(ValueError, match="found -100"):
+        prsl_loss(z, t, 2, 0.5, ignore_index=77, backend="reference")
+
+
+def test_k_equal_v_minus_1_is_allowed():
+    z, t = _ok()
+    assert torch.isfinite(prsl_loss(z, t, V - 1, 0.5, backend="reference"))
