@@ -1,0 +1,479 @@
+"""``prsl-attack``: multi-round untargeted BIM against fine-tuned vision-language models.
+
+BIM (Kurakin et al., 2017), ascending the teacher-forced cross-entropy of a fixed
+target text (by default the model's own clean output; option: the first reference)::
+
+    x_{n+1} = clip_{x0, eps}( x_n + alpha * sign(grad_x CE(model(x_n), target)) )
+
+in the model's *normalised* pixel space (the paper's setting: eps=0.5, alpha=0.01 for
+captioning, eps=1.0, alpha=0.5 for VQA), or in ``[0, 1]`` pixel space where every
+step is also clamped to the valid image range. The attacker always uses plain
+``torch.nn.functional.cross_entropy``, whatever loss trained the model.
+
+After every round (``--steps-per-round`` BIM steps, default 1) outputs are generated
+(greedy, or ``--num-beams``) and scored against the references and against the
+model's clean output. Each finished round is written to disk (its JSONL records, then
+the adversarial images), so a rerun with the same arguments resumes after the last
+finished round and gives exactly what an uninterrupted run gives.
+
+Layout of ``--output-dir`` (one folder per model, then the cross-model report)::
+
+    <name>/attack_config.json     what was run (a resume must match it)
+    <name>/rounds/round_NNN.jsonl per-sample records of round NNN (0 = clean)
+    <name>/rounds/round_NNN.json  corpus scores of round NNN
+    <name>/state.pt               adversarial images after the last finished round
+    <name>/grid.npz               first few clean / adversarial images with outputs
+    <name>/samples.jsonl          all rounds' records (id, round, output, scores)
+    summary.csv, report.md, figures/*.png  (see report.py)
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+from ..spec import IGNORE_INDEX
+
+#: (eps, alpha) per task in normalised pixel space, as in the paper (ViT-GPT2 / BLIP-2).
+TASK_DEFAULTS = {"caption": (0.5, 0.01), "vqa": (1.0, 0.5)}
+GRID_SAMPLES = 6
+
+
+@dataclass
+class AttackConfig:
+    """BIM and evaluation settings (CLI flags with ``-`` -> ``_``)."""
+    task: str = "caption"
+    rounds: int = 3
+    eps: float | None = None            # None -> TASK_DEFAULTS (scaled by the std in pixel space)
+    alpha: float | None = None
+    steps_per_round: int = 1
+    space: str = "normalized"           # "normalized" | "pixel"
+    target: str = "clean"               # "clean" (own clean output) | "reference"
+    num_beams: int = 1
+    max_new_tokens: int = 24
+    batch_size: int = 16
+    device: str = "cpu"
+
+    def validate(self):
+        if self.task not in TASK_DEFAULTS:
+            raise ValueError(f"task must be one of {sorted(TASK_DEFAULTS)}, got {self.task!r}")
+        if self.space not in ("normalized", "pixel"):
+            raise ValueError(f"space must be 'normalized' or 'pixel', got {self.space!r}")
+        if self.target not in ("clean", "reference"):
+            raise ValueError(f"target must be 'clean' or 'reference', got {self.target!r}")
+        for name in ("rounds", "steps_per_round", "num_beams", "max_new_tokens", "batch_size"):
+            value = getattr(self, name)
+            if value < (0 if name == "rounds" else 1):
+                raise ValueError(f"{name} must be >= {0 if name == 'rounds' else 1}, got {value}")
+        for name in ("eps", "alpha"):
+            value = getattr(self, name)
+            if value is not None and not value >= 0:
+                raise ValueError(f"{name} must be >= 0, got {value}")
+        return self
+
+
+@dataclass
+class AttackItem:
+    """One attacked input: an image, a prompt ("" for captioning) and the texts it is scored against."""
+    id: str
+    image: object                       # PIL image or HxWx3 uint8 array
+    prompt: str
+    references: list[str] = field(default_factory=list)
+
+
+def attack_items(samples, task, questions_per_image=1):
+    """Items from ``data.Sample`` records: one per image (caption) or per (image, question) (vqa)."""
+    items = []
+    for s in samples:
+        image = s.image if s.image is not None else s.load_image()
+        if task == "caption":
+            if not s.captions:
+                raise ValueError(f"sample {s.id!r} has no captions (caption task)")
+            items.append(AttackItem(s.id, image, "", list(s.captions)))
+        else:
+            from .data import vqa_prompt
+
+            if not s.qa:
+                raise ValueError(f"sample {s.id!r} has no question-answer pairs (vqa task)")
+            for j, (q, a) in enumerate(s.qa[:questions_per_image]):
+                answers = [aa for qq, aa in s.qa if qq == q]
+                items.append(AttackItem(f"{s.id}-q{j}", image, vqa_prompt(q), answers or [a]))
+    return items
+
+
+# --------------------------------------------------------------------------- BIM core
+
+
+def bim_step(x, x0, grad, eps, alpha, bounds=None):
+    """One BIM step: ascend along ``sign(grad)``, project onto the L-inf ``eps``-ball around ``x0``,
+    then (pixel mode) onto the valid range ``bounds = (lo, hi)`` (tensors or floats)."""
+    x = x + alpha * grad.sign()
+    # min/max rather than clamp(min=tensor) keeps broadcasting of per-channel bounds simple.
+    x = torch.maximum(torch.minimum(x, x0 + eps), x0 - eps)
+    if bounds is not None:
+        lo, hi = bounds
+        x = torch.maximum(torch.minimum(x, torch.as_tensor(hi, dtype=x.dtype, device=x.device)),
+                          torch.as_tensor(lo, dtype=x.dtype, device=x.device))
+    return x
+
+
+def bim(loss_fn, x, x0, eps, alpha, steps, bounds=None):
+    """``steps`` BIM steps from ``x`` (ascending ``loss_fn(x)``, a scalar whose gradient for each
+    sample depends on that sample only, e.g. a sum over the batch)."""
+    for _ in range(steps):
+        x = x.detach().requires_grad_(True)
+        (grad,) = torch.autograd.grad(loss_fn(x), x)
+        x = bim_step(x.detach(), x0, grad, eps, alpha, bounds)
+    return x.detach()
+
+
+class TeacherForcedCE:
+    """Per-sample teacher-forced CE of fixed texts for one batch of a :class:`models.ModelBundle`.
+
+    ``to_model`` maps attack-space pixels to the model's normalised input.
+    """
+
+    def __init__(self, bundle, prompts, targets, to_model, device):
+        self.bundle, self.to_model = bundle, to_model
+        text = bundle.text_inputs(list(prompts), list(targets))
+        self.labels = text.pop("labels").to(device)
+        self.text = {k: v.to(device) for k, v in text.items()}
+
+    def per_sample(self, x):
+        logits = self.bundle.model(pixel_values=self.to_model(x), **self.text).logits
+        logits, targets = self.bundle.align(logits, self.labels)
+        ce = F.cross_entropy(logits.flatten(0, 1).float(), targets.flatten(), ignore_index=IGNORE_INDEX,
+                             reduction="none").view(targets.shape)
+        # Mean over each sample's tokens: samples stay independent, so batching never changes a result.
+        return ce.sum(1) / (targets != IGNORE_INDEX).sum(1).clamp_min(1)
+
+    def __call__(self, x):
+        return self.per_sample(x).sum()
+
+
+# --------------------------------------------------------------------------- one model
+
+
+def _atomic_write(path, write):
+    path = Path(path)
+    tmp = path.with_name(path.name + ".tmp")
+    write(tmp)
+    os.replace(tmp, path)
+
+
+def _write_text(path, text):
+    _atomic_write(path, lambda p: p.write_text(text, encoding="utf-8"))
+
+
+def _to_uint8(x_pixel):
+    return (x_pixel.clamp(0, 1) * 255).round().to(torch.uint8).permute(0, 2, 3, 1).cpu().numpy()
+
+
+class ModelAttack:
+    """Attacks one model on ``items``, writing under ``out_dir``; :meth:`run` resumes where it stopped."""
+
+    def __init__(self, bundle, items, out_dir, config: AttackConfig, scorer, *, model_path="", name=None,
+                 run_info=None, progress=True):
+        self.bundle, self.items, self.cfg, self.scorer = bundle, list(items), config.validate(), scorer
+        self.out = Path(out_dir)
+        self.name = name or self.out.name
+        self.model_path, self.run_info, self.progress = str(model_path), dict(run_info or {}), progress
+        self.device = torch.device(config.device)
+        bundle.model.to(self.device).eval()
+        for p in bundle.model.parameters():
+            p.requires_grad_(False)
+        self.mean = bundle.image_mean.to(self.device)
+        self.std = bundle.image_std.to(self.device)
+        eps0, alpha0 = TASK_DEFAULTS[config.task]
+        # In pixel space the task defaults keep the same step in image units: scale by the std.
+        scale = float(self.std.mean()) if config.space == "pixel" else 1.0
+        self.eps = config.eps if config.eps is not None else eps0 * scale
+        self.alpha = config.alpha if config.alpha is not None else alpha0 * scale
+
+    # ---- spaces
+    def _to_model(self, x):
+        return (x - self.mean) / self.std if self.cfg.space == "pixel" else x
+
+    def _to_pixel(self, x):
+        return x if self.cfg.space == "pixel" else x * self.std + self.mean
+
+    def _bounds(self):
+        return (0.0, 1.0) if self.cfg.space == "pixel" else None
+
+    def _clean_inputs(self):
+        chunks = []
+        for i in range(0, len(self.items), self.cfg.batch_size):
+            batch = self.items[i:i + self.cfg.batch_size]
+            chunks.append(self.bundle.pixel_values([it.image for it in batch]).to(self.device))
+        x0 = torch.cat(chunks)
+        return x0 * self.std + self.mean if self.cfg.space == "pixel" else x0
+
+    # ---- persistence
+    def describe(self):
+        return {"name": self.name, "model_path": self.model_path, "run_info": self.run_info,
+                "attack": {**asdict(self.cfg), "eps": self.eps, "alpha": self.alpha},
+                "ids": [it.id for it in self.items]}
+
+    def _check_or_write_config(self):
+        path = self.out / "attack_config.json"
+        mine = self.describe()
+        if path.is_file():
+            old = json.loads(path.read_text())
+            # Only the settings that change results must match; device and batch size do not.
+            keys = ("eps", "alpha", "space", "target", "steps_per_round", "num_beams", "max_new_tokens", "task")
+            if old.get("ids") != mine["ids"] or any(old["attack"].get(k) != mine["attack"][k] for k in keys) \
+                    or old.get("model_path") != mine["model_path"]:
+                raise RuntimeError(f"{self.out} holds an attack with other settings or data; use another "
+                                   "--output-dir or --overwrite")
+            old["attack"]["rounds"] = max(old["attack"]["rounds"], self.cfg.rounds)
+            mine = old
+        _write_text(path, json.dumps(mine, indent=1))
+
+    def _load_state(self):
+        path = self.out / "state.pt"
+        if not path.is_file():
+            return -1, None, None
+        state = torch.load(path, map_location=self.device, weights_only=True)
+        return int(state["round"]), state["x"], state["clean"]
+
+    # ---- rounds
+    def _generate(self, x):
+        outs = []
+        for i in range(0, len(self.items), self.cfg.batch_size):
+            batch = self.items[i:i + self.cfg.batch_size]
+            outs += self.bundle.generate(self._to_model(x[i:i + len(batch)]), [it.prompt for it in batch],
+                                         max_new_tokens=self.cfg.max_new_tokens, num_beams=self.cfg.num_beams)
+        return outs
+
+    def _targets(self, clean):
+        if self.cfg.target == "clean":
+            return clean
+        return [it.references[0] for it in self.items]
+
+    def _step_all(self, x, x0, targets, bar):
+        new, losses = [], []
+        for i in range(0, len(self.items), self.cfg.batch_size):
+            sl = slice(i, i + self.cfg.batch_size)
+            batch = self.items[sl]
+            ce = TeacherForcedCE(self.bundle, [it.prompt for it in batch], targets[sl], self._to_model, self.device)
+            xb = bim(ce, x[sl], x0[sl], self.eps, self.alpha, self.cfg.steps_per_round, self._bounds())
+            with torch.no_grad():
+                losses += ce.per_sample(xb).tolist()
+            new.append(xb)
+            if bar is not None:
+                bar.update(len(batch))
+        return torch.cat(new), losses
+
+    def _attack_loss(self, x, targets):
+        losses = []
+        with torch.no_grad():
+            for i in range(0, len(self.items), self.cfg.batch_size):
+                sl = slice(i, i + self.cfg.batch_size)
+                ce = TeacherForcedCE(self.bundle, [it.prompt for it in self.items[sl]], targets[sl],
+                                     self._to_model, self.device)
+                losses += ce.per_sample(x[sl]).tolist()
+        return losses
+
+    def _score_and_write(self, rnd, outputs, clean, losses):
+        refs = [it.references for it in self.items]
+        (corpus_ref, per_ref), (corpus_clean, per_clean) = self.scorer.score_sets(
+            [(outputs, refs), (outputs, [[c] for c in clean])])
+        lines = []
+        for i, it in enumerate(self.items):
+            rec = {"model": self.name, "id": it.id, "round": rnd, "output": outputs[i],
+                   "attack_loss": losses[i], "scores": {"reference": per_ref[i], "clean": per_clean[i]}}
+            if it.prompt:
+                rec["prompt"] = it.prompt
+            lines.append(json.dumps(rec))
+        rounds_dir = self.out / "rounds"
+        _write_text(rounds_dir / f"round_{rnd:03d}.jsonl", "\n".join(lines) + "\n")
+        summary = {"model": self.name, "round": rnd, "n": len(outputs),
+                   "attack_loss": float(np.mean(losses)) if losses else float("nan"),
+                   "corpus": {"reference": corpus_ref, "clean": corpus_clean}}
+        _write_text(rounds_dir / f"round_{rnd:03d}.json", json.dumps(summary, indent=1))
+
+    def _save_state(self, rnd, x, clean):
+        _atomic_write(self.out / "state.pt", lambda p: torch.save({"round": rnd, "x": x.cpu(), "clean": clean}, p))
+
+    def _save_grid(self, x0, x, clean, outputs, rnd):
+        n = min(GRID_SAMPLES, len(self.items))
+        np.savez_compressed(self.out / "grid.npz", ids=np.array([it.id for it in self.items[:n]]),
+                            clean_images=_to_uint8(self._to_pixel(x0[:n])), adv_images=_to_uint8(self._to_pixel(x[:n])),
+                            clean_outputs=np.array(clean[:n]), adv_outputs=np.array(outputs[:n]),
+                            references=np.array([it.references[0] for it in self.items[:n]]),
+                            prompts=np.array([it.prompt for it in self.items[:n]]), round=rnd)
+
+    def run(self, stop_after=None):
+        """Run (or resume) rounds ``0..rounds``. ``stop_after``: stop once that round is written
+        (used to test resuming). Returns the path of the model's ``samples.jsonl``."""
+        self.out.mkdir(parents=True, exist_ok=True)
+        (self.out / "rounds").mkdir(exist_ok=True)
+        self._check_or_write_config()
+        done, x, clean = self._load_state()
+        x0 = self._clean_inputs()
+        if done < 0:
+            clean = self._generate(x0)
+            targets = self._targets(clean)
+            self._score_and_write(0, clean, clean, self._attack_loss(x0, targets))
+            x, done = x0.clone(), 0
+            self._save_state(0, x, clean)
+        x = x.to(self.device)
+        targets = self._targets(clean)
+        outputs = clean
+        todo = self.cfg.rounds - done
+        bar = None
+        if todo > 0 and self.progress:
+            from tqdm.auto import tqdm
+
+            bar = tqdm(total=todo * len(self.items), desc=f"BIM {self.name}", unit="img", file=sys.stderr)
+        for rnd in range(done + 1, self.cfg.rounds + 1):
+            if stop_after is not None and rnd > stop_after:
+                break
+            x, losses = self._step_all(x, x0, targets, bar)
+            outputs = self._generate(x)
+            self._score_and_write(rnd, outputs, clean, losses)
+            self._save_state(rnd, x, clean)
+            done = rnd
+        if bar is not None:
+            bar.close()
+        if done >= 1 and outputs is clean:  # resumed after the last round: reload its outputs for the grid
+            outputs = [json.loads(l)["output"] for l in (self.out / "rounds" / f"round_{done:03d}.jsonl").open()]
+        self._save_grid(x0, x, clean, outputs, done)
+        return self._collect(done)
+
+    def _collect(self, last):
+        path = self.out / "samples.jsonl"
+        parts = [(self.out / "rounds" / f"round_{r:03d}.jsonl").read_text() for r in range(last + 1)]
+        _write_text(path, "".join(parts))
+        return path
+
+
+# --------------------------------------------------------------------------- CLI
+
+
+def build_parser():
+    p = argparse.ArgumentParser(prog="prsl-attack", description=__doc__.split("\n\n")[0],
+                                formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    p.add_argument("--model", nargs="+", required=True,
+                   help="checkpoint directories (prsl-finetune outputs or compatible HF checkpoints)")
+    p.add_argument("--name", nargs="+", default=None, help="display names, one per --model (default: dir names)")
+    p.add_argument("--task", choices=sorted(TASK_DEFAULTS), default=None,
+                   help="default: from the checkpoint's prsl_finetune.json, else caption")
+    p.add_argument("--data", default="synthetic", help="'synthetic', a COCO captions JSON or a VG question_answers.json")
+    p.add_argument("--image-dir", default=None, help="image folder for file data (default: the JSON's folder)")
+    p.add_argument("--split", default="eval", help="synthetic split (salts the seed)")
+    p.add_argument("--data-seed", type=int, default=0)
+    p.add_argument("--num-samples", type=int, default=64, help="images attacked (the first N of the split)")
+    p.add_argument("--questions-per-image", type=int, default=1, help="vqa: questions attacked per image")
+    p.add_argument("--rounds", type=int, default=3)
+    p.add_argument("--steps-per-round", type=int, default=1, help="BIM steps between two evaluations")
+    p.add_argument("--eps", type=float, default=None, help="L-inf radius (default per task: caption 0.5, vqa 1.0, "
+                   "normalised space; times the processor std in pixel space)")
+    p.add_argument("--alpha", type=float, default=None, help="step size (default per task: caption 0.01, vqa 0.5)")
+    p.add_argument("--space", choices=("normalized", "pixel"), default="normalized",
+                   help="normalized: the paper's setting; pixel: [0,1] pixels, each step clamped to the image range")
+    p.add_argument("--target", choices=("clean", "reference"), default="clean",
+                   help="text whose teacher-forced CE is ascended: the clean output or the first reference")
+    p.add_argument("--num-beams", type=int, default=1, help="1 = greedy")
+    p.add_argument("--max-new-tokens", type=int, default=24)
+    p.add_argument("--batch-size", type=int, default=16)
+    p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    p.add_argument("--bertscore-model", default=None,
+                   help="local encoder dir for BERTScore (default: the embedded MiniLM; t5-base / deberta-xlarge "
+                        "dirs get bert_score's layer counts)")
+    p.add_argument("--bertscore-layers", type=int, default=None)
+    p.add_argument("--metrics", nargs="+", default=None, help="subset of the metrics (default: all)")
+    p.add_argument("--output-dir", default="outputs/attack")
+    p.add_argument("--overwrite", action="store_true", help="discard earlier results instead of resuming")
+    p.add_argument("--no-report", action="store_true", help="skip report.md and figures")
+    p.add_argument("--no-progress", action="store_true")
+    return p
+
+
+def _task_for(model_dirs, task):
+    from .models import read_run_info
+
+    if task is not None:
+        return task
+    tasks = {read_run_info(m).get("task") for m in model_dirs} - {None}
+    if len(tasks) > 1:
+        raise ValueError(f"checkpoints were trained for different tasks {sorted(tasks)}: pass --task")
+    return tasks.pop() if tasks else "caption"
+
+
+def _names(model_dirs, names):
+    if names is not None:
+        if len(names) != len(model_dirs):
+            raise ValueError(f"--name needs one name per --model ({len(model_dirs)}), got {len(names)}")
+        if len(set(names)) != len(names):
+            raise ValueError("--name values must be distinct")
+        return list(names)
+    out = []
+    for m in model_dirs:
+        base = Path(m).resolve().name or "model"
+        name, n = base, 2
+        while name in out:
+            name, n = f"{base}-{n}", n + 1
+        out.append(name)
+    return out
+
+
+def run(args):
+    """Attack every model of ``args`` (parsed by :func:`build_parser`); returns the output dir."""
+    import shutil
+
+    from . import data as data_mod
+    from .metrics import METRICS, CaptionScorer
+    from .models import load_bundle, read_run_info
+
+    for m in args.model:
+        if not (Path(m) / "config.json").is_file():
+            raise SystemExit(f"prsl-attack: {m} is not a checkpoint directory (no config.json)")
+    task = _task_for(args.model, args.task)
+    names = _names(args.model, args.name)
+    config = AttackConfig(task=task, rounds=args.rounds, eps=args.eps, alpha=args.alpha,
+                          steps_per_round=args.steps_per_round, space=args.space, target=args.target,
+                          num_beams=args.num_beams, max_new_tokens=args.max_new_tokens, batch_size=args.batch_size,
+                          device=args.device).validate()
+    if args.num_samples < 1:
+        raise ValueError(f"--num-samples must be >= 1, got {args.num_samples}")
+    samples = data_mod.load_samples(args.data, split=args.split, task=task, seed=args.data_seed,
+                                    n_images=args.num_samples, image_dir=args.image_dir, limit=args.num_samples)
+    items = attack_items(samples[:args.num_samples], task, args.questions_per_image)
+    out = Path(args.output_dir)
+    with CaptionScorer(args.bertscore_model, args.bertscore_layers, metrics=args.metrics or METRICS,
+                       device=args.device) as scorer:
+        for model_dir, name in zip(args.model, names):
+            model_out = out / name
+            if args.overwrite and model_out.exists():
+                shutil.rmtree(model_out)
+            bundle = load_bundle(model_dir)
+            ModelAttack(bundle, items, model_out, config, scorer, model_path=str(Path(model_dir).resolve()),
+                        name=name, run_info=read_run_info(model_dir), progress=not args.no_progress).run()
+    if not args.no_report:
+        from .report import write_report
+
+        write_report([out / n for n in names], out)
+    return out
+
+
+def main(argv=None):
+    args = build_parser().parse_args(argv)
+    try:
+        out = run(args)
+    except (ValueError, RuntimeError, FileNotFoundError) as err:
+        raise SystemExit(f"prsl-attack: {err}") from err
+    print(f"prsl-attack: results in {out}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,167 @@
+"""Hugging Face hooks: PRSL as a model ``loss_function`` or a ``Trainer(compute_loss_func=...)``.
+
+Alignment: in a causal LM (GPT-2, OPT, BLIP-2's OPT) ``logits[:, t]`` predicts
+``labels[:, t + 1]``; in a ``VisionEncoderDecoderModel`` (decoder fed
+``[bos] + text``) ``logits[:, t]`` predicts ``labels[:, t]``. We shift the
+*labels* (``labels[:, 1:]`` padded with ``ignore_index``), never the logits,
+so no ``N x V`` copy of the logits is made.
+
+Normalisation follows Hugging Face's ``ForCausalLMLoss``: with
+``num_items_in_batch`` (the number of counted tokens over all the micro-batches
+of one optimiser step) the loss is ``sum / num_items_in_batch``, so gradient
+accumulation is exact; without it, the mean over counted tokens.
+
+Only the public API (``prsl_loss``) is used here.
+
+Example (any HF causal LM)::
+
+    model.loss_function = prsl_loss_function(k=20, b=0.5)          # model(..., labels=...) -> PRSL
+    trainer = Trainer(model, args, compute_loss_func=PRSLComputeLoss(k=20, b=0.5, shift=True), ...)
+"""
+
+from __future__ import annotations
+
+import torch
+
+from .loss import prsl_loss
+from .spec import IGNORE_INDEX, stats_dtype
+
+
+def align_labels(labels: torch.Tensor, shift: bool, ignore_index: int = IGNORE_INDEX) -> torch.Tensor:
+    """Targets aligned with the logits: ``labels`` itself, or shifted left by one for causal LMs."""
+    if not shift:
+        return labels
+    return torch.nn.functional.pad(labels[..., 1:], (0, 1), value=ignore_index)
+
+
+def _normalise(loss_sum, count, num_items_in_batch):
+    denom = num_items_in_batch if num_items_in_batch is not None else count
+    if torch.is_tensor(denom):
+        denom = denom.to(loss_sum.device)
+    return loss_sum / denom
+
+
+class PRSLTokenLoss:
+    """Token-level PRSL from ``(logits, labels)``; keeps detached running sums of CE and the penalty.
+
+    ``loss = CE + b * D`` summed over counted tokens, divided by ``num_items_in_batch``
+    when given (else by the counted tokens). ``variant="released"`` computes the
+    authors' released-code penalty instead (reference PyTorch, for comparison;
+    ``k`` is then the window end, ``start`` its start). ``k == 0`` or ``b == 0``
+    is plain cross-entropy.
+
+    The running sums (``ce_sum``, ``penalty_sum``, ``tokens``) are device tensors,
+    accumulated without host syncs; :meth:`pop_stats` reads and resets them.
+    """
+
+    def __init__(self, k: int, b: float, *, shift: bool, ignore_index: int = IGNORE_INDEX, backend: str = "auto",
+                 variant: str = "paper", start: int = 0, check_target: bool = False):
+        if variant not in ("paper", "released"):
+            raise ValueError(f"variant must be 'paper' or 'released', got {variant!r}")
+        if int(k) < 0:
+            raise ValueError(f"k must be >= 0, got {k}")
+        self.k, self.b, self.shift, self.ignore_index = int(k), float(b), bool(shift), int(ignore_index)
+        self.backend, self.variant, self.start, self.check_target = backend, variant, int(start), check_target
+        self._sums = None
+
+    def __call__(self, logits: torch.Tensor, labels: torch.Tensor, num_items_in_batch=None) -> torch.Tensor:
+        targets = align_labels(labels.to(logits.device), self.shift, self.ignore_index)
+        if self.k == 0 or self.b == 0:
+            # Plain cross-entropy: torch's own kernel, the baseline a user would compare against.
+            loss_sum = torch.nn.functional.cross_entropy(logits.reshape(-1, logits.shape[-1]), targets.reshape(-1),
+                                                         ignore_index=self.ignore_index, reduction="sum")
+            loss_sum = loss_sum.to(stats_dtype(logits.dtype))  # the loss dtype of prsl_loss
+            count = (targets != self.ignore_index).sum()
+            self._record(loss_sum, loss_sum.new_zeros(()), count)
+            return _normalise(loss_sum, count, num_items_in_batch)
+        if self.variant == "released":
+            loss_sum, ce_sum, penalty_sum, count = self._released(logits, targets)
+        else:
+            loss_sum, stats = prsl_loss(logits, targets, self.k, self.b, ignore_index=self.ignore_index,
+                                        reduction="sum", backend=self.backend, check_target=self.check_target,
+                                        return_stats=True)
+            counted = (targets != self.ignore_index).reshape(-1)
+            penalty_sum = self.b * (stats.dist * counted).sum()
+            ce_sum = loss_sum.detach() - penalty_sum
+            count = counted.sum()
+        self._record(ce_sum, penalty_sum, count)
+        return _normalise(loss_sum, count, num_items_in_batch)
+
+    def _released(self, logits, targets):
+        from prsl_reference import prsl_released_loss_reference
+
+        counted = targets != self.ignore_index
+        count = counted.sum()
+        flat_logits, flat_targets = logits.reshape(-1, logits.shape[-1]), targets.reshape(-1)
+        ce_sum = torch.nn.functional.cross_entropy(flat_logits.float(), flat_targets,
+                                                   ignore_index=self.ignore_index, reduction="sum")
+        # The released loss is mean CE + b * (a penalty over the batch's rows); written as a
+        # sum over counted rows it is ce_sum + b * penalty * count.
+        total = prsl_released_loss_reference(flat_logits, flat_targets, self.start, self.k, self.b,
+                                             ignore_index=self.ignore_index)
+        ce_mean = ce_sum / count.clamp_min(1)
+        penalty_batch = total - ce_mean
+        loss_sum = ce_sum + penalty_batch * count
+        return loss_sum, ce_sum.detach(), (penalty_batch * count).detach(), count
+
+    def _record(self, ce_sum, penalty_sum, count):
+        vals = torch.stack([ce_sum.detach().float(), torch.as_tensor(penalty_sum).detach().float().to(ce_sum.device),
+                            count.detach().float().to(ce_sum.device)])
+        self._sums = vals if self._sums is None else self._sums + vals
+
+    def pop_stats(self) -> dict | None:
+        """``{"ce": mean CE, "penalty": mean b*D, "tokens": n}`` since the last call (None if no call)."""
+        if self._sums is None:
+            return None
+        ce, pen, n = self._sums.tolist()
+        self._sums = None
+        n = max(n, 1.0)
+        return {"ce": ce / n, "penalty": pen / n, "tokens": int(n)}
+
+
+def prsl_loss_function(k: int, b: float, *, shift: bool = True, ignore_index: int = IGNORE_INDEX,
+                       backend: str = "auto") -> PRSLTokenLoss:
+    """A drop-in for a model's ``loss_function`` (signature of HF's ``ForCausalLMLoss``).
+
+    ``model.loss_function = prsl_loss_function(k, b)`` makes ``model(..., labels=labels).loss``
+    PRSL for any HF causal LM (``shift=True``, the default). ``shift_labels``, when HF passes it,
+    is used as the already aligned targets.
+    """
+    token_loss = PRSLTokenLoss(k, b, shift=shift, ignore_index=ignore_index, backend=backend)
+
+    class _LossFunction:
+        def __call__(self, logits, labels=None, vocab_size=None, num_items_in_batch=None,
+                     ignore_index=ignore_index, shift_labels=None, **kwargs):
+            if shift_labels is not None:
+                unshifted = PRSLTokenLoss(token_loss.k, token_loss.b, shift=False, ignore_index=ignore_index,
+                                          backend=token_loss.backend)
+                return unshifted(logits, shift_labels, num_items_in_batch)
+            return token_loss(logits, labels, num_items_in_batch)
+
+        pop_stats = staticmethod(token_loss.pop_stats)
+        token = token_loss
+
+        def __repr__(self):
+            return f"prsl_loss_function(k={token_loss.k}, b={token_loss.b}, shift={token_loss.shift})"
+
+    return _LossFunction()
+
+
+class PRSLComputeLoss(PRSLTokenLoss):
+    """For ``Trainer(compute_loss_func=...)``: called as ``(outputs, labels, num_items_in_batch)``."""
+
+    def __call__(self, outputs, labels, num_items_in_batch=None):
+        if labels is None:
+            raise ValueError("PRSLComputeLoss needs labels in the batch")
+        logits = outputs["logits"] if isinstance(outputs, dict) else outputs[0]
+        return super().__call__(logits, labels, num_items_in_batch)
+
+
+class CEComputeLoss(PRSLComputeLoss):
+    """Plain cross-entropy (``torch.nn.functional.cross_entropy``), logged like the PRSL runs."""
+
+    def __init__(self, *, shift: bool, ignore_index: int = IGNORE_INDEX, backend: str = "auto"):
+        super().__init__(0, 0.0, shift=shift, ignore_index=ignore_index, backend=backend)
+
+
+__all__ = ["align_labels", "PRSLTokenLoss", "PRSLComputeLoss", "CEComputeLoss", "prsl_loss_function"]

@@ -1,0 +1,223 @@
+"""The fine-tuning driver (prsl_kernels/drivers/finetune.py) and the tiny presets (models.py).
+
+Slowest here: test_torchrun_two_processes (~20-40 s, two processes) and
+test_resume_equals_uninterrupted (three short runs).
+"""
+
+import json
+import os
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+import torch
+
+from prsl_kernels.drivers import data, finetune, models
+
+
+def tiny(out, **kw):
+    cfg = dict(output_dir=str(out), train_images=48, eval_images=8, eval_samples=8, hidden=32, layers=1,
+               heads=2, batch_size=8, max_steps=8, lr=1e-2, warmup_ratio=0.0, schedule="constant", logging_steps=2,
+               progress=False,
+               vocab_size=300, train_references="first", max_new_tokens=6, num_query_tokens=4)
+    cfg.update(kw)
+    return finetune.FinetuneConfig(**cfg)
+
+
+def _log(out):
+    return [json.loads(line) for line in (out / finetune.LOG_FILE).read_text().splitlines()]
+
+
+def _train_losses(out):
+    return [(r["step"], r["loss"]) for r in _log(out) if "loss" in r]
+
+
+def _weights(out):
+    from safetensors.torch import load_file
+
+    return load_file(str(out / "model.safetensors"))
+
+
+# --------------------------------------------------------------------------- presets
+
+
+@pytest.mark.parametrize("preset", models.PRESETS)
+def test_preset_batches_align_labels(preset):
+    samples = data.synthetic_dataset(3, seed=0)
+    bundle = models.tiny_bundle(preset, data.synthetic_corpus(), size=models.TinySize(hidden=32, heads=2,
+                                                                                      num_query_tokens=4))
+    assert len(bundle.tokenizer) > 100
+    ex = data.vqa_examples(samples)[:3]
+    batch = bundle.batch(ex)
+    labels = batch.pop("labels")
+    logits, targets = bundle.align(bundle.model(**batch).logits, labels)
+    assert logits.shape[:2] == targets.shape
+    for row, e in enumerate(ex):
+        # the counted targets are exactly the answer's tokens followed by eos
+        want = bundle.tokenizer(e.target, add_special_tokens=False)["input_ids"] + [bundle.tokenizer.eos_token_id]
+        assert targets[row][targets[row] != -100].tolist() == want
+        # and each is predicted from the position holding the previous token
+        ids = batch["input_ids" if bundle.kind == models.BLIP2 else "decoder_input_ids"][row]
+        pos = (targets[row] != -100).nonzero().flatten()
+        assert ids[pos[1:]].tolist() == want[:-1]
+    lo, hi = bundle.pixel_range()
+    assert torch.all(batch["pixel_values"] >= lo - 1e-6) and torch.all(batch["pixel_values"] <= hi + 1e-6)
+
+
+# --------------------------------------------------------------------------- training
+
+
+@pytest.mark.parametrize("loss", ["ce", "prsl"])
+def test_tiny_vit_gpt2_trains_and_saves(tmp_path, loss):
+    out = finetune.train(tiny(tmp_path / loss, loss=loss, k=6, b=1.0))
+    losses = [v for _, v in _train_losses(out)]
+    assert len(losses) == 4 and losses[-1] < losses[0] - 0.5, losses
+    rec = [r for r in _log(out) if "ce" in r]
+    assert all(r["ce"] + r["penalty"] == pytest.approx(r["loss"], rel=1e-3) for r in rec)
+    assert all((r["penalty"] > 0) == (loss == "prsl") for r in rec)
+    info = json.loads((out / finetune.RUN_INFO).read_text())
+    assert info["loss"] == {"name": loss, "k": 6 if loss == "prsl" else 0, "b": 1.0 if loss == "prsl" else 0.0,
+                            "window_start": 0, "backend": "auto"}
+    assert info["data"]["source"] == "synthetic" and info["steps"] == 8 and info["completed"]
+    assert 0.0 <= info["final_eval"]["exact_match"] <= 1.0 and info["final_eval"]["n"] == 8
+    for name in ("config.json", "model.safetensors", "tokenizer.json", "preprocessor_config.json"):
+        assert (out / name).is_file(), name
+    bundle = models.load_bundle(out)
+    assert bundle.kind == models.ENCODER_DECODER
+    pv = bundle.pixel_values([s.image for s in data.synthetic_dataset(2, seed=5)])
+    assert len(bundle.generate(pv, max_new_tokens=4)) == 2
+
+
+def test_tiny_blip2_opt_vqa_trains(tmp_path):
+    out = finetune.train(tiny(tmp_path, model="tiny-blip2-opt", task="vqa", loss="prsl", k=20, b=0.5,
+                              train_images=16, max_steps=8))
+    losses = [v for _, v in _train_losses(out)]
+    assert losses[-1] < losses[0] - 0.5, losses
+    bundle = models.load_bundle(out)
+    assert bundle.kind == models.BLIP2
+    ex = data.vqa_examples(data.synthetic_dataset(2, seed=9))[:2]
+    outs = bundle.generate(bundle.batch(ex, with_labels=False)["pixel_values"], [e.prompt for e in ex],
+                           max_new_tokens=3)
+    assert len(outs) == 2 and all(isinstance(o, str) for o in outs)
+
+
+def test_prsl_released_runs(tmp_path):
+    out = finetune.train(tiny(tmp_path, loss="prsl-released", k=6, window_start=0, b=1e-3, max_steps=4))
+    rec = [r for r in _log(out) if "penalty" in r]
+    assert rec and all(r["penalty"] != 0 for r in rec)
+    assert json.loads((out / finetune.RUN_INFO).read_text())["loss"]["name"] == "prsl-released"
+
+
+def test_gradient_accumulation_matches_larger_batch(tmp_path):
+    """batch 8 x accumulation 2 == batch 16: num_items_in_batch reaches the loss."""
+    a = finetune.train(tiny(tmp_path / "a", batch_size=16, max_steps=3, loss="prsl", k=6))
+    b = finetune.train(tiny(tmp_path / "b", batch_size=8, grad_accum=2, max_steps=3, loss="prsl", k=6))
+    wa, wb = _weights(a), _weights(b)
+    for name in wa:
+        torch.testing.assert_close(wa[name], wb[name], rtol=1e-4, atol=1e-5, msg=name)
+
+
+def test_resume_equals_uninterrupted(tmp_path):
+    """Stopped after step 4 (a checkpoint), resumed to 6 == 6 steps in one go: same weights and log."""
+    run = dict(max_steps=6, save_steps=2, loss="prsl", k=6)
+    full = finetune.train(tiny(tmp_path / "full", **run))
+    finetune.train(tiny(tmp_path / "part", stop_at_step=4, **run))
+    assert not (tmp_path / "part" / "model.safetensors").exists()
+    assert finetune.last_checkpoint(tmp_path / "part").name == "checkpoint-4"
+    with pytest.raises(FileExistsError, match="--resume"):
+        finetune.train(tiny(tmp_path / "part", **run))
+    resumed = finetune.train(tiny(tmp_path / "part", resume=True, **run))
+    wf, wr = _weights(full), _weights(resumed)
+    assert wf.keys() == wr.keys()
+    for name in wf:
+        torch.testing.assert_close(wr[name], wf[name], rtol=1e-5, atol=1e-6, msg=name)
+    lf, lr = _train_losses(full), _train_losses(resumed)
+    assert [s for s, _ in lf] == [s for s, _ in lr] == [2, 4, 6]  # no lost or repeated steps
+    np.testing.assert_allclose([v for _, v in lr], [v for _, v in lf], rtol=1e-5)
+    ce_full = [r["ce"] for r in _log(full) if "ce" in r]
+    ce_resumed = [r["ce"] for r in _log(resumed) if "ce" in r]
+    np.testing.assert_allclose(ce_resumed, ce_full, rtol=1e-5)
+
+
+def test_coco_and_visual_genome_files(tmp_path):
+    from PIL import Image
+
+    rng = np.random.default_rng(0)
+    images, anns, vg = [], [], []
+    for i in range(12):
+        Image.fromarray(rng.integers(0, 255, (40, 48, 3), dtype=np.uint8)).save(tmp_path / f"{i}.jpg")
+        images.append({"id": i, "file_name": f"{i}.jpg"})
+        anns += [{"image_id": i, "caption": f"a photo number {i} with noise"},
+                 {"image_id": i, "caption": f"random pixels picture {i}"}]
+        vg.append({"id": i, "qas": [{"question": "what is it?", "answer": f"noise {i}"}]})
+    (tmp_path / "captions.json").write_text(json.dumps({"images": images, "annotations": anns}))
+    (tmp_path / "question_answers.json").write_text(json.dumps(vg))
+    out = finetune.train(tiny(tmp_path / "coco", data=str(tmp_path / "captions.json"), max_steps=2,
+                              train_references="all", loss="prsl", k=6))
+    info = json.loads((out / finetune.RUN_INFO).read_text())
+    assert info["data"]["train_images"] == 11 and info["data"]["eval_images"] == 1
+    assert info["data"]["train_examples"] == 22
+    out = finetune.train(tiny(tmp_path / "vg", task="vqa", data=str(tmp_path / "question_answers.json"),
+                              max_steps=2, loss="ce"))
+    assert json.loads((out / finetune.RUN_INFO).read_text())["data"]["train_examples"] == 11
+
+
+# --------------------------------------------------------------------------- errors
+
+
+@pytest.mark.parametrize("argv, message", [
+    (["--loss", "focal"], "invalid choice"),
+    (["--k", "-1"], "--k must be >= 0"),
+    (["--loss", "prsl-released", "--k", "4", "--window-start", "4"], "window-start"),
+    (["--model", "/nonexistent/ckpt"], "neither"),
+    (["--data", "/nonexistent/ann.json"], "does not exist"),
+    (["--batch-size", "0"], "--batch-size must be >= 1"),
+    (["--lr", "-1"], "--lr must be > 0"),
+    ([], "--output-dir"),
+])
+def test_bad_arguments(tmp_path, capsys, argv, message):
+    base = [] if not argv else ["--output-dir", str(tmp_path)]
+    with pytest.raises(SystemExit) as err:
+        finetune.parse_args(base + argv)
+    assert err.value.code == 2
+    assert message in capsys.readouterr().err
+
+
+def test_k_larger_than_vocabulary(tmp_path, capsys):
+    rc = finetune.main(["--output-dir", str(tmp_path), "--k", "100000", "--train-images", "8", "--hidden", "32",
+                        "--heads", "2", "--layers", "1", "--max-steps", "1"])
+    assert rc == 2 and "exceeds the vocabulary" in capsys.readouterr().err
+
+
+def test_malformed_data_file_is_a_clear_error(tmp_path, capsys):
+    bad = tmp_path / "captions.json"
+    bad.write_text('{"images": [], "annotations": 3}')
+    rc = finetune.main(["--output-dir", str(tmp_path / "out"), "--data", str(bad)])
+    err = capsys.readouterr().err
+    assert rc == 2 and "captions.json" in err and "annotations" in err
+
+
+def test_resume_without_checkpoint(tmp_path):
+    with pytest.raises(FileNotFoundError, match="no checkpoint"):
+        finetune.train(tiny(tmp_path, resume=True))
+
+
+# --------------------------------------------------------------------------- data parallel
+
+
+
+def test_torchrun_two_processes(tmp_path):
+    """Two CPU processes (gloo) through torchrun: Trainer handles the data parallelism."""
+    out = tmp_path / "ddp"
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", "29533",
+           "-m", "prsl_kernels.drivers.finetune", "--output-dir", str(out), "--train-images", "32",
+           "--eval-images", "4", "--eval-samples", "4", "--hidden", "32", "--layers", "1", "--heads", "2",
+           "--batch-size", "4", "--max-steps", "4", "--logging-steps", "2", "--vocab-size", "300",
+           "--train-references", "first", "--loss", "prsl", "--k", "6", "--no-progress", "--max-new-tokens", "4"]
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=300, env=env)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    info = json.loads((out / finetune.RUN_INFO).read_text())
+    assert info["world_size"] == 2 and info["steps"] == 4 and info["completed"]
+    assert (out / "model.safetensors").is_file()

@@ -1,0 +1,145 @@
+"""Metrics on hand-made cases with known values, through the real packages.
+
+One scorer for the module: METEOR's JVM takes ~20 s to load its tables, so it is
+started once. Whole file: ~40-60 s on 2 busy cores.
+"""
+
+import json
+import math
+
+import pytest
+
+pytest.importorskip("bert_score")
+pytest.importorskip("pycocoevalcap")
+
+from prsl_kernels.drivers.metrics import (METRICS, CaptionScorer, bertscore_layers,  # noqa: E402
+                                          embedded_bertscore_model, mean_scores, proportion_below)
+
+A = "a large red circle in the top left corner"
+B = "two small green squares beside a blue triangle"
+C = "one yellow star over a calm dark sea"
+
+
+@pytest.fixture(autouse=True, scope="module")
+def one_thread():
+    # A small encoder on short sentences: one thread is faster on a shared 2-core machine.
+    import torch
+
+    old = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(old)
+
+
+@pytest.fixture(scope="module")
+def scorer(one_thread):
+    with CaptionScorer() as s:
+        yield s
+
+
+def test_identical_strings_score_one(scorer):
+    corpus, per = scorer.score([A, B], [[A, C], [B]])
+    for s in per:
+        for m in ("bleu1", "bleu2", "bleu3", "bleu4", "meteor", "rouge_l", "bertscore_f1"):
+            assert s[m] == pytest.approx(1.0, abs=1e-5), m
+    for m in ("bleu1", "bleu4", "meteor", "rouge_l", "bertscore_f1"):
+        assert corpus[m] == pytest.approx(1.0, abs=1e-5), m
+
+
+def test_cider_hand_case(scorer):
+    # Two images with disjoint words: each n-gram has document frequency 1 of 2, so a
+    # candidate equal to its single reference has cosine 1 for n = 1..4, no length
+    # penalty, and CIDEr-D = 10 * mean(1, 1, 1, 1) = 10; a candidate sharing nothing with
+    # its reference scores 0. The corpus CIDEr-D is the mean, 5.
+    corpus, per = scorer.score([A, C], [[A], [B]])
+    assert per[0]["cider"] == pytest.approx(10.0, rel=1e-9)
+    assert per[1]["cider"] == pytest.approx(0.0, abs=1e-12)
+    assert corpus["cider"] == pytest.approx(5.0, rel=1e-9)
+
+
+def test_bleu_hand_case(scorer):
+    # "the cat sat on the mat" vs "the cat sat on a mat": clipped n-gram precisions
+    # p1 = 5/6 ("the" counts once), p2 = 3/5, p3 = 2/4, p4 = 1/3; equal lengths, so no
+    # brevity penalty and BLEU-n is the geometric mean of p1..pn.
+    corpus, per = scorer.score(["the cat sat on the mat"], [["the cat sat on a mat"]])
+    p = (5 / 6, 3 / 5, 2 / 4, 1 / 3)
+    for n in range(1, 5):
+        assert per[0][f"bleu{n}"] == pytest.approx(math.prod(p[:n]) ** (1 / n), rel=1e-6)
+        assert corpus[f"bleu{n}"] == pytest.approx(math.prod(p[:n]) ** (1 / n), rel=1e-6)
+    # ROUGE-L: LCS "the cat sat on mat" = 5 of 6 both ways; F with beta 1.2 is then 5/6.
+    assert per[0]["rouge_l"] == pytest.approx(5 / 6, rel=1e-6)
+
+
+def test_corpus_and_mean_differ_where_they_should(scorer):
+    cands = [A, B, "zebra"]
+    refs = [[A], [B], [C]]
+    corpus, per = scorer.score(cands, refs)
+    means = mean_scores(per)
+    # Corpus BLEU pools clipped counts (17 of 18 candidate words match) and applies one
+    # brevity penalty (candidates 18 words, references 25): 17/18 * exp(1 - 25/18);
+    # the per-sample mean is (1 + 1 + 0) / 3 (the one-word output has a huge penalty).
+    assert corpus["bleu1"] == pytest.approx(17 / 18 * math.exp(1 - 25 / 18), rel=1e-6)
+    assert means["bleu1"] == pytest.approx(2 / 3, abs=1e-6)
+    assert means["meteor"] == pytest.approx(2 / 3, abs=1e-6)
+    for m in ("rouge_l", "cider", "bertscore_f1"):
+        assert corpus[m] == pytest.approx(means[m], rel=1e-9, abs=1e-12), m
+    assert proportion_below(per, "rouge_l", 0.9) == pytest.approx(1 / 3)
+
+
+def test_bertscore_matches_bert_score_package(scorer):
+    from bert_score import BERTScorer
+
+    cands = [A, "a big red disc at the upper left", "", B]
+    refs = [[A, B], [A, C], [B], [C, "green squares next to a triangle"]]
+    _, per = scorer.score(cands, refs)
+    reference = BERTScorer(model_type=embedded_bertscore_model(), num_layers=6)
+    _, _, f1 = reference.score([cands[i] for i in (0, 1, 3)], [refs[i] for i in (0, 1, 3)])
+    for j, i in enumerate((0, 1, 3)):
+        assert per[i]["bertscore_f1"] == pytest.approx(float(f1[j]), abs=1e-5)
+    assert per[2]["bertscore_f1"] == 0.0   # empty candidate: 0, as bert_score defines it
+    assert 0.5 < per[1]["bertscore_f1"] < 1.0   # a paraphrase scores high but below identity
+
+
+def test_empty_and_unprintable_outputs(scorer):
+    corpus, per = scorer.score(["", "\x08\x08 |||"], [[A], [B]])
+    for s in per:
+        for m in METRICS:
+            assert math.isfinite(s[m]) and s[m] == pytest.approx(0.0, abs=1e-6), m
+    assert corpus["meteor"] == 0.0
+
+
+def test_score_sets_equal_separate_calls(scorer):
+    s1 = ([A, B, C], [[A], [C], [B, C]])
+    s2 = ([B, "a red circle"], [[B], [A]])
+    joint = scorer.score_sets([s1, s2])
+    for (cands, refs), (corpus, per) in zip((s1, s2), joint):
+        c2, p2 = scorer.score(cands, refs)
+        assert corpus == pytest.approx(c2)
+        for a, b in zip(per, p2):
+            assert a == pytest.approx(b)
+
+
+def test_bad_inputs():
+    with pytest.raises(ValueError, match="unknown metrics"):
+        CaptionScorer(metrics=("bleu", "spice"))
+    s = CaptionScorer(metrics=("bleu1",))
+    with pytest.raises(ValueError, match="candidates"):
+        s.score([A], [[A], [B]])
+    with pytest.raises(ValueError, match="at least one reference"):
+        s.score([A], [[]])
+    with pytest.raises(FileNotFoundError):
+        CaptionScorer(bertscore_model="/nonexistent/t5-base", metrics=("bertscore_f1",)).score([A], [[A]])
+
+
+def test_bertscore_layer_counts(tmp_path):
+    # The paper's encoders get bert_score's tuned layers; others their last layer.
+    for name, layers in (("t5-base", 11), ("deberta-xlarge", 18), ("models--microsoft--deberta-xlarge", 18)):
+        d = tmp_path / name
+        d.mkdir()
+        (d / "config.json").write_text(json.dumps({"num_hidden_layers": 99}))
+        assert bertscore_layers(d) == layers
+    d = tmp_path / "my-encoder"
+    d.mkdir()
+    (d / "config.json").write_text(json.dumps({"num_hidden_layers": 7}))
+    assert bertscore_layers(d) == 7
+    assert bertscore_layers(embedded_bertscore_model()) == 6

@@ -1,0 +1,135 @@
+"""The report: statistics against known values, the verdict on fabricated seeds, and a
+report (CSV, markdown, PNGs) produced from a tiny real ``prsl-attack`` run. ~25-40 s."""
+
+import csv
+import json
+import math
+import random
+
+import pytest
+import torch
+
+from prsl_kernels.drivers.report import (betainc, load_run, mean_ci, significance, t_ppf, t_sf_two_sided,
+                                         welch_test, write_report)
+
+PNG = b"\x89PNG\r\n\x1a\n"
+
+
+@pytest.fixture(autouse=True, scope="module")
+def one_thread():
+    # Tiny models: splitting each op over threads costs more than it saves, and on a shared
+    # 2-core machine it is several times slower. Restored for the other test modules.
+    old = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(old)
+
+
+def test_t_distribution_known_values():
+    # Textbook quantiles t_{0.975, df}.
+    for df, q in ((1, 12.7062047), (2, 4.3026527), (5, 2.5705818), (10, 2.2281389), (30, 2.0422725)):
+        assert t_ppf(0.975, df) == pytest.approx(q, rel=1e-6)
+    assert t_sf_two_sided(0.0, 7) == pytest.approx(1.0)
+    # df = 1 is the Cauchy distribution: P(|T| >= t) = 1 - 2 atan(t) / pi.
+    for t in (0.3, 1.0, 4.0):
+        assert t_sf_two_sided(t, 1) == pytest.approx(1 - 2 * math.atan(t) / math.pi, rel=1e-9)
+    # I_x(1, 1) = x and I_x(a, 1) = x^a.
+    assert betainc(1, 1, 0.37) == pytest.approx(0.37)
+    assert betainc(2.5, 1, 0.6) == pytest.approx(0.6 ** 2.5)
+
+
+def test_welch_against_scipy():
+    stats = pytest.importorskip("scipy.stats")
+    rng = random.Random(0)
+    for _ in range(5):
+        a = [rng.gauss(0.8, 0.05) for _ in range(rng.randint(2, 6))]
+        b = [rng.gauss(0.82, 0.1) for _ in range(rng.randint(2, 6))]
+        t, df, p = welch_test(a, b)
+        ref = stats.ttest_ind(a, b, equal_var=False)
+        assert t == pytest.approx(float(ref.statistic), rel=1e-9)
+        assert p == pytest.approx(float(ref.pvalue), rel=1e-7)
+        m, half = mean_ci(a)
+        lo, hi = stats.t.interval(0.95, len(a) - 1, loc=m, scale=stats.sem(a))
+        assert half == pytest.approx((hi - lo) / 2, rel=1e-7)
+
+
+def test_welch_degenerate_cases():
+    assert math.isnan(welch_test([1.0], [1.0, 2.0])[2])
+    assert welch_test([0.5, 0.5], [0.5, 0.5])[2] == 1.0
+    assert welch_test([0.5, 0.5], [0.7, 0.7])[2] == 0.0
+    m, half = mean_ci([0.3])
+    assert m == 0.3 and math.isnan(half)
+
+
+def _fake_run(root, name, mean, rng, rounds=2, n=8):
+    """An attack folder as prsl-attack writes it, with BERTScore F1 ~ N(mean, 0.02) after round 0."""
+    d = root / name
+    (d / "rounds").mkdir(parents=True)
+    cfg = {"task": "caption", "space": "normalized", "eps": 0.5, "alpha": 0.01, "steps_per_round": 1,
+           "target": "clean", "num_beams": 1, "rounds": rounds}
+    (d / "attack_config.json").write_text(json.dumps({"name": name, "attack": cfg, "run_info": {}}))
+    for r in range(rounds + 1):
+        recs = []
+        for i in range(n):
+            f1 = 1.0 if r == 0 else min(1.0, rng.gauss(mean, 0.02))
+            recs.append({"model": name, "id": str(i), "round": r, "output": "x", "attack_loss": 1.0 + r,
+                         "scores": {"clean": {"bertscore_f1": f1}, "reference": {"bertscore_f1": f1 - 0.1}}})
+        corpus = {k: {"bertscore_f1": sum(x["scores"][k]["bertscore_f1"] for x in recs) / n}
+                  for k in ("clean", "reference")}
+        (d / "rounds" / f"round_{r:03d}.jsonl").write_text("\n".join(map(json.dumps, recs)) + "\n")
+        (d / "rounds" / f"round_{r:03d}.json").write_text(json.dumps(
+            {"model": name, "round": r, "n": n, "attack_loss": 1.0 + r, "corpus": corpus}))
+    return d
+
+
+def test_verdict_on_fabricated_seeds(tmp_path):
+    rng = random.Random(1)
+    dirs, groups = [], {}
+    for group, mean in (("CE", 0.80), ("same", 0.80), ("better", 0.95)):
+        for seed in range(4):
+            name = f"{group}-s{seed}"
+            dirs.append(_fake_run(tmp_path / "runs", name, mean, rng))
+            groups[name] = group
+    runs = [load_run(d, groups[d.name]) for d in dirs]
+    rows = {g: p for g, m, d, t, df, p in significance(runs, "CE", 2, "clean", ["bertscore_f1"])}
+    assert rows["better"] < 0.01
+    report = write_report(dirs, tmp_path / "out", groups=groups, baseline="CE")
+    text = report.read_text()
+    assert "`same` vs `CE` against the clean output: **no significant difference**" in text
+    assert "`better` vs `CE` against the clean output: significant at 0.05 for BERTScore F1" in text
+    assert "±" in text     # means over 4 seeds carry a confidence interval
+
+
+def test_report_from_tiny_attack_run(tmp_path):
+    pytest.importorskip("transformers")
+    from prsl_kernels.drivers import data, models
+    from prsl_kernels.drivers.attack import main
+
+    texts = [c for s in data.synthetic_dataset(40, seed=1, image_size=32) for c in s.captions]
+    size = models.TinySize(hidden=32, encoder_layers=1, decoder_layers=1, heads=2, image_size=32, max_text=40)
+    ckpt = tmp_path / "ckpt"
+    models.tiny_bundle("tiny-vit-gpt2", texts, size=size, seed=0, vocab_size=300).save(ckpt)
+    out = tmp_path / "attack"
+    main(["--model", str(ckpt), str(ckpt), "--name", "first", "second", "--num-samples", "3", "--rounds", "2",
+          "--metrics", "bleu1", "bleu4", "rouge_l", "cider", "--max-new-tokens", "6", "--batch-size", "2",
+          "--output-dir", str(out), "--no-progress"])
+    for name in ("first", "second"):
+        lines = (out / name / "samples.jsonl").read_text().splitlines()
+        assert len(lines) == 3 * 3
+        rec = json.loads(lines[-1])
+        assert set(rec) >= {"id", "round", "output", "scores"} and set(rec["scores"]) == {"reference", "clean"}
+        assert set(rec["scores"]["clean"]) == {"bleu1", "bleu4", "rouge_l", "cider"}
+    with open(out / "summary.csv") as f:
+        rows = list(csv.DictReader(f))
+    assert {r["model"] for r in rows} == {"first", "second"}
+    assert {int(r["round"]) for r in rows} == {0, 1, 2}
+    clean0 = [r for r in rows if r["round"] == "0" and r["against"] == "clean" and r["metric"] == "rouge_l"]
+    assert all(float(r["mean"]) == pytest.approx(1.0) for r in clean0)    # round 0 is the clean output itself
+    text = (out / "report.md").read_text()
+    for section in ("## Clean quality", "## Robustness", "## Proportion of outputs below", "## Figures"):
+        assert section in text
+    for fig in ("score_vs_round_clean.png", "score_vs_round_reference.png", "below_thresholds.png",
+                "attack_loss.png", "image_grid.png"):
+        path = out / "figures" / fig
+        assert path.read_bytes()[:8] == PNG and path.stat().st_size > 5000, fig
+        assert f"figures/{fig}" in text
