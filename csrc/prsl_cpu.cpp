@@ -48,6 +48,7 @@
 #include <cstring>
 #include <functional>
 #include <limits>
+#include <type_traits>
 #include <vector>
 
 namespace prsl_cpu {
@@ -175,13 +176,29 @@ struct Io<c10::BFloat16> {
     vuint32 w = __builtin_convertvector(loadu<vuint16x8>(p), vuint32) << 16;
     return (vec)w;
   }
-  // Round to nearest even (as c10::BFloat16 does); NaN becomes the canonical quiet NaN.
-  static void store(c10::BFloat16* p, vec v) {
-    vuint32 u = (vuint32)v;
-    vuint32 r = (u + 0x7FFFu + ((u >> 16) & 1u)) >> 16;
-    r = v != v ? splat<vuint32>(0x7FC0u) : r;
-    storeu(p, __builtin_convertvector(r, vuint16x8));
+  // Round to nearest even (as c10::BFloat16 does); NaN becomes the canonical quiet
+  // NaN. Returns the 16 result bits in the low half of each lane.
+  static PRSL_INLINE vuint32 round_bits(vec v) {
+    const vuint32 u = (vuint32)v;
+    const vuint32 r = (u + 0x7FFFu + ((u >> 16) & 1u)) >> 16;
+    return v != v ? splat<vuint32>(0x7FC0u) : r;
   }
+  static void store(c10::BFloat16* p, vec v) { storeu(p, __builtin_convertvector(round_bits(v), vuint16x8)); }
+#if defined(__AVX2__)
+  // 16 values as two float vectors in the order unpack leaves them (columns 0-3
+  // and 8-11, then 4-7 and 12-15); store16 packs them back into column order, so a
+  // pass whose per-column work does not depend on the column index can use the
+  // pair: one load, two unpacks, one pack, one store per 16 values.
+  static PRSL_INLINE void load16(const c10::BFloat16* p, vec& a, vec& b) {
+    const __m256i v = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(p));
+    a = (vec)_mm256_unpacklo_epi16(_mm256_setzero_si256(), v);
+    b = (vec)_mm256_unpackhi_epi16(_mm256_setzero_si256(), v);
+  }
+  static PRSL_INLINE void store16(c10::BFloat16* p, vec a, vec b) {
+    const __m256i packed = _mm256_packus_epi32((__m256i)round_bits(a), (__m256i)round_bits(b));
+    _mm256_storeu_si256(reinterpret_cast<__m256i*>(p), packed);
+  }
+#endif
 };
 
 template <>
@@ -222,12 +239,8 @@ PRSL_INLINE void load4_any_order(const scalar_t* p, typename Io<scalar_t>::vec (
 #if defined(__AVX2__)
 template <>
 PRSL_INLINE void load4_any_order<c10::BFloat16>(const c10::BFloat16* p, vfloat (&x)[4]) {
-  const __m256i zero = _mm256_setzero_si256();
-  for (int h = 0; h < 2; ++h) {
-    const __m256i v = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(p + 16 * h));
-    x[2 * h] = (vfloat)_mm256_unpacklo_epi16(zero, v);  // (bits << 16) of 8 of the 16 values
-    x[2 * h + 1] = (vfloat)_mm256_unpackhi_epi16(zero, v);
-  }
+  Io<c10::BFloat16>::load16(p, x[0], x[1]);
+  Io<c10::BFloat16>::load16(p + 16, x[2], x[3]);
 }
 #endif
 
@@ -512,6 +525,15 @@ void backward_row(const scalar_t* z, scalar_t* out, int64_t V, int64_t target, t
   };
 
   int64_t j = 0;
+#if defined(__AVX2__)
+  if constexpr (std::is_same_v<scalar_t, c10::BFloat16>) {
+    for (; j + 16 <= V; j += 16) {
+      vec a, c;
+      IO::load16(z + j, a, c);
+      IO::store16(out + j, column_grads(a), column_grads(c));
+    }
+  }
+#endif
   for (; j + W <= V; j += W) IO::store(out + j, column_grads(IO::load(z + j)));
   if (j < V) store_partial(out + j, column_grads(load_partial(z + j, V - j)), V - j);
   // The target is in neither A nor T: only p_s (1 - b D) - 1.

@@ -24,7 +24,9 @@ import torch
 
 from . import ops
 
-_CSRC = Path(__file__).resolve().parent.parent / "csrc"
+# A source checkout has csrc/ beside the package; a wheel carries it as prsl_kernels/csrc/.
+_CSRC = next((d for d in (Path(__file__).resolve().parent.parent / "csrc", Path(__file__).resolve().parent / "csrc")
+              if d.is_dir()), Path(__file__).resolve().parent.parent / "csrc")
 _SOURCES = [_CSRC / "prsl_cpu.cpp"]
 
 _lock = threading.Lock()

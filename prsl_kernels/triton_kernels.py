@@ -226,8 +226,11 @@ def _prsl_backward_kernel(
 # ----------------------------------------------------------------------------
 
 _TRITON_DTYPE = {torch.float16: "fp16", torch.bfloat16: "bf16", torch.float32: "fp32", torch.float64: "fp64"}
-# Large blocks amortise the per-block reductions; 16-bit rows afford twice the elements.
-_BLOCK_V = {torch.float16: 4096, torch.bfloat16: 4096, torch.float32: 2048, torch.float64: 1024}
+# Large blocks amortise the per-block reductions. The AOT report chose these:
+# 4096-wide 16-bit blocks and 2048-wide blocks with the 2048-slot buffer spill
+# registers on sm_80 / sm_90, so those use 1024 (with KP >= BLOCK_V every merge
+# takes the compaction path, which is what a large k needs anyway).
+_BLOCK_V = {torch.float16: 2048, torch.bfloat16: 2048, torch.float32: 2048, torch.float64: 1024}
 _SMALL_BLOCK_V = 1024
 
 
@@ -238,21 +241,22 @@ class LaunchConfig(NamedTuple):
     num_warps: int
 
 
-def _block_v(dtype, vocab):
+def _block_v(dtype, vocab, kp=1):
     if FORCE_BLOCK_V is not None:
         return FORCE_BLOCK_V
-    return _BLOCK_V[dtype] if vocab > _SMALL_BLOCK_V else min(_BLOCK_V[dtype], _SMALL_BLOCK_V)
+    if vocab <= _SMALL_BLOCK_V or kp >= TOPK_BUFFER_SIZES[-1]:
+        return _SMALL_BLOCK_V
+    return _BLOCK_V[dtype]
 
 
 def _num_warps(block_v):
-    # 8 elements per thread: one 16-byte load for 16-bit rows (and no ptxas
-    # spills in any configuration of launch_configs(), see benchmarks/aot_report.py).
+    # 8 elements per thread: a 16-byte load for 16-bit rows, two for float32.
     return max(4, min(16, block_v // 256))
 
 
 def forward_config(dtype, vocab, k):
-    block_v = _block_v(dtype, vocab)
     kp = next(size for size in TOPK_BUFFER_SIZES if size > k) if k > 0 else 1
+    block_v = _block_v(dtype, vocab, kp)
     return LaunchConfig("forward", dtype, {"HAS_TOPK": k > 0, "KP": kp, "BLOCK_V": block_v},
                         _num_warps(block_v))
 
@@ -267,9 +271,10 @@ def launch_configs():
     configs = []
     for dtype in _TRITON_DTYPE:
         for vocab in sorted({_SMALL_BLOCK_V, _BLOCK_V[dtype]}):
-            configs.append(forward_config(dtype, vocab, 0))
-            configs += [forward_config(dtype, vocab, size - 1) for size in TOPK_BUFFER_SIZES]
-            configs.append(backward_config(dtype, vocab))
+            for config in [forward_config(dtype, vocab, 0), backward_config(dtype, vocab)] + \
+                    [forward_config(dtype, vocab, size - 1) for size in TOPK_BUFFER_SIZES]:
+                if config not in configs:
+                    configs.append(config)
     return configs
 
 

@@ -28,7 +28,9 @@ def row_stats_reference(logits, target, k, ignore_index=IGNORE_INDEX):
     z, t = _rows(logits, target)
     counted = t != ignore_index
     t_safe = torch.where(counted, t, torch.zeros_like(t))
-    lse = torch.logsumexp(z, dim=-1)
+    # torch.logsumexp returns +inf for a row holding +inf; the spec (like
+    # F.cross_entropy) makes such a row NaN.
+    lse = torch.logsumexp(z, dim=-1).masked_fill(torch.isposinf(z).any(-1), float("nan"))
     z_target = z.gather(1, t_safe[:, None]).squeeze(1)
     p = torch.exp(z - lse[:, None])
     is_target = torch.zeros_like(z, dtype=torch.bool).scatter_(1, t_safe[:, None], True)

@@ -106,6 +106,9 @@ def test_empty_and_unprintable_outputs(scorer):
         for m in METRICS:
             assert math.isfinite(s[m]) and s[m] == pytest.approx(0.0, abs=1e-6), m
     assert corpus["meteor"] == 0.0
+    # Empty references everywhere (an attack scored against empty clean outputs).
+    corpus, per = scorer.score(["", "a red circle"], [[""], ["\x08"]])
+    assert corpus["cider"] == 0.0 and all(s["cider"] == 0.0 and s["bertscore_f1"] == 0.0 for s in per)
 
 
 def test_score_sets_equal_separate_calls(scorer):

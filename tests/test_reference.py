@@ -129,3 +129,14 @@ def test_released_variant_by_hand():
     torch.testing.assert_close(got, expected, rtol=1e-12, atol=1e-12)
     with pytest.raises(ValueError, match="start"):
         prsl_released_loss_reference(z, t, 3, 3, b)
+
+
+def test_nan_and_pos_inf_rows_are_nan_like_torch():
+    z = _logits(3, 9, seed=8)
+    t = torch.tensor([1, 2, 3])
+    z[0, 4] = float("inf")
+    z[1, 5] = float("nan")
+    got = prsl_loss_reference(z, t, 3, 0.5, reduction="none")
+    want = F.cross_entropy(z, t, reduction="none")
+    assert torch.isnan(got[:2]).all() and torch.isnan(want[:2]).all()
+    assert torch.isfinite(got[2])

@@ -227,7 +227,12 @@ class CaptionScorer:
             for i in range(n):
                 per_sample[i]["rouge_l"] = float(scores[i])
         if "cider" in wanted:
-            score, scores = Cider().compute_score(gts, res)
+            if not any(r.strip() for refs in gts.values() for r in refs):
+                # No reference n-gram at all (e.g. every clean output was empty): pycocoevalcap's
+                # CIDEr cannot form document frequencies and fails; nothing can match, so 0.
+                score, scores = 0.0, [0.0] * n
+            else:
+                score, scores = Cider().compute_score(gts, res)
             corpus["cider"] = score
             for i in range(n):
                 per_sample[i]["cider"] = float(scores[i])
