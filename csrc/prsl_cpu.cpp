@@ -1,6 +1,6 @@
 // Fused CPU kernels of the Partially Recentralization Softmax Loss.
 //
-// Maths (spec: shared/spec/prsl.md), per row z[0..V), target s:
+// Maths (spec: docs/spec.md), per row z[0..V), target s:
 //   lse = log sum_j exp(z_j)              p_j = exp(z_j - lse)
 //   tau = k-th largest of {z_j : j != s}  A = {j != s : z_j > tau}, T = {j != s : z_j == tau}
 //   u_j = p_j - exp(tau - lse) on A;      S = sum_A u_j,  D = sqrt(sum_A u_j^2)
@@ -53,6 +53,10 @@
 
 namespace prsl_cpu {
 namespace {
+
+// Column order of the (N, 5) row statistics: mirrors ROW_STATS in prsl_kernels/spec.py.
+constexpr int64_t kNumRowStats = 5;
+enum RowStat : int { kLse = 0, kTau = 1, kDist = 2, kSpreadSum = 3, kTieCount = 4 };
 
 // ---------------------------------------------------------------- vectors (32 bytes)
 typedef float vfloat __attribute__((vector_size(32)));
@@ -414,11 +418,11 @@ struct RowForward {
     }
     const acc_t dist = std::sqrt(sq);
     *loss = lse - z_target + static_cast<acc_t>(b) * dist;
-    stats[0] = lse;
-    stats[1] = tau;
-    stats[2] = dist;
-    stats[3] = spread;
-    stats[4] = ties;
+    stats[kLse] = lse;
+    stats[kTau] = tau;
+    stats[kDist] = dist;
+    stats[kSpreadSum] = spread;
+    stats[kTieCount] = ties;
   }
 };
 
@@ -449,7 +453,7 @@ std::tuple<at::Tensor, at::Tensor> forward_cpu(const at::Tensor& logits, const a
   const at::Tensor target = target_in.contiguous();
   const auto acc_type = logits.scalar_type() == at::kDouble ? at::kDouble : at::kFloat;
   at::Tensor loss = at::empty({N}, logits.options().dtype(acc_type));
-  at::Tensor stats = at::empty({N, 5}, logits.options().dtype(acc_type));
+  at::Tensor stats = at::empty({N, kNumRowStats}, logits.options().dtype(acc_type));
   if (N == 0) return {loss, stats};
 
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, logits.scalar_type(), "prsl_forward_cpu", [&] {
@@ -462,11 +466,11 @@ std::tuple<at::Tensor, at::Tensor> forward_cpu(const at::Tensor& logits, const a
     at::parallel_for(0, N, row_grain(V), [&](int64_t begin, int64_t end) {
       std::vector<acc_t> cand(k > 0 ? V : 0);  // per task, not per row: V values
       for (int64_t i = begin; i < end; ++i) {
-        acc_t* row_stats = stats_ptr + i * 5;
+        acc_t* row_stats = stats_ptr + i * kNumRowStats;
         const int64_t s = t[i];
         if (s == ignore_index) {
           loss_ptr[i] = 0;
-          std::fill(row_stats, row_stats + 5, acc_t(0));
+          std::fill(row_stats, row_stats + kNumRowStats, acc_t(0));
           continue;
         }
         TORCH_CHECK(s >= 0 && s < V, "prsl_cpu: target ", s, " out of range [0, ", V, ") in row ", i);
@@ -504,7 +508,8 @@ void backward_row(const scalar_t* z, scalar_t* out, int64_t V, int64_t target, t
   constexpr int W = IO::W;
   const acc_t inf = std::numeric_limits<acc_t>::infinity();
   const acc_t b = static_cast<acc_t>(b_in);
-  const acc_t lse = st[0], tau = st[1], dist = st[2], spread = st[3], ties = st[4];
+  const acc_t lse = st[kLse], tau = st[kTau], dist = st[kDist], spread = st[kSpreadSum],
+              ties = st[kTieCount];
   const acc_t keep = 1 - b * dist;  // p_j (1 - b D): every column
   const bool penalised = dist > 0;  // g = 0 entirely when D == 0
   // dz_j = p_j * c_j with c_j = grad * keep below tau (almost every column),
@@ -549,7 +554,7 @@ at::Tensor backward_cpu(const at::Tensor& grad_rows_in, const at::Tensor& logits
   const auto acc_type = logits.scalar_type() == at::kDouble ? at::kDouble : at::kFloat;
   TORCH_CHECK(grad_rows_in.numel() == N && grad_rows_in.scalar_type() == acc_type,
               "prsl_cpu: grad_rows must have N elements of the stats dtype");
-  TORCH_CHECK(row_stats_in.dim() == 2 && row_stats_in.size(0) == N && row_stats_in.size(1) == 5 &&
+  TORCH_CHECK(row_stats_in.dim() == 2 && row_stats_in.size(0) == N && row_stats_in.size(1) == kNumRowStats &&
                   row_stats_in.scalar_type() == acc_type,
               "prsl_cpu: row_stats must be [N, 5] of the stats dtype");
   const at::Tensor grad_rows = grad_rows_in.contiguous();
@@ -576,7 +581,7 @@ at::Tensor backward_cpu(const at::Tensor& grad_rows_in, const at::Tensor& logits
           continue;
         }
         TORCH_CHECK(s >= 0 && s < V, "prsl_cpu: target ", s, " out of range [0, ", V, ") in row ", i);
-        backward_row<scalar_t>(base + i * row_stride, out_row, V, s, g[i], st + i * 5, b);
+        backward_row<scalar_t>(base + i * row_stride, out_row, V, s, g[i], st + i * kNumRowStats, b);
       }
     });
   });

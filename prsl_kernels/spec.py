@@ -1,4 +1,4 @@
-"""Constants of the PRSL specification (``shared/spec/prsl.md``), defined once.
+"""Constants of the PRSL specification (``docs/spec.md``), defined once.
 
 Every backend returns, besides the per-row loss, the five per-row statistics
 from which the backward pass rebuilds the gradient in one streaming pass:

@@ -1,4 +1,4 @@
-"""Pure-PyTorch reference of PRSL: the executable form of ``shared/spec/prsl.md``.
+"""Pure-PyTorch reference of PRSL: the executable form of ``docs/spec.md``.
 
 Installed as the package ``prsl_reference``. Autograd gives every gradient here;
 nothing is hand-derived except ``grad_closed_form``, which writes the spec's

@@ -74,7 +74,8 @@ def test_tiny_vit_gpt2_trains_and_saves(tmp_path, loss):
     losses = [v for _, v in _train_losses(out)]
     assert len(losses) == 4 and losses[-1] < losses[0] - 0.5, losses
     rec = [r for r in _log(out) if "ce" in r]
-    assert all(r["ce"] + r["penalty"] == pytest.approx(r["loss"], rel=1e-3) for r in rec)
+    # Trainer's "loss" averages the steps' means; ce/penalty are token-weighted over the window.
+    assert all(r["ce"] + r["penalty"] == pytest.approx(r["loss"], rel=1e-2) for r in rec)
     assert all((r["penalty"] > 0) == (loss == "prsl") for r in rec)
     info = json.loads((out / finetune.RUN_INFO).read_text())
     assert info["loss"] == {"name": loss, "k": 6 if loss == "prsl" else 0, "b": 1.0 if loss == "prsl" else 0.0,

@@ -17,7 +17,6 @@ byte-level BPE tokenizer trained offline on the data's text.
 from __future__ import annotations
 
 import json
-import os
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Sequence
