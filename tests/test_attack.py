@@ -16,14 +16,7 @@ from prsl_kernels.drivers.attack import (AttackConfig, ModelAttack, TeacherForce
 SIZE = models.TinySize(hidden=32, encoder_layers=1, decoder_layers=1, heads=2, patch=8, image_size=32, max_text=40)
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    # Tiny models: splitting each op over threads costs more than it saves, and on a shared
-    # 2-core machine it is several times slower. Restored for the other test modules.
-    old = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(old)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 @pytest.fixture(scope="module")

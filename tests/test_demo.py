@@ -6,20 +6,12 @@ import csv
 import json
 
 import pytest
-import torch
 
 pytest.importorskip("transformers")
 pytest.importorskip("pycocoevalcap")
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    # Tiny models: splitting each op over threads costs more than it saves, and on a shared
-    # 2-core machine it is several times slower. Restored for the other test modules.
-    old = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(old)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 def test_demo_smoke(tmp_path):

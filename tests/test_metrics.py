@@ -20,19 +20,11 @@ B = "two small green squares beside a blue triangle"
 C = "one yellow star over a calm dark sea"
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    # A small encoder on short sentences: one thread is faster on a shared 2-core machine.
-    import torch
-
-    old = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(old)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 @pytest.fixture(scope="module")
-def scorer(one_thread):
+def scorer(one_torch_thread):
     with CaptionScorer() as s:
         yield s
 

@@ -7,7 +7,6 @@ import math
 import random
 
 import pytest
-import torch
 
 from prsl_kernels.drivers.report import (betainc, load_run, mean_ci, significance, t_ppf, t_sf_two_sided,
                                          welch_test, write_report)
@@ -15,14 +14,7 @@ from prsl_kernels.drivers.report import (betainc, load_run, mean_ci, significanc
 PNG = b"\x89PNG\r\n\x1a\n"
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    # Tiny models: splitting each op over threads costs more than it saves, and on a shared
-    # 2-core machine it is several times slower. Restored for the other test modules.
-    old = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(old)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 def test_t_distribution_known_values():
