@@ -64,8 +64,12 @@ class PRSLTokenLoss:
         self.backend, self.variant, self.start, self.check_target = backend, variant, int(start), check_target
         self._sums = None
 
-    def __call__(self, logits: torch.Tensor, labels: torch.Tensor, num_items_in_batch=None) -> torch.Tensor:
-        targets = align_labels(labels.to(logits.device), self.shift, self.ignore_index)
+    def __call__(self, logits: torch.Tensor, labels: torch.Tensor, num_items_in_batch=None, *,
+                 aligned: bool = False) -> torch.Tensor:
+        """``aligned=True``: ``labels`` already line up with ``logits`` (HF's ``shift_labels``)."""
+        targets = labels.to(logits.device)
+        if not aligned:
+            targets = align_labels(targets, self.shift, self.ignore_index)
         if self.k == 0 or self.b == 0:
             # Plain cross-entropy: torch's own kernel, the baseline a user would compare against.
             loss_sum = torch.nn.functional.cross_entropy(logits.reshape(-1, logits.shape[-1]), targets.reshape(-1),
@@ -133,9 +137,7 @@ def prsl_loss_function(k: int, b: float, *, shift: bool = True, ignore_index: in
         def __call__(self, logits, labels=None, vocab_size=None, num_items_in_batch=None,
                      ignore_index=ignore_index, shift_labels=None, **kwargs):
             if shift_labels is not None:
-                unshifted = PRSLTokenLoss(token_loss.k, token_loss.b, shift=False, ignore_index=ignore_index,
-                                          backend=token_loss.backend)
-                return unshifted(logits, shift_labels, num_items_in_batch)
+                return token_loss(logits, shift_labels, num_items_in_batch, aligned=True)
             return token_loss(logits, labels, num_items_in_batch)
 
         pop_stats = staticmethod(token_loss.pop_stats)

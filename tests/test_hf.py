@@ -139,3 +139,4 @@ def test_loss_function_hook_on_a_causal_lm():
     # HF may pass already shifted targets (padding-free collators): used as they are.
     torch.testing.assert_close(model.loss_function(out.logits, None, V, shift_labels=align_labels(labels, True)),
                                expected)
+    assert model.loss_function.pop_stats()["tokens"] == stats["tokens"]  # logged like the shifting path
