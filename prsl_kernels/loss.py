@@ -43,7 +43,6 @@ def prsl_loss(logits, target, k, b, *, ignore_index=IGNORE_INDEX, reduction="mea
         check_target_range(target, vocab, ignore_index)
     k, b, ignore_index = int(k), float(b), int(ignore_index)
     path = backends.resolve(backend, logits.device)
-    counted = target != ignore_index
 
     if path == "reference":
         loss_rows, stats = _reference_rows(logits, target, k, b, ignore_index)
@@ -62,18 +61,15 @@ def prsl_loss(logits, target, k, b, *, ignore_index=IGNORE_INDEX, reduction="mea
     elif reduction == "sum":
         loss = loss_rows.sum()
     else:  # mean over counted rows, as F.cross_entropy (all ignored -> nan)
-        loss = loss_rows.sum() / counted.sum()
+        loss = loss_rows.sum() / (target != ignore_index).sum()
     return (loss, stats) if return_stats else loss
 
 
 def _reference_rows(logits, target, k, b, ignore_index):
-    from prsl_reference import row_stats_reference
+    from prsl_reference import loss_rows_reference
 
-    lse, tau, dist, spread, ties, _, _, _, z_target = row_stats_reference(logits, target, k, ignore_index)
-    counted = target.reshape(-1) != ignore_index
-    loss_rows = torch.where(counted, lse - z_target + b * dist, torch.zeros_like(lse))
-    stats = RowStats(*(s.detach() for s in (lse, tau, dist, spread, ties)))
-    return loss_rows.reshape(target.shape), stats
+    loss_rows, stats = loss_rows_reference(logits, target, k, b, ignore_index)
+    return loss_rows.reshape(target.shape), RowStats(*(s.detach() for s in stats))
 
 
 class PRSLLoss(torch.nn.Module):

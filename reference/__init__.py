@@ -64,12 +64,18 @@ def _reduce(loss_rows, counted, reduction, shape):
     raise ValueError(f"reduction must be 'none', 'mean' or 'sum', got {reduction!r}")
 
 
-def prsl_loss_reference(logits, target, k, b, ignore_index=IGNORE_INDEX, reduction="mean"):
-    """``CE + b * D`` per token (spec, "Per token"), reduced like F.cross_entropy."""
-    lse, _, dist, _, _, _, _, _, z_target = row_stats_reference(logits, target, k, ignore_index)
+def loss_rows_reference(logits, target, k, b, ignore_index=IGNORE_INDEX):
+    """Flat per-row ``CE + b * D`` (0 on ignored rows) and the five row statistics."""
+    lse, tau, dist, spread, ties, _, _, _, z_target = row_stats_reference(logits, target, k, ignore_index)
     counted = target.reshape(-1) != ignore_index
     loss_rows = torch.where(counted, lse - z_target + b * dist, torch.zeros_like(lse))
-    return _reduce(loss_rows, counted, reduction, target.shape)
+    return loss_rows, (lse, tau, dist, spread, ties)
+
+
+def prsl_loss_reference(logits, target, k, b, ignore_index=IGNORE_INDEX, reduction="mean"):
+    """``CE + b * D`` per token (spec, "Per token"), reduced like F.cross_entropy."""
+    loss_rows, _ = loss_rows_reference(logits, target, k, b, ignore_index)
+    return _reduce(loss_rows, target.reshape(-1) != ignore_index, reduction, target.shape)
 
 
 def grad_closed_form(logits, target, k, b, ignore_index=IGNORE_INDEX, grad_rows=None):
@@ -124,6 +130,7 @@ def prsl_released_loss_reference(logits, target, start, end, b, ignore_index=IGN
 __all__ = [
     "IGNORE_INDEX",
     "row_stats_reference",
+    "loss_rows_reference",
     "prsl_loss_reference",
     "grad_closed_form",
     "prsl_released_loss_reference",
