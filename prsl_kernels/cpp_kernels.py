@@ -10,6 +10,12 @@ kernel can be compiled for the CPU it runs on. It is built with ``-march=native`
 flags, the compiler-relevant platform and the torch version, so a shared home
 directory never hands one machine's binary to another CPU.
 
+``-fopenmp`` is not optional where torch's own thread pool is OpenMP:
+``at::parallel_for`` is a header template that only forks when the *extension*
+is compiled with OpenMP, and silently runs every row on one thread otherwise.
+The extension then links the ``libgomp`` torch has already loaded, so
+``torch.set_num_threads`` governs it. ``build_info()`` reports what was built.
+
 Set ``PRSL_DISABLE_CPP=1`` to treat the extension as unavailable (the package then
 falls back to the PyTorch reference with one warning).
 """
@@ -45,21 +51,28 @@ def _cpu_flags() -> str:
     return ""
 
 
-def _build_flags(native: bool):
+def _torch_uses_openmp() -> bool:
+    return "parallel backend: OpenMP" in torch.__config__.parallel_info()
+
+
+def _build_flags(native: bool, openmp: bool):
     flags = ["-O3", "-fno-math-errno"]
     cpu = _cpu_flags()
     if native and cpu and platform.machine() in ("x86_64", "AMD64"):
         flags.append("-march=native")
+    if openmp:
+        flags.append("-fopenmp")
     key = "|".join([cpu, platform.machine(), platform.system(), torch.__version__, " ".join(flags)])
     return flags, hashlib.sha1(key.encode()).hexdigest()[:12]
 
 
-def _compile(native: bool) -> None:
+def _compile(native: bool, openmp: bool) -> None:
     from torch.utils import cpp_extension
 
-    flags, tag = _build_flags(native)
+    flags, tag = _build_flags(native, openmp)
     cpp_extension.load(name=f"prsl_cpu_{tag}", sources=[str(s) for s in _SOURCES], extra_cflags=flags,
-                       is_python_module=False, verbose=os.environ.get("PRSL_VERBOSE_BUILD", "0") == "1")
+                       extra_ldflags=["-fopenmp"] if openmp else [], is_python_module=False,
+                       verbose=os.environ.get("PRSL_VERBOSE_BUILD", "0") == "1")
 
 
 def _load() -> None:
@@ -68,10 +81,17 @@ def _load() -> None:
     missing = [str(s) for s in _SOURCES if not s.is_file()]
     if missing:
         raise RuntimeError(f"C++ sources not found: {missing} (csrc/ must sit next to prsl_kernels/)")
-    try:
-        _compile(native=True)
-    except Exception:  # e.g. a compiler that does not know this CPU: build for the baseline ISA
-        _compile(native=False)
+    openmp = _torch_uses_openmp()
+    # Most capable first; a compiler without OpenMP (Apple clang) or that does not
+    # know this CPU gets the next variant. Only the last failure is raised.
+    variants = [(True, openmp), (False, openmp)] + ([(False, False)] if openmp else [])
+    for i, (native, omp) in enumerate(variants):
+        try:
+            _compile(native, omp)
+            break
+        except Exception:
+            if i == len(variants) - 1:
+                raise
     ops.forward.register_kernel("cpu")(forward)
     ops.backward.register_kernel("cpu")(backward)
 
@@ -93,6 +113,18 @@ def available() -> bool:
 def build_error() -> str:
     """Why the extension is unavailable ('' if it loaded or was not tried)."""
     return _state["error"]
+
+
+def build_info() -> dict:
+    """How the loaded extension was compiled: ``{"openmp": bool, "avx2": bool, "f16c": bool}``.
+
+    ``openmp`` False means the rows of a call run on one thread whatever
+    ``torch.set_num_threads`` says (the build fell back, see ``build_error``).
+    """
+    if not available():
+        raise RuntimeError(f"the C++ extension is unavailable: {build_error()}")
+    return {key: value == "1" for key, value in
+            (item.split("=") for item in torch.ops.prsl_cpu.build_info().split(","))}
 
 
 def forward(logits, target, k, b, ignore_index):

@@ -245,6 +245,14 @@ def test_bit_identical_across_runs_and_thread_counts(dtype):
             assert torch.equal(a, b)
 
 
+@requires_cpp
+def test_rows_are_split_over_torchs_threads():
+    # at::parallel_for forks only in an extension compiled with OpenMP: without
+    # -fopenmp every call silently runs on one thread, still bit-identical.
+    info = cpp_kernels.build_info()
+    assert info["openmp"] == ("parallel backend: OpenMP" in torch.__config__.parallel_info()), info
+
+
 # -------------------------------------------------------------------------- errors, dispatch, fallback
 @requires_cpp
 def test_bad_inputs_raise_before_the_kernel():
