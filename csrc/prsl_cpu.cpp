@@ -114,6 +114,16 @@ PRSL_INLINE uint32_t lane_bits(vint64 mask) {
 #endif
 }
 
+// max(x, lo) lane-wise, NaN kept: maxps returns its second operand when either is
+// NaN. (GCC lowers the portable `lo > x ? lo : x` to a compare and a two-uop blend.)
+PRSL_INLINE vfloat clamp_below(vfloat x, vfloat lo) {
+#ifdef __AVX__
+  return (vfloat)_mm256_max_ps((__m256)lo, (__m256)x);
+#else
+  return lo > x ? lo : x;
+#endif
+}
+
 // exp for float lanes: Cody-Waite reduction x = n ln2 + r, |r| <= ln2/2, then
 // e^r = 1 + r + r^2 q(r) with q a degree-4 near-minimax fit (relative error 3e-9
 // before rounding; 8e-8 measured in float32, as Cephes' degree-7 form gives with
@@ -121,8 +131,8 @@ PRSL_INLINE uint32_t lane_bits(vint64 mask) {
 // max, z - lse: <= 0 up to rounding, -inf, or NaN). Inputs are clamped at -88,
 // where n = -127 makes the scale 2^n exactly +0: results below ~1.2e-38 (float32
 // subnormals, negligible in every sum and gradient) flush to 0 and -inf logits get
-// p = 0 exactly, with no extra blend. `lo > x ? lo : x` is one maxps that keeps a
-// NaN x. n is rounded with the 1.5*2^23 trick, and 2^n is built by converting
+// p = 0 exactly, with no extra blend; the clamp is one maxps that keeps a NaN x.
+// n is rounded with the 1.5*2^23 trick, and 2^n is built by converting
 // (n + 127) * 2^23, an exact integer, straight to the float's bit pattern: one FMA
 // and one conversion instead of integer subtract, add and shift. A NaN converts to
 // 0x80000000 (-0.0) and y stays NaN, so NaN still propagates. This is the inner
@@ -130,7 +140,7 @@ PRSL_INLINE uint32_t lane_bits(vint64 mask) {
 PRSL_INLINE vfloat vexp(vfloat x) {
   const vfloat lo = splat<vfloat>(-88.0f);
   const float magic = 12582912.0f;  // 1.5 * 2^23
-  const vfloat xc = lo > x ? lo : x;
+  const vfloat xc = clamp_below(x, lo);
   const vfloat n = (xc * 1.44269504088896341f + magic) - magic;
   vfloat r = xc - n * 0.693359375f;  // ln2 split hi + lo: n * hi is exact
   r = r - n * -2.12194440e-4f;
@@ -289,16 +299,21 @@ inline void store_partial(scalar_t* p, typename Io<scalar_t>::vec v, int64_t n) 
 // of whole blocks; the k+1 largest segment maxima are k+1 distinct elements, at
 // most one of them the target, so at least k non-target logits are >= the
 // (k+1)-th largest segment maximum `bound`, hence tau >= bound. Pass 1 (the one
-// read from memory) computes the segment maxima alongside the online log-sum-exp.
-// Pass 2 (row now in L2) is a compare-only scan that keeps the non-target logits
-// >= bound: every logit tied at tau is among them, and on real logits they are few
-// (S = 4(k+1) segments, randn logits, V = 50257: about 8 / 24 / 115 candidates for
-// k = 6 / 20 / 100, against 19 / 78 / 518 with S = k+1). tau is then the k-th
-// largest candidate (nth_element), and A, T, S, D come from the candidates alone:
-// ties are counted exactly, however many there are.
+// read from memory) computes the online log-sum-exp and stores each block's
+// lane-wise maximum (one vector store per block: W floats per 4W logits); the
+// segment maxima come from those. Pass 2 (row now in L2) tests the stored block
+// maxima against the bound and reads again, column by column, only the few
+// blocks that pass, keeping their non-target logits >= bound: every logit tied at
+// tau is among them, and on real logits they are few (S = 4(k+1) segments, randn
+// logits, V = 50257: about 8 / 24 / 115 candidates for k = 6 / 20 / 100, against
+// 19 / 78 / 518 with S = k+1). tau is then the k-th largest candidate
+// (nth_element), and A, T, S, D come from the candidates alone: ties are counted
+// exactly, however many there are.
 // With fewer than k+1 blocks, or at most k segments holding a finite value (a
 // mostly masked vocabulary), bound is -inf and the cut drops to the lowest finite
 // value: all finite non-target logits become candidates, still linear time.
+// A NaN can hide another lane's value from a block maximum; a row holding one
+// (lse is NaN: its loss is NaN anyway) takes the exact scan over every column.
 template <typename T>
 inline T hmax(const T* lanes, int n) {
   T r = lanes[0];
@@ -315,22 +330,20 @@ struct RowForward {
   static constexpr int BLOCK = 4 * W;
   static constexpr acc_t kInf = std::numeric_limits<acc_t>::infinity();
 
+  // Per-task scratch, in acc_t values: candidates (V) and block maxima (W per block).
+  static int64_t scratch_size(int64_t V) { return V + (V + BLOCK - 1) / BLOCK * W; }
+
   // Calls body(first_column, x0, x1, x2, x3) on each block of 4 vectors; the last
-  // block is padded with -inf. With any_order, lanes may hold the block's columns
-  // in any order.
-  template <bool any_order, typename Body>
+  // block is padded with -inf. Lanes may hold a block's columns in any order.
+  template <typename Body>
   static PRSL_INLINE void for_each_block(const scalar_t* z, int64_t V, Body&& body) {
     const int64_t full = V - V % BLOCK;
     for (int64_t j0 = 0; j0 < full; j0 += BLOCK) {
-      if constexpr (any_order) {
-        prefetch_ahead(z + j0);
-        if constexpr (BLOCK * sizeof(scalar_t) > kCacheLine) prefetch_ahead(z + j0 + kCacheLine / sizeof(scalar_t));
-        vec x[4];
-        load4_any_order(z + j0, x);
-        body(j0, x[0], x[1], x[2], x[3]);
-      } else {
-        body(j0, IO::load(z + j0), IO::load(z + j0 + W), IO::load(z + j0 + 2 * W), IO::load(z + j0 + 3 * W));
-      }
+      prefetch_ahead(z + j0);
+      if constexpr (BLOCK * sizeof(scalar_t) > kCacheLine) prefetch_ahead(z + j0 + kCacheLine / sizeof(scalar_t));
+      vec x[4];
+      load4_any_order(z + j0, x);
+      body(j0, x[0], x[1], x[2], x[3]);
     }
     if (full < V) {
       vec x[4];
@@ -342,14 +355,24 @@ struct RowForward {
     }
   }
 
-  // Computes loss and (lse, tau, D, S, |T|) of one counted row. `cand` holds >= V values.
-  static void run(const scalar_t* z, int64_t V, int64_t target, int64_t k, double b, acc_t* cand, acc_t* loss,
+  // Bit c set where column j0 + c (of the block at j0) is >= cut; padding never is.
+  static PRSL_INLINE uint32_t block_bits(const scalar_t* z, int64_t V, int64_t j0, acc_t cut) {
+    uint32_t bits = 0;
+    for (int q = 0; q < 4; ++q) {
+      const int64_t start = j0 + q * W;
+      if (start >= V) break;
+      const vec x = start + W <= V ? IO::load(z + start) : load_partial(z + start, V - start);
+      bits |= lane_bits(x >= cut) << (q * W);
+    }
+    return bits;
+  }
+
+  // Computes loss and (lse, tau, D, S, |T|) of one counted row.
+  static void run(const scalar_t* z, int64_t V, int64_t target, int64_t k, double b, acc_t* scratch, acc_t* loss,
                   acc_t* stats) {
     const int64_t blocks = (V + BLOCK - 1) / BLOCK;
-    const int64_t segments = (k > 0 && blocks >= k + 1) ? std::min(blocks, 4 * (k + 1)) : 0;
-    acc_t* seg_maxima = cand;  // pass 1 keeps the S segment maxima where pass 2 puts candidates
-    vec seg_max = splat<vec>(-kInf);
-    int64_t blk = 0, seg = 0, seg_end = segments > 0 ? blocks / segments : blocks;
+    acc_t* cand = scratch;           // pass 2's candidates (the segment maxima before that)
+    acc_t* block_max = scratch + V;  // W lanes per block
 
     // Pass 1: online log-sum-exp, sum_j exp(z_j - shift) in 4 accumulators (exp
     // latency). The shift moves only when a block beats the running max (about
@@ -357,8 +380,9 @@ struct RowForward {
     // shift stays 0 while nothing finite was seen: exp(-inf - 0) = 0, NaN stays NaN.
     acc_t run_max = -kInf, shift = 0;
     vec s0 = splat<vec>(acc_t(0)), s1 = s0, s2 = s0, s3 = s0;
-    for_each_block<true>(z, V, [&](int64_t, vec x0, vec x1, vec x2, vec x3) __attribute__((always_inline)) {
+    for_each_block(z, V, [&](int64_t j0, vec x0, vec x1, vec x2, vec x3) __attribute__((always_inline)) {
       const vec m = vmax(vmax(x0, x1), vmax(x2, x3));
+      storeu(block_max + j0 / BLOCK * W, m);
       if (lane_bits(m > run_max) != 0) {
         acc_t lanes[W];
         std::memcpy(lanes, &m, sizeof(lanes));
@@ -372,19 +396,6 @@ struct RowForward {
       s1 += vexp(x1 - shift);
       s2 += vexp(x2 - shift);
       s3 += vexp(x3 - shift);
-      if (segments > 0) {
-        seg_max = vmax(seg_max, m);
-        if (blk + 1 == seg_end) {
-          acc_t lanes[W];
-          std::memcpy(lanes, &seg_max, sizeof(lanes));
-          const acc_t smax = hmax(lanes, W);
-          seg_maxima[seg] = smax == smax ? smax : -kInf;  // no NaN may reach nth_element
-          seg_max = splat<vec>(-kInf);
-          ++seg;
-          seg_end = ((seg + 1) * blocks) / segments;
-        }
-      }
-      ++blk;
     });
     const vec total = (s0 + s1) + (s2 + s3);
     acc_t sum = 0;
@@ -394,24 +405,34 @@ struct RowForward {
 
     acc_t tau = kInf, spread = 0, sq = 0, ties = 0;
     if (k > 0) {
+      const bool exact = lse != lse;  // a NaN somewhere: block maxima may hide values
       acc_t bound = -kInf;
-      if (segments > 0) {
+      const int64_t segments = std::min(blocks, 4 * (k + 1));
+      if (!exact && blocks >= k + 1) {
+        acc_t* seg_maxima = cand;
+        for (int64_t seg = 0; seg < segments; ++seg) {
+          vec m = splat<vec>(-kInf);
+          for (int64_t blk = seg * blocks / segments; blk < (seg + 1) * blocks / segments; ++blk)
+            m = vmax(m, loadu<vec>(block_max + blk * W));
+          acc_t lanes[W];
+          std::memcpy(lanes, &m, sizeof(lanes));
+          seg_maxima[seg] = hmax(lanes, W);
+        }
         std::nth_element(seg_maxima, seg_maxima + k, seg_maxima + segments, std::greater<acc_t>());
         bound = seg_maxima[k];
       }
-      // Pass 2: candidates >= bound (never -inf: a -inf tau is decided by the count).
+      // Pass 2: candidates >= cut (never -inf: a -inf tau is decided by the count).
       const acc_t lowest = std::numeric_limits<acc_t>::lowest();
       const acc_t cut = bound > lowest ? bound : lowest;
       int64_t n = 0;
-      for_each_block<false>(z, V, [&](int64_t j0, vec x0, vec x1, vec x2, vec x3) __attribute__((always_inline)) {
-        // One bit per column of the block; padding lanes (-inf) never pass.
-        uint32_t bits = lane_bits(x0 >= cut) | lane_bits(x1 >= cut) << W | lane_bits(x2 >= cut) << (2 * W) |
-                        lane_bits(x3 >= cut) << (3 * W);
-        for (; bits != 0; bits &= bits - 1) {
+      for (int64_t blk = 0; blk < blocks; ++blk) {
+        if (!exact && lane_bits(loadu<vec>(block_max + blk * W) >= cut) == 0) continue;
+        const int64_t j0 = blk * BLOCK;
+        for (uint32_t bits = block_bits(z, V, j0, cut); bits != 0; bits &= bits - 1) {
           const int64_t j = j0 + __builtin_ctz(bits);
           if (j != target) cand[n++] = static_cast<acc_t>(z[j]);
         }
-      });
+      }
       int64_t tie_count;
       if (n >= k) {
         std::nth_element(cand, cand + (k - 1), cand + n, std::greater<acc_t>());
@@ -483,7 +504,7 @@ std::tuple<at::Tensor, at::Tensor> forward_cpu(const at::Tensor& logits, const a
     acc_t* loss_ptr = loss.mutable_data_ptr<acc_t>();
     acc_t* stats_ptr = stats.mutable_data_ptr<acc_t>();
     at::parallel_for(0, N, row_grain(V), [&](int64_t begin, int64_t end) {
-      std::vector<acc_t> cand(k > 0 ? V : 0);  // per task, not per row: V values
+      std::vector<acc_t> scratch(RowForward<scalar_t>::scratch_size(V));  // per task, not per row
       for (int64_t i = begin; i < end; ++i) {
         acc_t* row_stats = stats_ptr + i * kNumRowStats;
         const int64_t s = t[i];
@@ -493,7 +514,7 @@ std::tuple<at::Tensor, at::Tensor> forward_cpu(const at::Tensor& logits, const a
           continue;
         }
         TORCH_CHECK(s >= 0 && s < V, "prsl_cpu: target ", s, " out of range [0, ", V, ") in row ", i);
-        RowForward<scalar_t>::run(base + i * row_stride, V, s, k, b, cand.data(), loss_ptr + i, row_stats);
+        RowForward<scalar_t>::run(base + i * row_stride, V, s, k, b, scratch.data(), loss_ptr + i, row_stats);
       }
     });
   });

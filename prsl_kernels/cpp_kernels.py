@@ -24,6 +24,7 @@ import hashlib
 import os
 import platform
 import threading
+import warnings
 from pathlib import Path
 
 import torch
@@ -92,6 +93,10 @@ def _load() -> None:
         except Exception:
             if i == len(variants) - 1:
                 raise
+    if openmp and not omp:
+        warnings.warn("prsl_kernels: the C++ kernel was built without OpenMP (the compiler refused "
+                      "-fopenmp), so each call runs on one thread; set PRSL_VERBOSE_BUILD=1 to see why",
+                      RuntimeWarning, stacklevel=2)
     ops.forward.register_kernel("cpu")(forward)
     ops.backward.register_kernel("cpu")(backward)
 
@@ -119,7 +124,7 @@ def build_info() -> dict:
     """How the loaded extension was compiled: ``{"openmp": bool, "avx2": bool, "f16c": bool}``.
 
     ``openmp`` False means the rows of a call run on one thread whatever
-    ``torch.set_num_threads`` says (the build fell back, see ``build_error``).
+    ``torch.set_num_threads`` says (the build fell back, with a warning).
     """
     if not available():
         raise RuntimeError(f"the C++ extension is unavailable: {build_error()}")
