@@ -90,6 +90,18 @@ def test_tiny_vit_gpt2_trains_and_saves(tmp_path, loss):
     assert len(bundle.generate(pv, max_new_tokens=4)) == 2
 
 
+def test_sincos_position_codes_tell_every_patch_apart():
+    codes = models.sincos_2d(32, 8)
+    assert codes.shape == (64, 32) and codes.abs().max() <= 1
+    # Every pair of grid cells gets clearly different codes, neighbours included.
+    dist = torch.cdist(codes, codes) + torch.eye(64) * 1e9
+    assert dist.min() > 0.5
+    # Their scale is that of a patch embedding, not of a std-0.02 random init.
+    assert codes.norm(dim=1).mean() > 3
+    with pytest.raises(ValueError, match="divide by 4"):
+        models.sincos_2d(30, 8)
+
+
 def test_tiny_blip2_opt_vqa_trains(tmp_path):
     out = finetune.train(tiny(tmp_path, model="tiny-blip2-opt", task="vqa", loss="prsl", k=20, b=0.5,
                               train_images=16, max_steps=8))
