@@ -8,12 +8,14 @@
 //   dloss/dz_j = p_j (1 - b D) - [j == s] + b p_j g_j,
 //   g_j = u_j / D on A, -(S / D) / |T| on T, 0 elsewhere (g = 0 when D == 0).
 //
-// Forward, one row per task, two passes:
-//   pass 1 (row read from memory): online log-sum-exp (one exp per element) and the
-//          maxima of 4(k+1) segments, whose (k+1)-th largest is a lower bound on tau;
-//   pass 2 (row now resident in L2): compare-only scan collecting the non-target
-//          logits >= that bound, about k of them; tau, A, T (all ties, exactly),
-//          S and D come from those candidates. No sort, no heap, no N x V scratch.
+// Forward, one row per thread at a time, two passes:
+//   pass 1 (row read from memory): online log-sum-exp (one exp per element), storing
+//          each 4-vector block's lane-wise maximum; the maxima of 4(k+1) segments,
+//          taken from those, give a lower bound on tau (their (k+1)-th largest);
+//   pass 2 (row now resident in L2): only the blocks whose stored maximum reaches
+//          the bound are read again, collecting the non-target logits >= bound,
+//          about k of them; tau, A, T (all ties, exactly), S and D come from those
+//          candidates. No sort, no heap, no N x V scratch.
 // Backward: one streaming pass per row that rebuilds the gradient from the five row
 //   statistics (lse, tau, D, S, |T|): one exp per element, no top-k indices.
 //
@@ -21,7 +23,9 @@
 // thread in a fixed order, so results are bit-identical across runs and thread
 // counts. Vectors are GCC/Clang vector extensions (32 bytes): the compiler emits
 // AVX2 with -march=native and SSE2 pairs otherwise; intrinsics appear only for
-// movemask and the float16 conversions, each with a portable fallback.
+// movemask, maxps and the float16 conversions, each with a portable fallback.
+// Rows are split over torch's intra-op threads by at::parallel_for, which forks only
+// because the extension is compiled with -fopenmp (prsl_kernels/cpp_kernels.py).
 
 #include <ATen/Dispatch.h>
 #include <ATen/Parallel.h>
