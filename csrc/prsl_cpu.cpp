@@ -183,23 +183,21 @@ PRSL_INLINE void prefetch_ahead(const T* p) {
 template <typename scalar_t>
 struct Io;
 
-template <>
-struct Io<float> {
-  using acc_t = float;
-  using vec = vfloat;
-  static constexpr int W = 8;
-  static vec load(const float* p) { return loadu<vec>(p); }
-  static void store(float* p, vec v) { storeu(p, v); }
+// float32 and float64 are computed in their own precision: loads and stores move lanes as they are.
+template <typename T, typename V>
+struct NativeIo {
+  using acc_t = T;
+  using vec = V;
+  static constexpr int W = sizeof(V) / sizeof(T);
+  static vec load(const T* p) { return loadu<vec>(p); }
+  static void store(T* p, vec v) { storeu(p, v); }
 };
 
 template <>
-struct Io<double> {
-  using acc_t = double;
-  using vec = vdouble;
-  static constexpr int W = 4;
-  static vec load(const double* p) { return loadu<vec>(p); }
-  static void store(double* p, vec v) { storeu(p, v); }
-};
+struct Io<float> : NativeIo<float, vfloat> {};
+
+template <>
+struct Io<double> : NativeIo<double, vdouble> {};
 
 template <>
 struct Io<c10::BFloat16> {
