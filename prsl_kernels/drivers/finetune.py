@@ -47,7 +47,7 @@ class FinetuneConfig:
     train_images: int = 4000
     eval_images: int = 200
     data_seed: int = 0
-    image_size: int = 64
+    image_size: int = models.TinySize.image_size
     n_captions: int = 5
     max_objects: int = 1
     train_references: str = "all"
@@ -58,13 +58,13 @@ class FinetuneConfig:
     b: float = 1.0
     window_start: int = 0
     backend: str = "auto"
-    # tiny preset dimensions
-    hidden: int = 128
-    layers: int = 2
-    heads: int = 4
-    patch: int = 8
-    num_query_tokens: int = 8
-    vocab_size: int = 512
+    # tiny preset dimensions (defaults: models.TinySize)
+    hidden: int = models.TinySize.hidden
+    layers: int = models.TinySize.encoder_layers
+    heads: int = models.TinySize.heads
+    patch: int = models.TinySize.patch
+    num_query_tokens: int = models.TinySize.num_query_tokens
+    vocab_size: int = models.TINY_VOCAB_SIZE
     # optimisation
     epochs: float = 1.0
     max_steps: int = -1

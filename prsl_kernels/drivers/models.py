@@ -26,6 +26,7 @@ import torch
 from .data import Example
 
 PRESETS = ("tiny-vit-gpt2", "tiny-blip2-opt")
+TINY_VOCAB_SIZE = 512  # byte-level BPE trained on the data's text
 PAD, BOS, EOS, IMAGE = "<pad>", "<bos>", "<eos>", "<image>"
 ENCODER_DECODER, BLIP2 = "encoder-decoder", "blip2"
 # Normalisation of the presets' image processors: pixels in [0, 1] map to [-1, 1].
@@ -35,7 +36,7 @@ PRESET_MEAN = PRESET_STD = (0.5, 0.5, 0.5)
 # --------------------------------------------------------------------------- tokenizer
 
 
-def train_tokenizer(texts: Sequence[str], vocab_size: int = 512):
+def train_tokenizer(texts: Sequence[str], vocab_size: int = TINY_VOCAB_SIZE):
     """A GPT-2-style byte-level BPE tokenizer trained on ``texts``, as a ``PreTrainedTokenizerFast``.
 
     The full 256-byte alphabet is kept so any text encodes (no unknown tokens);
@@ -357,7 +358,7 @@ def _ensure_special_tokens(model, tokenizer):
 
 
 def tiny_bundle(preset: str, texts: Sequence[str], *, size: TinySize | None = None, seed: int = 0,
-                vocab_size: int = 512) -> ModelBundle:
+                vocab_size: int = TINY_VOCAB_SIZE) -> ModelBundle:
     """A fresh tiny preset: tokenizer trained on ``texts``, random weights (by ``seed``)."""
     tokenizer = train_tokenizer(texts, vocab_size)
     model, processor = make_tiny_model(preset, tokenizer, size, seed)
@@ -371,5 +372,5 @@ def read_run_info(path) -> dict:
     return json.loads(f.read_text()) if f.is_file() else {}
 
 
-__all__ = ["PRESETS", "TinySize", "ModelBundle", "train_tokenizer", "make_tiny_model", "tiny_bundle",
+__all__ = ["PRESETS", "TINY_VOCAB_SIZE", "TinySize", "ModelBundle", "train_tokenizer", "make_tiny_model", "tiny_bundle",
            "load_bundle", "model_kind", "read_run_info", "ENCODER_DECODER", "BLIP2"]
