@@ -1,0 +1,324 @@
+"""Fused linear + PRSL: ``linear_prsl_loss`` and the ``LinearPRSLLoss`` module.
+
+The loss of ``prsl_loss(F.linear(hidden, weight, bias), target, k, b)`` without
+ever holding the N x V logits or their N x V gradient (issue 10). Rows are taken
+in chunks of ``C``; per chunk:
+
+    logits_c = hidden_c @ weight.T + bias              one matmul into a reused C x V buffer
+    loss_c, row_stats_c = prsl::forward(logits_c, ...)  the fused kernels of this package
+    grad_c = prsl::backward(grad_rows_c, logits_c, ...)  C x V, dropped after the chunk
+    grad_hidden_c = grad_c @ weight                      N x H in all
+    grad_weight  += grad_c.T @ hidden_c                   V x H, accumulated over chunks
+    grad_bias    += grad_c.sum(0)
+
+For ``reduction="mean"``/``"sum"`` the upstream gradient of every row is the
+same scalar, so the gradients are computed in the forward with unit (sum) or
+``1/count`` (mean) row gradients and only scaled by the upstream scalar in the
+backward (N x H and V x H, not N x V). For ``reduction="none"`` (and a second backward through a retained graph) the forward keeps
+the row statistics and the backward recomputes each chunk's logits.
+Peak memory beyond the inputs and the gradients is two C x V buffers.
+
+bf16/fp16: each matmul accumulates in fp32 inside (MKL / cuBLAS) and rounds its
+output once; ``grad_weight`` is accumulated in the weight's dtype by ``addmm_``
+(one rounding per chunk), as Liger's fused linear cross-entropy does, rather than
+in an fp32 copy that would add 2 x V x H bytes. The bias gradient (V numbers) is
+accumulated in fp32.
+
+Deterministic: chunks run in a fixed order, every matmul and kernel is
+deterministic. No host synchronisation on the hot path (``check_target`` aside,
+as in ``prsl_loss``).
+"""
+
+from __future__ import annotations
+
+import torch
+
+from . import backends
+from .loss import RowStats, prsl_loss
+from .spec import DIST, IGNORE_INDEX, LSE, SPREAD_SUM, TAU, TIE_COUNT, stats_dtype
+from .validation import check_inputs, check_target_range
+
+# Bytes of one C x V chunk buffer (two live at once: the logits and their gradient).
+# CPU: at most 32 MiB, glibc's largest mmap threshold, so that the gradient buffer the
+# backward kernel allocates per chunk is recycled from the heap instead of being
+# mapped and zero-filled by the OS every chunk. CUDA: the caching allocator recycles
+# it; 64 MiB keeps C large enough (>= 128 rows at V = 128K bf16) that re-reading the
+# weight per chunk stays cheap, and small beside the N x V logits it replaces.
+CHUNK_BYTES = {"cpu": 32 << 20, "cuda": 64 << 20}
+_MIN_CHUNK_ROWS = 8
+
+
+def default_chunk_size(n_rows: int, vocab: int, dtype: torch.dtype, device: torch.device) -> int:
+    """Rows per chunk: as many as fit the device's chunk budget (``CHUNK_BYTES``), a
+    multiple of 8, at least 8 and at most ``n_rows``. On CUDA the budget shrinks to a
+    sixteenth of the free memory when that is smaller (read once per call, outside
+    ``torch.compile``)."""
+    elem = torch.empty((), dtype=dtype).element_size()
+    budget = CHUNK_BYTES.get(device.type, CHUNK_BYTES["cpu"])
+    if device.type == "cuda" and not torch.compiler.is_compiling():
+        free, _ = torch.cuda.mem_get_info(device)
+        budget = min(budget, free // 16)
+    rows = max(_MIN_CHUNK_ROWS, budget // (vocab * elem) // 8 * 8)
+    return max(1, min(rows, n_rows))
+
+
+def linear_prsl_loss(hidden, weight, target, k, b, *, bias=None, ignore_index=IGNORE_INDEX, reduction="mean",
+                     backend="auto", chunk_size=None, check_target=True, return_stats=False):
+    """PRSL of ``F.linear(hidden, weight, bias)`` without materialising the logits.
+
+    Args:
+        hidden: ``(..., H)`` float16/bfloat16/float32/float64 (e.g. a decoder's last hidden states).
+        weight: ``(V, H)``, the ``nn.Linear`` layout of an LM head, same dtype and device as ``hidden``.
+        target: integer tensor of shape ``hidden.shape[:-1]``.
+        k, b: as in :func:`prsl_kernels.prsl_loss` (``0 <= k <= V-1``; ``k = 0`` or ``b = 0`` is
+            plain fused linear cross-entropy).
+        bias: optional ``(V,)``.
+        ignore_index, reduction, backend, check_target, return_stats: as in :func:`prsl_loss`.
+        chunk_size: rows per chunk (default: :func:`default_chunk_size`); peak memory beyond
+            inputs and gradients is about ``2 * chunk_size * V`` elements.
+
+    Returns:
+        The loss (float32, or float64 for float64 inputs), and :class:`RowStats` if asked.
+        Gradients flow to ``hidden``, ``weight`` and ``bias``. ``backend="reference"`` (or a CPU
+        without the C++ kernel) computes the unfused reference instead, materialising the logits.
+    """
+    _check_linear_inputs(hidden, weight, bias, target, k)
+    vocab = weight.shape[0]
+    logits_like = hidden.new_zeros(()).expand(*hidden.shape[:-1], vocab)  # no memory: for the shared checks
+    check_inputs(logits_like, target, k, b, ignore_index, reduction, backend)
+    if chunk_size is not None and (isinstance(chunk_size, bool) or not isinstance(chunk_size, int)
+                                   or chunk_size < 1):
+        raise ValueError(f"chunk_size must be a positive int or None, got {chunk_size!r}")
+    if check_target:
+        check_target_range(target, vocab, ignore_index)
+    k, b, ignore_index = int(k), float(b), int(ignore_index)
+    path = backends.resolve(backend, hidden.device)
+    hidden2d = hidden.reshape(-1, hidden.shape[-1])
+    n_rows = hidden2d.shape[0]
+    if path == "reference" or n_rows == 0:
+        return prsl_loss(torch.nn.functional.linear(hidden, weight, bias), target, k, b, ignore_index=ignore_index,
+                         reduction=reduction, backend="reference" if path == "reference" else backend,
+                         check_target=False, return_stats=return_stats)
+
+    target1d = target.reshape(-1).long()
+    chunk = chunk_size or default_chunk_size(n_rows, vocab, hidden.dtype, hidden.device)
+    k_eff = k if b != 0 else 0  # b == 0 is plain cross-entropy: the kernels skip the selection
+    needs_grad = torch.is_grad_enabled() and any(
+        t is not None and t.requires_grad for t in (hidden, weight, bias))
+    if needs_grad:
+        loss, row_stats = LinearPRSLFunction.apply(hidden2d, weight, bias, target1d, k_eff, b, ignore_index, path,
+                                                   chunk, reduction)
+    else:
+        loss_rows, row_stats = _forward_chunks(hidden2d, weight, bias, target1d, k_eff, b, ignore_index, path,
+                                               chunk, None)[:2]
+        loss = _reduce(loss_rows, target1d, ignore_index, reduction)
+    if reduction == "none":
+        loss = loss.reshape(target.shape)
+    if not return_stats:
+        return loss
+    return loss, RowStats(*(row_stats[:, i] for i in (LSE, TAU, DIST, SPREAD_SUM, TIE_COUNT)))
+
+
+def _reduce(loss_rows, target, ignore_index, reduction):
+    if reduction == "none":
+        return loss_rows
+    if reduction == "sum":
+        return loss_rows.sum()
+    return loss_rows.sum() / (target != ignore_index).sum()  # as F.cross_entropy: all ignored -> nan
+
+
+def _chunk_logits(hidden_c, weight, bias, out):
+    """``hidden_c @ weight.T (+ bias)`` written into ``out`` (a view of the reused buffer)."""
+    if bias is None:
+        return torch.mm(hidden_c, weight.t(), out=out)
+    return torch.addmm(bias, hidden_c, weight.t(), out=out)
+
+
+def _forward_chunks(hidden, weight, bias, target, k, b, ignore_index, path, chunk, grad_scale):
+    """Loss rows and row stats over all chunks; with ``grad_scale`` (a 0-d tensor, the
+    gradient of every row's loss) also the gradients of hidden, weight and bias (each
+    None unless ``grad_scale`` is given and, for the parameters, ``needs[i]``)."""
+    forward_kernel, backward_kernel = backends.kernels(path)
+    n_rows, vocab = hidden.shape[0], weight.shape[0]
+    buffer = hidden.new_empty((min(chunk, n_rows), vocab))
+    losses, stats = [], []
+    grad_hidden = grad_weight = grad_bias = None
+    want = grad_scale is not None
+    if want:
+        need_hidden, need_weight, need_bias = grad_scale[1]
+        grad_scale = grad_scale[0]
+        if need_hidden:
+            grad_hidden = torch.empty(hidden.shape, dtype=hidden.dtype, device=hidden.device)
+    for start in range(0, n_rows, chunk):
+        stop = min(start + chunk, n_rows)
+        hidden_c, target_c = hidden[start:stop], target[start:stop]
+        logits_c = _chunk_logits(hidden_c, weight, bias, buffer[:stop - start])
+        loss_c, stats_c = forward_kernel(logits_c, target_c, k, b, ignore_index)
+        losses.append(loss_c)
+        stats.append(stats_c)
+        if not want:
+            continue
+        grad_rows = grad_scale.expand(stop - start).contiguous()
+        grad_c = backward_kernel(grad_rows, logits_c, target_c, stats_c, b, ignore_index)
+        grad_hidden, grad_weight, grad_bias = _accumulate(grad_c, hidden_c, weight, start, stop, grad_hidden,
+                                                          grad_weight, grad_bias, need_hidden, need_weight,
+                                                          need_bias)
+    return torch.cat(losses), torch.cat(stats), grad_hidden, grad_weight, grad_bias
+
+
+def _accumulate(grad_c, hidden_c, weight, start, stop, grad_hidden, grad_weight, grad_bias, need_hidden,
+                need_weight, need_bias):
+    """The two gradient matmuls of one chunk (and the bias sum)."""
+    if need_hidden:
+        torch.mm(grad_c, weight, out=grad_hidden[start:stop])
+    if need_weight:
+        if grad_weight is None:
+            grad_weight = torch.mm(grad_c.t(), hidden_c)
+        else:
+            grad_weight.addmm_(grad_c.t(), hidden_c)
+    if need_bias:
+        part = grad_c.sum(0, dtype=stats_dtype(grad_c.dtype))
+        grad_bias = part if grad_bias is None else grad_bias.add_(part)
+    return grad_hidden, grad_weight, grad_bias
+
+
+class LinearPRSLFunction(torch.autograd.Function):
+    """Autograd for the fused op: ``(hidden[N, H], weight[V, H], bias[V] | None, target[N])
+    -> (loss, row_stats[N, 5])``, loss a scalar for mean/sum, ``(N,)`` for ``"none"``."""
+
+    @staticmethod
+    def forward(ctx, hidden, weight, bias, target, k, b, ignore_index, path, chunk, reduction):
+        needs = ctx.needs_input_grad[:3]
+        ctx.b, ctx.ignore_index, ctx.path, ctx.chunk, ctx.reduction = b, ignore_index, path, chunk, reduction
+        ctx.grads = None
+        if reduction == "none":
+            loss_rows, row_stats, *_ = _forward_chunks(hidden, weight, bias, target, k, b, ignore_index, path,
+                                                       chunk, None)
+            ctx.save_for_backward(hidden, weight, bias, target, row_stats, None)
+            ctx.mark_non_differentiable(row_stats)
+            return loss_rows, row_stats
+        count = (target != ignore_index).sum()
+        # Row gradient of the reduced loss: 1 (sum) or 1 / count (mean), as prsl_loss's backward sees it.
+        scale = torch.ones((), dtype=stats_dtype(hidden.dtype), device=hidden.device)
+        if reduction == "mean":
+            scale = scale / count
+        loss_rows, row_stats, grad_hidden, grad_weight, grad_bias = _forward_chunks(
+            hidden, weight, bias, target, k, b, ignore_index, path, chunk, (scale, needs))
+        loss = loss_rows.sum() if reduction == "sum" else loss_rows.sum() / count
+        if grad_bias is not None:
+            grad_bias = grad_bias.to(bias.dtype)  # accumulated in fp32
+        # Kept off save_for_backward: the first backward scales them in place and hands them
+        # over, so autograd adopts them as .grad without a copy. The inputs are saved too
+        # (references only) for a second backward through a retained graph, which recomputes.
+        ctx.grads = [grad_hidden, grad_weight, grad_bias]
+        ctx.save_for_backward(hidden, weight, bias, target, row_stats, scale)
+        ctx.mark_non_differentiable(row_stats)
+        return loss, row_stats
+
+    @staticmethod
+    @torch.autograd.function.once_differentiable
+    def backward(ctx, grad_loss, _grad_stats):
+        hidden, weight, bias, target, row_stats, scale = ctx.saved_tensors
+        if ctx.grads is not None:  # mean / sum, first backward: scale the forward's gradients
+            grads, ctx.grads = ctx.grads, None  # drop our references: autograd can adopt the tensors
+            grad_hidden, grad_weight, grad_bias = (None if g is None else g.mul_(grad_loss) for g in grads)
+        else:  # reduction="none", or a second backward through a retained graph: recompute
+            grad_rows = grad_loss if scale is None else (grad_loss * scale).expand(hidden.shape[0])
+            grad_hidden, grad_weight, grad_bias = _backward_chunks(ctx, grad_rows, hidden, weight, bias, target,
+                                                                   row_stats)
+        return grad_hidden, grad_weight, grad_bias, None, None, None, None, None, None, None
+
+
+def _backward_chunks(ctx, grad_rows, hidden, weight, bias, target, row_stats):
+    """reduction='none': recompute each chunk's logits, then the kernels' gradient and the matmuls."""
+    _, backward_kernel = backends.kernels(ctx.path)
+    need_hidden, need_weight, need_bias = ctx.needs_input_grad[:3]
+    n_rows, vocab, chunk = hidden.shape[0], weight.shape[0], ctx.chunk
+    grad_rows = grad_rows.contiguous()
+    buffer = hidden.new_empty((min(chunk, n_rows), vocab))
+    grad_hidden = torch.empty(hidden.shape, dtype=hidden.dtype, device=hidden.device) if need_hidden else None
+    grad_weight = grad_bias = None
+    for start in range(0, n_rows, chunk):
+        stop = min(start + chunk, n_rows)
+        hidden_c, target_c = hidden[start:stop], target[start:stop]
+        logits_c = _chunk_logits(hidden_c, weight, bias, buffer[:stop - start])
+        grad_c = backward_kernel(grad_rows[start:stop], logits_c, target_c, row_stats[start:stop], ctx.b,
+                                 ctx.ignore_index)
+        grad_hidden, grad_weight, grad_bias = _accumulate(grad_c, hidden_c, weight, start, stop, grad_hidden,
+                                                          grad_weight, grad_bias, need_hidden, need_weight,
+                                                          need_bias)
+    if grad_bias is not None:
+        grad_bias = grad_bias.to(bias.dtype)  # accumulated in fp32
+    return grad_hidden, grad_weight, grad_bias
+
+
+def _check_linear_inputs(hidden, weight, bias, target, k):
+    """Clear errors naming the bad argument, before any kernel runs."""
+    if not isinstance(hidden, torch.Tensor) or not hidden.is_floating_point():
+        raise TypeError(f"hidden must be a floating-point tensor (..., H), got {_describe(hidden)}")
+    if hidden.dim() < 1:
+        raise ValueError("hidden must have at least 1 dimension (..., H), got a 0-d tensor")
+    if not isinstance(weight, torch.Tensor) or not weight.is_floating_point():
+        raise TypeError(f"weight must be a floating-point tensor (V, H), got {_describe(weight)}")
+    if weight.dim() != 2:
+        raise ValueError(f"weight must be 2-D (V, H), the nn.Linear layout of an LM head; got shape "
+                         f"{tuple(weight.shape)}")
+    if weight.shape[1] != hidden.shape[-1]:
+        raise ValueError(f"hidden.shape[-1] (H = {hidden.shape[-1]}) must equal weight.shape[1] = "
+                         f"{weight.shape[1]} (weight is (V, H)); got hidden {tuple(hidden.shape)} and weight "
+                         f"{tuple(weight.shape)}")
+    if weight.dtype != hidden.dtype:
+        raise TypeError(f"hidden and weight must have the same dtype, got hidden {hidden.dtype} and weight "
+                        f"{weight.dtype}")
+    if weight.device != hidden.device:
+        raise ValueError(f"hidden and weight must be on the same device, got {hidden.device} and {weight.device}")
+    vocab = weight.shape[0]
+    if vocab < 1:
+        raise ValueError("weight must have at least one row (V >= 1), got shape " f"{tuple(weight.shape)}")
+    if bias is not None:
+        if not isinstance(bias, torch.Tensor) or not bias.is_floating_point():
+            raise TypeError(f"bias must be None or a floating-point tensor (V,), got {_describe(bias)}")
+        if tuple(bias.shape) != (vocab,):
+            raise ValueError(f"bias must have shape (V,) = ({vocab},) (V = weight.shape[0]), got "
+                             f"{tuple(bias.shape)}")
+        if bias.dtype != weight.dtype:
+            raise TypeError(f"bias must have the weight's dtype {weight.dtype}, got {bias.dtype}")
+        if bias.device != weight.device:
+            raise ValueError(f"bias must be on the weight's device {weight.device}, got {bias.device}")
+    if not isinstance(target, torch.Tensor) or target.is_floating_point() or target.is_complex() \
+            or target.dtype == torch.bool:
+        raise TypeError(f"target must be an integer tensor, got {_describe(target)}")
+    if tuple(target.shape) != tuple(hidden.shape[:-1]):
+        raise ValueError(f"target must have shape hidden.shape[:-1] = {tuple(hidden.shape[:-1])}, got "
+                         f"{tuple(target.shape)}")
+    if target.device != hidden.device:
+        raise ValueError(f"hidden and target must be on the same device, got {hidden.device} and {target.device}")
+    if isinstance(k, int) and not isinstance(k, bool) and not 0 <= k <= vocab - 1:
+        raise ValueError(f"k must be in [0, V-1] = [0, {vocab - 1}] (V = weight.shape[0] = {vocab}: there are "
+                         f"only V-1 non-target classes), got k={k}")
+
+
+def _describe(x):
+    if isinstance(x, torch.Tensor):
+        return f"a tensor of dtype {x.dtype}"
+    return type(x).__name__
+
+
+class LinearPRSLLoss(torch.nn.Module):
+    """``nn.Module`` form of :func:`linear_prsl_loss`; call as ``loss_fn(hidden, weight, target, bias=None)``."""
+
+    def __init__(self, k, b, ignore_index=IGNORE_INDEX, reduction="mean", backend="auto", chunk_size=None):
+        super().__init__()
+        self.k, self.b = k, b
+        self.ignore_index, self.reduction, self.backend, self.chunk_size = ignore_index, reduction, backend, chunk_size
+
+    def forward(self, hidden, weight, target, bias=None):
+        return linear_prsl_loss(hidden, weight, target, self.k, self.b, bias=bias, ignore_index=self.ignore_index,
+                                reduction=self.reduction, backend=self.backend, chunk_size=self.chunk_size)
+
+    def extra_repr(self):
+        return (f"k={self.k}, b={self.b}, ignore_index={self.ignore_index}, reduction={self.reduction!r}, "
+                f"chunk_size={self.chunk_size}")
+
+
+__all__ = ["linear_prsl_loss", "LinearPRSLLoss", "LinearPRSLFunction", "default_chunk_size"]
