@@ -1,6 +1,8 @@
-"""BIM: the eps-ball and pixel range are never left, the attacked loss rises, resuming
-an interrupted attack reproduces the uninterrupted one. Tiny random models, a handful
-of 32x32 images; whole file ~30-50 s on 2 busy cores (the PTB tokenizer JVM dominates)."""
+"""BIM: the eps-ball and the valid image range are never left (in both spaces), the update is
+torchattacks' BIM, the attacked loss rises, resuming an interrupted attack reproduces the
+uninterrupted one; the CLI picks held-out images, the task and the processor by itself.
+Tiny random models, a handful of 32x32 images; whole file ~40-60 s on 2 busy cores (the
+PTB tokenizer JVM and one tiny fine-tuning run dominate)."""
 
 import json
 
@@ -11,7 +13,7 @@ pytest.importorskip("transformers")
 
 from prsl_kernels.drivers import data, models  # noqa: E402
 from prsl_kernels.drivers.attack import (AttackConfig, ModelAttack, TeacherForcedCE, attack_items, bim,  # noqa: E402
-                                         bim_step, main)
+                                         bim_step, build_parser, main, select_samples)
 
 SIZE = models.TinySize(hidden=32, encoder_layers=1, decoder_layers=1, heads=2, patch=8, image_size=32, max_text=40)
 
@@ -53,6 +55,49 @@ def test_bim_step_projects_onto_ball_and_range():
         assert torch.allclose((new - x)[free], (alpha * grad.sign())[free])
         x = new
     assert (x - x0).abs().max() == pytest.approx(eps, abs=1e-6)   # after 10 steps of 0.02 the ball binds
+
+
+def torchattacks_bim_update(images, ori_images, grad, eps, alpha, lo=0.0, hi=1.0):
+    """torchattacks 3.5.1 ``BIM.forward``'s update, verbatim but for the bounds (its [0, 1] generalised
+    to per-channel ``lo``/``hi``, so the same formula checks normalised space). torchattacks itself
+    pulls torchvision and pins requests==2.25, so it is not a test dependency."""
+    adv_images = images + alpha * grad.sign()
+    a = torch.clamp(ori_images - eps, min=lo) if isinstance(lo, float) else torch.maximum(ori_images - eps, lo)
+    b = (adv_images >= a).float() * adv_images + (adv_images < a).float() * a
+    c = (b > ori_images + eps).float() * (ori_images + eps) + (b <= ori_images + eps).float() * b
+    return torch.clamp(c, max=hi) if isinstance(hi, float) else torch.minimum(c, hi)
+
+
+def test_bim_step_is_torchattacks_update():
+    g = torch.Generator().manual_seed(torch.seed() % 2**63)
+    # Pixel space: images with exact 0 / 1 pixels (where the range binds), random gradients.
+    x0 = torch.rand(3, 3, 8, 8, generator=g)
+    x0[:, :, :2] = 0.0
+    x0[:, :, -2:] = 1.0
+    ours = theirs = x0.clone()
+    for _ in range(6):
+        grad = torch.randn(x0.shape, generator=g)
+        ours = bim_step(ours, x0, grad, 0.05, 0.02, bounds=(0.0, 1.0))
+        theirs = torchattacks_bim_update(theirs, x0, grad, 0.05, 0.02)
+        # Both are min/max of the same float operations: equal to the bit.
+        assert torch.equal(ours, theirs)
+    assert (ours == 0).any() and (ours == 1).any()
+    assert (((ours - x0).abs() - 0.05).abs() < 1e-6).any()       # the ball binds too
+    # Normalised space, per-channel mean/std: the same formula with the image range mapped through them.
+    mean = torch.tensor([0.48, 0.46, 0.41]).view(3, 1, 1)
+    std = torch.tensor([0.27, 0.26, 0.28]).view(3, 1, 1)
+    lo, hi = (0 - mean) / std, (1 - mean) / std
+    n0 = (x0 - mean) / std
+    ours = theirs = n0.clone()
+    for _ in range(6):
+        grad = torch.randn(x0.shape, generator=g)
+        ours = bim_step(ours, n0, grad, 0.5, 0.2, bounds=(lo, hi))
+        theirs = torchattacks_bim_update(theirs, n0, grad, 0.5, 0.2, lo, hi)
+        assert torch.equal(ours, theirs)
+    pixels = ours * std + mean
+    # 1e-6: mapping back to pixels rounds once (|x| <= 4, float32 eps 1.2e-7).
+    assert pixels.min() >= -1e-6 and pixels.max() <= 1 + 1e-6
+    assert (pixels.abs() < 1e-6).any(), "the lower bound never bound: the test would not see it missing"
 
 
 def test_bim_per_channel_bounds_broadcast():
@@ -97,6 +142,76 @@ def test_model_attack_pixel_mode_stays_in_range(bundle, samples, tmp_path):
         losses.setdefault(rec["round"], []).append(rec["attack_loss"])
     assert sorted(losses) == [0, 1, 2] and all(len(v) == 3 for v in losses.values())
     assert sum(losses[2]) > sum(losses[0])
+
+
+def test_normalized_attack_produces_valid_images(bundle, samples, tmp_path):
+    """Issue 13.1: in the default normalised space every adversarial input maps back to pixels in
+    [0, 1], and the run equals BIM in pixel space (torchattacks' update) with eps and alpha times
+    the std, the model fed (x - mean) / std."""
+    items = attack_items(samples[:3], "caption")
+    eps, alpha, steps = 0.5, 0.1, 4      # big steps: the black backgrounds (pixel 0) hit the bound at once
+    cfg = AttackConfig(rounds=1, steps_per_round=steps, eps=eps, alpha=alpha, max_new_tokens=4, batch_size=3)
+    attack = ModelAttack(bundle, items, tmp_path / "n", cfg, NoScores(), progress=False)
+    attack.run()
+    x = torch.load(tmp_path / "n" / "state.pt", weights_only=True)["x"]
+    x0 = attack._clean_inputs()
+    mean, std = bundle.image_mean, bundle.image_std
+    pixels = x * std + mean
+    assert pixels.min() >= -1e-6 and pixels.max() <= 1 + 1e-6
+    assert (x - x0).abs().max() <= eps + 1e-6
+    at_bound = (pixels.abs() < 1e-6) & ((x0 * std + mean).abs() < 1e-6) & (x != x0)
+    assert not at_bound.any()                   # a black pixel never moved below black...
+    assert ((x0 * std + mean).abs() < 1e-6).float().mean() > 0.3   # ...and there are many of them
+
+    # The same attack in pixel space, through torchattacks' update rule.
+    ce = TeacherForcedCE(bundle, [it.prompt for it in items], json_outputs(tmp_path / "n", 0),
+                         lambda p: (p - mean) / std, "cpu")
+    p0 = x0 * std + mean
+    p = p0.clone()
+    for _ in range(steps):
+        p = p.detach().requires_grad_(True)
+        (grad,) = torch.autograd.grad(ce(p), p)
+        p = torchattacks_bim_update(p.detach(), p0, grad, eps * float(std.mean()), alpha * float(std.mean()))
+    # The two paths round differently ((p - mean) / std vs x): a gradient within rounding of 0 may
+    # take the other sign. Such pixels are few; a missing bound differs on every pixel it clips.
+    agree = ((p - pixels).abs() <= 1e-5).float().mean()
+    assert agree > 0.99, float(agree)
+
+
+def json_outputs(model_dir, rnd):
+    return [json.loads(line)["output"] for line in (model_dir / "rounds" / f"round_{rnd:03d}.jsonl").open()]
+
+
+def test_generation_follows_checkpoint_config_without_warnings(bundle, samples, tmp_path, capfd):
+    """Issue 13.13: the checkpoint's generation config sets beams and length unless given; generate
+    does not warn about max_length / attention masks on every call (pad == eos as in GPT-2)."""
+    import copy
+
+    b = copy.copy(bundle)
+    b.model = copy.deepcopy(bundle.model)
+    b.model.generation_config.num_beams = 2
+    b.model.generation_config.max_length = 5          # encoder-decoder: 4 new tokens after the start token
+    assert b.generation_settings() == {"num_beams": 2, "max_new_tokens": 4}
+    items = attack_items(samples[:2], "caption")
+    attack = ModelAttack(b, items, tmp_path / "g", AttackConfig(rounds=0), NoScores(), progress=False)
+    assert (attack.num_beams, attack.max_new_tokens) == (2, 4)
+    attack.run()
+    described = json.loads((tmp_path / "g" / "attack_config.json").read_text())["attack"]
+    assert described["num_beams"] == 2 and described["max_new_tokens"] == 4
+    explicit = ModelAttack(b, items, tmp_path / "e", AttackConfig(rounds=0, num_beams=1, max_new_tokens=3),
+                           NoScores(), progress=False)
+    assert (explicit.num_beams, explicit.max_new_tokens) == (1, 3)
+    assert b.model.generation_config.max_length == 5    # lifted during generate only
+    assert bundle.generation_settings() == {"num_beams": 1, "max_new_tokens": 24}
+
+    b.tokenizer = copy.deepcopy(bundle.tokenizer)
+    b.tokenizer.pad_token = b.tokenizer.eos_token
+    capfd.readouterr()
+    pv = b.pixel_values([s.image for s in samples[:2]])
+    for _ in range(2):
+        b.generate(pv, max_new_tokens=3)
+    err = capfd.readouterr().err
+    assert "max_length" not in err and "attention mask" not in err, err
 
 
 def test_resumed_attack_equals_uninterrupted(bundle, samples, tmp_path):
@@ -149,6 +264,96 @@ def test_vqa_items_and_bad_settings(samples):
 def test_cli_errors(tmp_path):
     with pytest.raises(SystemExit, match="not a checkpoint"):
         main(["--model", str(tmp_path), "--output-dir", str(tmp_path / "out")])
+
+
+def test_help_shows_every_default(capsys):
+    with pytest.raises(SystemExit):
+        build_parser().parse_args(["--help"])
+    text = capsys.readouterr().out.split("\noptions:", 1)[1]
+    entries = {e.split()[0]: " ".join(e.split()) for e in text.split("\n  --")[1:]}
+    for option, default in (("rounds", "3"), ("batch-size", "16"), ("subset", "held-out"), ("data-seed", "0")):
+        assert f"(default: {default})" in entries[option], entries[option]
+
+
+def test_checkpoint_without_processor_is_a_clear_error(bundle, tmp_path):
+    """Issue 13.8: a folder without an image processor names --processor (no raw hub OSError);
+    a Trainer checkpoint-N finds its run's; --processor works."""
+    ckpt = tmp_path / "bare"
+    bundle.save(ckpt)
+    (ckpt / "preprocessor_config.json").unlink()
+    with pytest.raises(FileNotFoundError, match="--processor"):
+        models.load_bundle(ckpt)
+    run = tmp_path / "run"
+    bundle.save(run)
+    inner = run / "checkpoint-2"
+    bundle.save(inner)
+    (inner / "preprocessor_config.json").unlink()
+    (inner / "trainer_state.json").write_text("{}")
+    assert models.processor_dir(inner) == run
+    assert models.load_bundle(ckpt, processor_path=run).kind == models.ENCODER_DECODER
+    with pytest.raises(SystemExit, match="--processor"):
+        main(["--model", str(ckpt), "--output-dir", str(tmp_path / "out"), "--metrics", "exact_match",
+              "--num-samples", "1", "--no-progress"])
+
+
+def test_task_from_checkpoint(bundle, tmp_path):
+    """Issue 13.7: no --task needed: prsl_finetune.json (also a checkpoint-N's run's), else the architecture."""
+    from prsl_kernels.drivers.attack import _task_for
+
+    cap = tmp_path / "cap"
+    bundle.save(cap)
+    assert _task_for([cap], None) == "caption"                     # VisionEncoderDecoder
+    vqa = tmp_path / "vqa"
+    (vqa / "checkpoint-3").mkdir(parents=True)
+    (vqa / "prsl_finetune.json").write_text(json.dumps({"task": "vqa"}))
+    assert _task_for([vqa], None) == "vqa" and _task_for([vqa / "checkpoint-3"], None) == "vqa"
+    (tmp_path / "blip").mkdir()
+    (tmp_path / "blip" / "config.json").write_text(json.dumps({"model_type": "blip-2"}))
+    assert _task_for([tmp_path / "blip"], None) == "vqa"
+    with pytest.raises(ValueError, match="different tasks"):
+        _task_for([cap, vqa], None)
+    assert _task_for([cap, vqa], "vqa") == "vqa"
+
+
+def _args(**kw):
+    ns = build_parser().parse_args(["--model", "m"])
+    for k, v in kw.items():
+        setattr(ns, k, v)
+    return ns
+
+
+def test_held_out_selection(tmp_path):
+    """Issue 13.3: the attack takes the images fine-tuning held out of the same file, not the first N."""
+    from prsl_kernels.drivers.data import Sample
+
+    ann = tmp_path / "captions.json"
+    ann.write_text("{}")
+    samples = [Sample(id=f"coco-{i}") for i in range(10)]
+    run = tmp_path / "run"
+    run.mkdir()
+
+    def info(**data):
+        (run / "prsl_finetune.json").write_text(json.dumps({"task": "caption", "data": data}))
+
+    info(source=str(ann), held_out_ids=["coco-8", "coco-9"])
+    chosen, _ = select_samples(samples, _args(data=str(ann), num_samples=5), [run])
+    assert [s.id for s in chosen] == ["coco-8", "coco-9"]
+    chosen, _ = select_samples(samples, _args(data=str(ann), num_samples=5, subset="first"), [run])
+    assert [s.id for s in chosen] == [f"coco-{i}" for i in range(5)]
+    ids = tmp_path / "ids.txt"
+    ids.write_text("coco-3\ncoco-1\n")
+    chosen, _ = select_samples(samples, _args(data=str(ann), ids_file=str(ids)), [run])
+    assert [s.id for s in chosen] == ["coco-3", "coco-1"]
+    other = tmp_path / "val.json"                       # a file the run never trained on: its first N
+    other.write_text("{}")
+    chosen, _ = select_samples(samples, _args(data=str(other), num_samples=3), [run])
+    assert [s.id for s in chosen] == ["coco-0", "coco-1", "coco-2"]
+    info(source=str(ann), held_out_ids=[])
+    with pytest.raises(ValueError, match="every image"):
+        select_samples(samples, _args(data=str(ann)), [run])
+    info(source=str(ann))                                # an older run: no ids recorded
+    with pytest.raises(ValueError, match="--subset first"):
+        select_samples(samples, _args(data=str(ann)), [run])
 
 
 def test_vqa_attack_on_tiny_blip2(samples, tmp_path):

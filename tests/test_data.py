@@ -1,6 +1,7 @@
 """Synthetic scenes and the COCO / Visual Genome loaders (prsl_kernels/drivers/data.py)."""
 
 import json
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -170,3 +171,23 @@ def test_visual_genome_malformed(vg_files, content, message):
     bad.write_text(content)
     with pytest.raises(data.DataError, match=message):
         data.load_visual_genome_qa(bad, vg_files.parent)
+
+
+def test_visual_genome_two_image_folders(tmp_path):
+    """Issue 13.6: VG ships VG_100K and VG_100K_2; both given, or their parent, find every image."""
+    root = tmp_path / "vg"
+    (root / "VG_100K").mkdir(parents=True)
+    (root / "VG_100K_2").mkdir()
+    _write_png(root / "VG_100K" / "1.jpg", (1, 2, 3))
+    _write_png(root / "VG_100K_2" / "2.jpg", (4, 5, 6))
+    qa = root / "question_answers.json"
+    qa.write_text(json.dumps([{"id": i, "qas": [{"question": "q?", "answer": "a"}]} for i in (1, 2)]))
+    for dirs in ([str(root / "VG_100K"), str(root / "VG_100K_2")], str(root)):
+        samples = data.load_samples(str(qa), task="vqa", image_dir=dirs)
+        assert [Path(s.image_path).parent.name for s in samples] == ["VG_100K", "VG_100K_2"]
+        assert all(np.asarray(s.load_image()).shape == (16, 20, 3) for s in samples)
+    with pytest.raises(data.DataError, match="VG_100K.*does not exist") as err:
+        data.load_visual_genome_qa(qa, [root / "VG_100K"])
+    assert "2.jpg" in str(err.value)
+    with pytest.raises(data.DataError, match="not found"):
+        data.load_visual_genome_qa(qa, [root / "VG_100K", root / "nope"])

@@ -12,8 +12,9 @@ import pytest
 pytest.importorskip("bert_score")
 pytest.importorskip("pycocoevalcap")
 
-from prsl_kernels.drivers.metrics import (METRICS, CaptionScorer, bertscore_layers,  # noqa: E402
-                                          embedded_bertscore_model, mean_scores, proportion_below)
+from prsl_kernels.drivers.metrics import (MAX_SCORE, METRICS, NO_JAVA_METRICS, UNIT_METRICS,  # noqa: E402
+                                          CaptionScorer, bertscore_layers, embedded_bertscore_model, mean_scores,
+                                          proportion_below, vqa_accuracy, vqa_normalize)
 
 A = "a large red circle in the top left corner"
 B = "two small green squares beside a blue triangle"
@@ -98,9 +99,52 @@ def test_empty_and_unprintable_outputs(scorer):
         for m in METRICS:
             assert math.isfinite(s[m]) and s[m] == pytest.approx(0.0, abs=1e-6), m
     assert corpus["meteor"] == 0.0
-    # Empty references everywhere (an attack scored against empty clean outputs).
-    corpus, per = scorer.score(["", "a red circle"], [[""], ["\x08"]])
+    # Empty references (an attack scored against an empty clean output): a non-empty output
+    # scores 0 against them, an empty one is identical (next test).
+    corpus, per = scorer.score(["a red circle", "blue"], [[""], ["\x08"]])
     assert corpus["cider"] == 0.0 and all(s["cider"] == 0.0 and s["bertscore_f1"] == 0.0 for s in per)
+
+
+def test_identical_outputs_score_the_maximum_on_every_metric(scorer):
+    """Issue 13.10: unchanged outputs are never "attacked". An empty output against itself gave
+    ROUGE-L 1 but BLEU / METEOR / BERTScore 0; a one-word answer BLEU-2..4 ~ 0 against itself."""
+    cands = ["", "yes", "Two.", A, "a red circle"]
+    refs = [[""], ["yes"], ["two", "2"], [A.upper() + "."], ["a blue circle"]]
+    corpus, per = scorer.score(cands, refs)
+    for i in range(4):
+        assert per[i] == {m: MAX_SCORE[m] for m in METRICS}, (cands[i], per[i])
+    assert per[4]["exact_match"] == 0.0 and per[4]["bleu4"] < 1 and per[4]["rouge_l"] < 1
+    for m in UNIT_METRICS:
+        assert proportion_below(per[:4], m, 0.9) == 0.0, m
+    for m in ("rouge_l", "cider", "bertscore_f1", "exact_match", "vqa_accuracy"):
+        assert corpus[m] == pytest.approx(mean_scores(per)[m]), m
+
+
+def test_vqa_accuracy():
+    # The VQA evaluation's normalisation: articles, punctuation and number words.
+    assert vqa_normalize("The two dogs.") == "2 dogs" and vqa_normalize("red, white") == "red white"
+    assert vqa_accuracy("Two", ["2"]) == 1.0 and vqa_accuracy("a cat", ["dog"]) == 0.0
+    # min(1, matches / 3) with many references; with fewer, their number is the denominator.
+    assert vqa_accuracy("yes", ["yes", "yes", "no", "yes", "no"]) == 1.0
+    assert vqa_accuracy("no", ["yes", "yes", "no", "yes", "no"]) == pytest.approx(2 / 3)
+    assert vqa_accuracy("no", ["yes", "no"]) == pytest.approx(1 / 2)
+
+
+def test_java_is_checked_at_start(monkeypatch, capfd):
+    """Issue 13.9: without Java the error says so and names the metrics that need none
+    (it was ``[Errno 2] No such file or directory: 'java'`` mid-run)."""
+    import prsl_kernels.drivers.metrics as metrics_mod
+
+    # The PTB tokenizer's own report ("PTBTokenizer tokenized N tokens") stays off the console.
+    capfd.readouterr()
+    CaptionScorer(metrics=("rouge_l",)).score([A], [[B]])
+    assert "PTBTokenizer" not in capfd.readouterr().err
+    monkeypatch.setattr(metrics_mod.shutil, "which", lambda name: None)
+    with pytest.raises(RuntimeError, match="need Java") as err:
+        CaptionScorer(metrics=("bleu4", "bertscore_f1"))
+    assert " ".join(NO_JAVA_METRICS) in str(err.value) and "bleu4" in str(err.value)
+    corpus, per = CaptionScorer(metrics=("exact_match", "vqa_accuracy")).score(["yes", "no"], [["yes"], ["yes"]])
+    assert [p["exact_match"] for p in per] == [1.0, 0.0] and corpus["vqa_accuracy"] == 0.5
 
 
 def test_score_sets_equal_separate_calls(scorer):

@@ -5,11 +5,14 @@ import csv
 import json
 import math
 import random
+import re
+from pathlib import Path
 
 import pytest
 
-from prsl_kernels.drivers.report import (betainc, load_run, mean_ci, significance, t_ppf, t_sf_two_sided,
-                                         welch_test, write_report)
+from prsl_kernels.drivers.metrics import METRICS
+from prsl_kernels.drivers.report import (METRIC_LABELS, betainc, load_run, mean_ci, significance, t_ppf,
+                                         t_sf_two_sided, welch_test, write_report)
 
 PNG = b"\x89PNG\r\n\x1a\n"
 
@@ -53,13 +56,14 @@ def test_welch_degenerate_cases():
     assert m == 0.3 and math.isnan(half)
 
 
-def _fake_run(root, name, mean, rng, rounds=2, n=8):
+def _fake_run(root, name, mean, rng, rounds=2, n=8, model_path=""):
     """An attack folder as prsl-attack writes it, with BERTScore F1 ~ N(mean, 0.02) after round 0."""
     d = root / name
     (d / "rounds").mkdir(parents=True)
     cfg = {"task": "caption", "space": "normalized", "eps": 0.5, "alpha": 0.01, "steps_per_round": 1,
            "target": "clean", "num_beams": 1, "rounds": rounds}
-    (d / "attack_config.json").write_text(json.dumps({"name": name, "attack": cfg, "run_info": {}}))
+    (d / "attack_config.json").write_text(json.dumps({"name": name, "attack": cfg, "run_info": {},
+                                                      "model_path": model_path}))
     for r in range(rounds + 1):
         recs = []
         for i in range(n):
@@ -90,6 +94,28 @@ def test_verdict_on_fabricated_seeds(tmp_path):
     assert "`same` vs `CE` against the clean output: **no significant difference**" in text
     assert "`better` vs `CE` against the clean output: significant at 0.05 for BERTScore F1" in text
     assert "±" in text     # means over 4 seeds carry a confidence interval
+
+
+def test_report_names_no_absolute_paths(tmp_path):
+    """Issue 13.12: checkpoints are named relative to the report's folder, so a committed report
+    carries no machine's directories."""
+    out = tmp_path / "out"
+    model = out / "models" / "ce-s0"
+    d = _fake_run(tmp_path / "runs", "ce-s0", 0.8, random.Random(0), model_path=str(model.resolve()))
+    text = write_report([d], out).read_text()
+    assert "`models/ce-s0`" in text and str(tmp_path) not in text
+
+
+def test_committed_demo_report_is_relative():
+    root = Path(__file__).resolve().parents[1] / "docs" / "demo-run"
+    for path in root.rglob("*"):
+        if path.suffix in (".md", ".csv", ".json"):
+            text = path.read_text()
+            assert not re.search(r"(`|\(|\s|,)(/|[A-Za-z]:\\)(home|work|root|tmp|Users|mnt|data)\b", text), path
+
+
+def test_every_metric_has_a_label():
+    assert set(METRICS) <= set(METRIC_LABELS)
 
 
 def test_report_from_tiny_attack_run(tmp_path):

@@ -6,9 +6,15 @@ target text (by default the model's own clean output; option: the first referenc
     x_{n+1} = clip_{x0, eps}( x_n + alpha * sign(grad_x CE(model(x_n), target)) )
 
 in the model's *normalised* pixel space (the paper's setting: eps=0.5, alpha=0.01 for
-captioning, eps=1.0, alpha=0.5 for VQA), or in ``[0, 1]`` pixel space where every
-step is also clamped to the valid image range. The attacker always uses plain
-``torch.nn.functional.cross_entropy``, whatever loss trained the model.
+captioning, eps=1.0, alpha=0.5 for VQA), or in ``[0, 1]`` pixel space. In both spaces every
+step is also clamped to the valid image range (pixels in [0, 1], mapped through the
+processor's mean and std in normalised space), so every adversarial input is an image that
+exists; in pixel space this is torchattacks' ``BIM`` update exactly. The attacker always
+uses plain ``torch.nn.functional.cross_entropy``, whatever loss trained the model.
+
+Decoding follows the checkpoint's generation config (``num_beams``, ``max_new_tokens``,
+and e.g. ``no_repeat_ngram_size``) unless ``--num-beams`` / ``--max-new-tokens`` are given;
+it is always deterministic (no sampling).
 
 After every round (``--steps-per-round`` BIM steps, default 1) outputs are generated
 (greedy, or ``--num-beams``) and scored against the references and against the
@@ -57,8 +63,8 @@ class AttackConfig:
     steps_per_round: int = 1
     space: str = "normalized"           # "normalized" | "pixel"
     target: str = "clean"               # "clean" (own clean output) | "reference"
-    num_beams: int = 1
-    max_new_tokens: int = 24
+    num_beams: int | None = None        # None -> the checkpoint's generation config, else 1
+    max_new_tokens: int | None = None   # None -> the checkpoint's generation config, else 24
     batch_size: int = 16
     device: str = "cpu"
 
@@ -71,7 +77,7 @@ class AttackConfig:
             raise ValueError(f"target must be 'clean' or 'reference', got {self.target!r}")
         for name in ("rounds", "steps_per_round", "num_beams", "max_new_tokens", "batch_size"):
             value = getattr(self, name)
-            if value < (0 if name == "rounds" else 1):
+            if value is not None and value < (0 if name == "rounds" else 1):
                 raise ValueError(f"{name} must be >= {0 if name == 'rounds' else 1}, got {value}")
         for name in ("eps", "alpha"):
             value = getattr(self, name)
@@ -114,7 +120,9 @@ def attack_items(samples, task, questions_per_image=1):
 
 def bim_step(x, x0, grad, eps, alpha, bounds=None):
     """One BIM step: ascend along ``sign(grad)``, project onto the L-inf ``eps``-ball around ``x0``,
-    then (pixel mode) onto the valid range ``bounds = (lo, hi)`` (tensors or floats)."""
+    then onto the valid range ``bounds = (lo, hi)`` (tensors or floats; per channel in normalised
+    space). With ``x0`` inside the range this is torchattacks' BIM update:
+    ``clamp(min(max(x', max(x0 - eps, lo)), x0 + eps), max=hi)``."""
     x = x + alpha * grad.sign()
     # min/max rather than clamp(min=tensor) keeps broadcasting of per-channel bounds simple.
     x = torch.maximum(torch.minimum(x, x0 + eps), x0 - eps)
@@ -192,6 +200,9 @@ class ModelAttack:
             p.requires_grad_(False)
         self.mean = bundle.image_mean.to(self.device)
         self.std = bundle.image_std.to(self.device)
+        gen = bundle.generation_settings()
+        self.num_beams = config.num_beams if config.num_beams is not None else gen["num_beams"]
+        self.max_new_tokens = config.max_new_tokens if config.max_new_tokens is not None else gen["max_new_tokens"]
         eps0, alpha0 = TASK_DEFAULTS[config.task]
         # In pixel space the task defaults keep the same step in image units: scale by the std.
         scale = float(self.std.mean()) if config.space == "pixel" else 1.0
@@ -206,7 +217,11 @@ class ModelAttack:
         return x if self.cfg.space == "pixel" else x * self.std + self.mean
 
     def _bounds(self):
-        return (0.0, 1.0) if self.cfg.space == "pixel" else None
+        """Valid images: pixels in [0, 1]; in normalised space that range through mean and std."""
+        if self.cfg.space == "pixel":
+            return 0.0, 1.0
+        lo, hi = self.bundle.pixel_range()
+        return lo.to(self.device), hi.to(self.device)
 
     def _clean_inputs(self):
         chunks = []
@@ -219,7 +234,8 @@ class ModelAttack:
     # ---- persistence
     def describe(self):
         return {"name": self.name, "model_path": self.model_path, "run_info": self.run_info,
-                "attack": {**asdict(self.cfg), "eps": self.eps, "alpha": self.alpha},
+                "attack": {**asdict(self.cfg), "eps": self.eps, "alpha": self.alpha, "num_beams": self.num_beams,
+                           "max_new_tokens": self.max_new_tokens, "valid_range": True},
                 "ids": [it.id for it in self.items]}
 
     def _check_or_write_config(self):
@@ -228,7 +244,8 @@ class ModelAttack:
         if path.is_file():
             old = json.loads(path.read_text())
             # Only the settings that change results must match; device and batch size do not.
-            keys = ("eps", "alpha", "space", "target", "steps_per_round", "num_beams", "max_new_tokens", "task")
+            keys = ("eps", "alpha", "space", "target", "steps_per_round", "num_beams", "max_new_tokens", "task",
+                    "valid_range")
             if old.get("ids") != mine["ids"] or any(old["attack"].get(k) != mine["attack"][k] for k in keys) \
                     or old.get("model_path") != mine["model_path"]:
                 raise RuntimeError(f"{self.out} holds an attack with other settings or data; use another "
@@ -250,7 +267,7 @@ class ModelAttack:
         for i in range(0, len(self.items), self.cfg.batch_size):
             batch = self.items[i:i + self.cfg.batch_size]
             outs += self.bundle.generate(self._to_model(x[i:i + len(batch)]), [it.prompt for it in batch],
-                                         max_new_tokens=self.cfg.max_new_tokens, num_beams=self.cfg.num_beams)
+                                         max_new_tokens=self.max_new_tokens, num_beams=self.num_beams)
         return outs
 
     def _targets(self, clean):
@@ -359,19 +376,44 @@ class ModelAttack:
 # --------------------------------------------------------------------------- CLI
 
 
+SUBSETS = ("held-out", "first")
+
+
+def show_defaults(parser):
+    """``ArgumentDefaultsHelpFormatter`` prints a default only beside a help text: give every
+    option one (its name in words), so ``--help`` shows every default."""
+    for action in parser._actions:
+        if not action.help and action.default is not argparse.SUPPRESS:
+            action.help = action.dest.replace("_", " ")
+    return parser
+
+
 def build_parser():
     p = argparse.ArgumentParser(prog="prsl-attack", description=__doc__.split("\n\n")[0],
                                 formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     p.add_argument("--model", nargs="+", required=True,
-                   help="checkpoint directories (prsl-finetune outputs or compatible HF checkpoints)")
+                   help="checkpoint directories (prsl-finetune outputs, their checkpoint-N folders, or compatible "
+                        "HF checkpoints)")
     p.add_argument("--name", nargs="+", default=None, help="display names, one per --model (default: dir names)")
+    p.add_argument("--processor", default=None,
+                   help="folder with the tokenizer and image processor, when --model has none (default: the "
+                        "checkpoint, else the run folder above a checkpoint-N)")
     p.add_argument("--task", choices=sorted(TASK_DEFAULTS), default=None,
-                   help="default: from the checkpoint's prsl_finetune.json, else caption")
+                   help="default: from the checkpoints' prsl_finetune.json, else their architecture (BLIP-2: vqa, "
+                        "VisionEncoderDecoder: caption)")
     p.add_argument("--data", default="synthetic", help="'synthetic', a COCO captions JSON or a VG question_answers.json")
-    p.add_argument("--image-dir", default=None, help="image folder for file data (default: the JSON's folder)")
+    p.add_argument("--image-dir", nargs="+", default=None,
+                   help="image folder(s) of file data, searched in order (Visual Genome: VG_100K VG_100K_2, or "
+                        "their parent; default: the JSON's folder)")
     p.add_argument("--split", default="eval", help="synthetic split (salts the seed)")
     p.add_argument("--data-seed", type=int, default=0)
-    p.add_argument("--num-samples", type=int, default=64, help="images attacked (the first N of the split)")
+    p.add_argument("--subset", choices=SUBSETS, default="held-out",
+                   help="held-out: when --data is the file the checkpoints were fine-tuned on, attack the images "
+                        "they held out (recorded in prsl_finetune.json), never training images; first: the first "
+                        "N images of --data, whatever they were used for")
+    p.add_argument("--ids-file", default=None,
+                   help="attack exactly these sample ids (one per line, e.g. coco-139 or vg-1); overrides --subset")
+    p.add_argument("--num-samples", type=int, default=64, help="images attacked (the first N of the chosen subset)")
     p.add_argument("--questions-per-image", type=int, default=1, help="vqa: questions attacked per image")
     p.add_argument("--rounds", type=int, default=3)
     p.add_argument("--steps-per-round", type=int, default=1, help="BIM steps between two evaluations")
@@ -379,34 +421,41 @@ def build_parser():
                    "normalised space; times the processor std in pixel space)")
     p.add_argument("--alpha", type=float, default=None, help="step size (default per task: caption 0.01, vqa 0.5)")
     p.add_argument("--space", choices=("normalized", "pixel"), default="normalized",
-                   help="normalized: the paper's setting; pixel: [0,1] pixels, each step clamped to the image range")
+                   help="normalized: the paper's setting; pixel: [0,1] pixels. Both clamp every step to valid images")
     p.add_argument("--target", choices=("clean", "reference"), default="clean",
                    help="text whose teacher-forced CE is ascended: the clean output or the first reference")
-    p.add_argument("--num-beams", type=int, default=1, help="1 = greedy")
-    p.add_argument("--max-new-tokens", type=int, default=24)
+    p.add_argument("--num-beams", type=int, default=None,
+                   help="default: the checkpoint's generation config, else 1 (greedy)")
+    p.add_argument("--max-new-tokens", type=int, default=None,
+                   help="default: the checkpoint's generation config, else 24")
     p.add_argument("--batch-size", type=int, default=16)
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     p.add_argument("--bertscore-model", default=None,
                    help="local encoder dir for BERTScore (default: the embedded MiniLM; t5-base / deberta-xlarge "
                         "dirs get bert_score's layer counts)")
     p.add_argument("--bertscore-layers", type=int, default=None)
-    p.add_argument("--metrics", nargs="+", default=None, help="subset of the metrics (default: all)")
+    p.add_argument("--metrics", nargs="+", default=None,
+                   help="subset of the metrics (default: all; captioning leaves out vqa_accuracy). bleu1-4, meteor, "
+                        "rouge_l and cider need Java; bertscore_f1, exact_match and vqa_accuracy do not")
     p.add_argument("--output-dir", default="outputs/attack")
     p.add_argument("--overwrite", action="store_true", help="discard earlier results instead of resuming")
     p.add_argument("--no-report", action="store_true", help="skip report.md and figures")
     p.add_argument("--no-progress", action="store_true")
-    return p
+    return show_defaults(p)
 
 
 def _task_for(model_dirs, task):
-    from .models import read_run_info
+    from .models import checkpoint_task
 
     if task is not None:
         return task
-    tasks = {read_run_info(m).get("task") for m in model_dirs} - {None}
+    tasks = {checkpoint_task(m) for m in model_dirs} - {None}
     if len(tasks) > 1:
         raise ValueError(f"checkpoints were trained for different tasks {sorted(tasks)}: pass --task")
-    return tasks.pop() if tasks else "caption"
+    if not tasks:
+        raise ValueError("cannot tell the task from the checkpoints (no prsl_finetune.json, unknown architecture): "
+                         "pass --task caption or --task vqa")
+    return tasks.pop()
 
 
 def _names(model_dirs, names):
@@ -426,13 +475,62 @@ def _names(model_dirs, names):
     return out
 
 
+def _run_info(model_dir):
+    """The model's prsl_finetune.json, or for a checkpoint-N folder its run's."""
+    from .models import read_run_info
+
+    return read_run_info(model_dir) or read_run_info(Path(model_dir).parent)
+
+
+def _same_file(a, b):
+    try:
+        return a is not None and b is not None and Path(a).resolve() == Path(b).resolve()
+    except OSError:
+        return False
+
+
+def select_samples(samples, args, model_dirs):
+    """The samples to attack, per ``--ids-file`` / ``--subset`` (see :func:`build_parser`), and a
+    sentence saying which they are."""
+    by_id = {s.id: s for s in samples}
+    if args.ids_file:
+        ids = [ln.strip() for ln in Path(args.ids_file).read_text().splitlines() if ln.strip()]
+        missing = [i for i in ids if i not in by_id]
+        if missing:
+            raise ValueError(f"--ids-file: {len(missing)} id(s) not in {args.data}, e.g. {missing[:3]}")
+        return [by_id[i] for i in ids][:args.num_samples], f"the {min(len(ids), args.num_samples)} ids of {args.ids_file}"
+    if args.data == "synthetic" or args.subset == "first":
+        return samples[:args.num_samples], f"the first {min(len(samples), args.num_samples)} images of {args.data}"
+    held_out = None
+    for m in model_dirs:
+        data = _run_info(m).get("data", {})
+        if _same_file(data.get("source"), args.data):
+            if data.get("eval_data"):
+                continue            # held out in a separate file: nothing of this one was held out
+            ids = data.get("held_out_ids")
+            if ids is None:
+                raise ValueError(f"{m} was fine-tuned on {args.data} but its prsl_finetune.json records no held-out "
+                                 "image ids (an older run): pass --subset first or --ids-file")
+            if not ids:
+                raise ValueError(f"{m} was fine-tuned on every image of {args.data} (none held out): attack "
+                                 "another file, or pass --subset first to attack training images anyway")
+            held_out = set(ids) if held_out is None else held_out & set(ids)
+    if held_out is None:
+        return samples[:args.num_samples], (f"the first {min(len(samples), args.num_samples)} images of {args.data} "
+                                            "(not the checkpoints' training file)")
+    chosen = [s for s in samples if s.id in held_out]
+    if not chosen:
+        raise ValueError(f"the checkpoints share no held-out image of {args.data}: pass --subset first or --ids-file")
+    return chosen[:args.num_samples], f"{min(len(chosen), args.num_samples)} images of {args.data} held out from fine-tuning"
+
+
 def run(args):
     """Attack every model of ``args`` (parsed by :func:`build_parser`); returns the output dir."""
     import shutil
 
     from . import data as data_mod
-    from .metrics import METRICS, CaptionScorer
-    from .models import load_bundle, read_run_info
+    from .metrics import CAPTION_METRICS, METRICS, CaptionScorer
+    from .models import load_bundle
 
     for m in args.model:
         if not (Path(m) / "config.json").is_file():
@@ -445,19 +543,25 @@ def run(args):
                           device=args.device).validate()
     if args.num_samples < 1:
         raise ValueError(f"--num-samples must be >= 1, got {args.num_samples}")
-    samples = data_mod.load_samples(args.data, split=args.split, task=task, seed=args.data_seed,
-                                    n_images=args.num_samples, image_dir=args.image_dir, limit=args.num_samples)
-    items = attack_items(samples[:args.num_samples], task, args.questions_per_image)
+    metrics = args.metrics or (CAPTION_METRICS if task == "caption" else METRICS)
     out = Path(args.output_dir)
-    with CaptionScorer(args.bertscore_model, args.bertscore_layers, metrics=args.metrics or METRICS,
-                       device=args.device) as scorer:
+    # The scorer first: a missing Java or BERTScore model is reported before any model loads.
+    with CaptionScorer(args.bertscore_model, args.bertscore_layers, metrics=metrics, device=args.device) as scorer:
+        file_data = args.data != "synthetic"
+        samples = data_mod.load_samples(args.data, split=args.split, task=task, seed=args.data_seed,
+                                        n_images=args.num_samples, image_dir=args.image_dir,
+                                        limit=None if file_data else args.num_samples)
+        samples, which = select_samples(samples, args, args.model)
+        if not args.no_progress:
+            print(f"prsl-attack: {task}, {which}", file=sys.stderr)
+        items = attack_items(samples, task, args.questions_per_image)
         for model_dir, name in zip(args.model, names):
             model_out = out / name
             if args.overwrite and model_out.exists():
                 shutil.rmtree(model_out)
-            bundle = load_bundle(model_dir)
+            bundle = load_bundle(model_dir, processor_path=args.processor)
             ModelAttack(bundle, items, model_out, config, scorer, model_path=str(Path(model_dir).resolve()),
-                        name=name, run_info=read_run_info(model_dir), progress=not args.no_progress).run()
+                        name=name, run_info=_run_info(model_dir), progress=not args.no_progress).run()
     if not args.no_report:
         from .report import write_report
 
@@ -469,7 +573,7 @@ def main(argv=None):
     args = build_parser().parse_args(argv)
     try:
         out = run(args)
-    except (ValueError, RuntimeError, FileNotFoundError) as err:
+    except (ValueError, RuntimeError, FileNotFoundError, OSError) as err:
         raise SystemExit(f"prsl-attack: {err}") from err
     print(f"prsl-attack: results in {out}")
     return 0

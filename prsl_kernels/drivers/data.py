@@ -279,15 +279,56 @@ def _read_json(path, what):
         raise DataError(f"{what} file {path} is not valid JSON: {err}") from err
 
 
-def _image_file(image_dir, name, what):
-    path = Path(image_dir) / name
-    if not path.is_file():
-        raise DataError(f"{what}: image file {path} does not exist")
-    return str(path)
+#: Sub-folders searched below a given image folder: Visual Genome ships its images in two.
+IMAGE_SUBDIRS = ("VG_100K", "VG_100K_2")
+
+
+class ImageDirs:
+    """One or more image folders, searched in order for a file name.
+
+    Visual Genome's ``<id>.jpg`` files are split over ``VG_100K`` and ``VG_100K_2``: give both,
+    or their parent (its ``VG_100K*`` sub-folders are searched too). Each folder is listed once
+    (one ``scandir`` instead of a ``stat`` per image on ~100k files).
+    """
+
+    def __init__(self, image_dirs):
+        if image_dirs is None or isinstance(image_dirs, (str, os.PathLike)):
+            image_dirs = [image_dirs] if image_dirs is not None else []
+        dirs = []
+        for d in image_dirs:
+            d = Path(d)
+            dirs.append(d)
+            dirs += [d / sub for sub in IMAGE_SUBDIRS if (d / sub).is_dir()]
+        if not dirs:
+            raise DataError("no image folder given")
+        missing = [str(d) for d in dirs if not d.is_dir()]
+        if missing:
+            raise DataError(f"image folder(s) not found: {', '.join(missing)}")
+        self.dirs = dirs
+        self._listing = {}
+
+    def _names(self, d):
+        if d not in self._listing:
+            with os.scandir(d) as it:
+                self._listing[d] = {e.name for e in it}
+        return self._listing[d]
+
+    def find(self, name, what):
+        if os.sep in name or (os.altsep and os.altsep in name):  # a relative path: no listing
+            for d in self.dirs:
+                if (d / name).is_file():
+                    return str(d / name)
+        else:
+            for d in self.dirs:
+                if name in self._names(d):
+                    return str(d / name)
+        where = str(self.dirs[0] / name) if len(self.dirs) == 1 else \
+            f"{name} (searched {', '.join(map(str, self.dirs))})"
+        raise DataError(f"{what}: image file {where} does not exist")
 
 
 def load_coco_captions(annotation_file, image_dir, *, limit: int | None = None) -> list[Sample]:
-    """COCO captions (``captions_train2017.json`` style) + its image folder.
+    """COCO captions (``captions_train2017.json`` style) + its image folder (or a list of folders).
 
     Needs ``images`` (``id``, ``file_name``) and ``annotations`` (``image_id``, ``caption``).
     Images without any caption are skipped; a caption for an unknown image id is an error.
@@ -301,6 +342,7 @@ def load_coco_captions(annotation_file, image_dir, *, limit: int | None = None) 
         if not isinstance(img, dict) or "id" not in img or "file_name" not in img:
             raise DataError(f"{annotation_file}: images[{i}] needs 'id' and 'file_name'")
         files[img["id"]] = img["file_name"]
+    dirs = ImageDirs(image_dir)
     captions: dict = {}
     for i, ann in enumerate(data["annotations"]):
         if not isinstance(ann, dict) or "image_id" not in ann or not isinstance(ann.get("caption"), str):
@@ -311,7 +353,7 @@ def load_coco_captions(annotation_file, image_dir, *, limit: int | None = None) 
     samples = []
     for image_id in sorted(captions, key=str):
         samples.append(Sample(id=f"coco-{image_id}", captions=captions[image_id],
-                              image_path=_image_file(image_dir, files[image_id], str(annotation_file))))
+                              image_path=dirs.find(files[image_id], str(annotation_file))))
         if limit is not None and len(samples) >= limit:
             break
     if not samples:
@@ -320,7 +362,9 @@ def load_coco_captions(annotation_file, image_dir, *, limit: int | None = None) 
 
 
 def load_visual_genome_qa(qa_file, image_dir, *, limit: int | None = None) -> list[Sample]:
-    """Visual Genome ``question_answers.json`` + its image folder (``<image_id>.jpg``).
+    """Visual Genome ``question_answers.json`` + its image folder(s) (``<image_id>.jpg``).
+
+    ``image_dir``: a folder, a list of folders (``VG_100K VG_100K_2``), or their parent.
 
     The file is a list of ``{"id" or "image_id": int, "qas": [{"question", "answer", ...}]}``.
     Images without QA pairs are skipped.
@@ -328,6 +372,7 @@ def load_visual_genome_qa(qa_file, image_dir, *, limit: int | None = None) -> li
     data = _read_json(qa_file, "Visual Genome QA")
     if not isinstance(data, list):
         raise DataError(f"Visual Genome QA file {qa_file} must hold a JSON list of images")
+    dirs = ImageDirs(image_dir)
     samples = []
     for i, entry in enumerate(data):
         if not isinstance(entry, dict) or not isinstance(entry.get("qas"), list):
@@ -344,7 +389,7 @@ def load_visual_genome_qa(qa_file, image_dir, *, limit: int | None = None) -> li
         if not qa:
             continue
         name = entry.get("file_name", f"{image_id}.jpg")
-        samples.append(Sample(id=f"vg-{image_id}", qa=qa, image_path=_image_file(image_dir, name, str(qa_file))))
+        samples.append(Sample(id=f"vg-{image_id}", qa=qa, image_path=dirs.find(name, str(qa_file))))
         if limit is not None and len(samples) >= limit:
             break
     if not samples:
@@ -411,10 +456,11 @@ def normalize_text(text: str) -> str:
 
 def load_samples(data: str, *, split: str = "train", task: str = "caption", seed: int = 0,
                  n_images: int = 1000, image_size: int = 64, n_captions: int = 5, max_objects: int = 1,
-                 image_dir: str | None = None, limit: int | None = None) -> list[Sample]:
+                 image_dir=None, limit: int | None = None) -> list[Sample]:
     """``data`` = ``"synthetic"``, a COCO annotation JSON, or a Visual Genome question_answers.json.
 
-    For files, ``image_dir`` defaults to the file's folder; the format is chosen by ``task``
+    For files, ``image_dir`` (a folder or a list of folders, searched in order) defaults to the
+    file's folder; the format is chosen by ``task``
     (caption -> COCO, vqa -> Visual Genome) and checked by content.
     """
     if data == "synthetic":
@@ -422,7 +468,7 @@ def load_samples(data: str, *, split: str = "train", task: str = "caption", seed
                                  max_objects=max_objects, split=split)
     if not os.path.exists(data):
         raise DataError(f"--data must be 'synthetic' or an existing annotation file, got {data!r}")
-    image_dir = image_dir or str(Path(data).parent)
+    image_dir = image_dir or [str(Path(data).parent)]
     if task == "caption":
         return load_coco_captions(data, image_dir, limit=limit)
     if task == "vqa":

@@ -17,6 +17,24 @@ outputs every round and only embeds the new outputs. The matching itself is
 ``bert_score.utils.greedy_cos_idf`` (no idf, as ``BERTScorer(idf=False)``); the
 multi-reference score is the best reference, as ``BERTScorer.score`` takes it.
 
+* ``exact_match`` (the output equals a reference after lower-casing, collapsing spaces and
+  dropping trailing punctuation) and ``vqa_accuracy`` (the VQA evaluation's answer
+  normalisation -- punctuation, articles, number words -- and ``min(1, matches / 3)``; with
+  fewer than 3 references the denominator is their number, so one reference gives exact
+  match of the normalised answers). One-word answers have no 2..4-grams, so BLEU-2..4 says
+  little about VQA: read these two.
+
+**Identical outputs score the maximum.** An output identical to one of its references
+(after the exact-match normalisation; two empty strings included) scores 1 on every metric
+(CIDEr-D: 10, its maximum), whatever the packages return for it (an empty output against
+itself gives ROUGE-L 1 but BLEU / METEOR / BERTScore 0 there; a one-word answer gets
+BLEU-2..4 ~ 0 against itself). So an output the attack did not change is never counted as
+attacked. The packages' pooled corpus BLEU / METEOR are left as they compute them.
+
+Java: BLEU, METEOR, ROUGE-L and CIDEr-D go through pycocoevalcap's PTB tokenizer and METEOR
+1.5, both Java programs. :class:`CaptionScorer` checks for ``java`` when it is built and
+says which metrics need none (``bertscore_f1``, ``exact_match``, ``vqa_accuracy``).
+
 Both corpus scores and per-sample scores are returned. They differ for BLEU (pooled
 n-gram counts, one brevity penalty) and METEOR (pooled alignments and one
 fragmentation penalty: one garbled output drops it sharply); for ROUGE-L, CIDEr-D and
@@ -25,8 +43,11 @@ BERTScore the packages' corpus score is the mean of the per-sample scores.
 
 import os
 import re
+import shutil
 from collections import OrderedDict
 from pathlib import Path
+
+from .data import normalize_text
 
 # Every model here is a local directory; make any accidental hub lookup fail fast
 # instead of hanging on a machine without internet.
@@ -34,9 +55,27 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
 
 #: Metric names in report order. All lie in [0, 1] except CIDEr-D (0..10).
-METRICS = ("bleu1", "bleu2", "bleu3", "bleu4", "meteor", "rouge_l", "cider", "bertscore_f1")
+METRICS = ("bleu1", "bleu2", "bleu3", "bleu4", "meteor", "rouge_l", "cider", "bertscore_f1", "exact_match",
+           "vqa_accuracy")
+#: The default for captioning (VQA accuracy is a VQA measure).
+CAPTION_METRICS = tuple(m for m in METRICS if m != "vqa_accuracy")
 #: Metrics on a [0, 1] scale, for which "proportion below 0.9/0.8/..." is meaningful.
 UNIT_METRICS = tuple(m for m in METRICS if m != "cider")
+#: Each metric's maximum: what an output identical to a reference scores.
+MAX_SCORE = {m: (10.0 if m == "cider" else 1.0) for m in METRICS}
+#: Metrics that run Java (pycocoevalcap's PTB tokenizer; METEOR 1.5).
+JAVA_METRICS = ("bleu1", "bleu2", "bleu3", "bleu4", "meteor", "rouge_l", "cider")
+NO_JAVA_METRICS = tuple(m for m in METRICS if m not in JAVA_METRICS)
+
+
+def check_java(metrics):
+    """Raise a clear error when ``metrics`` need Java and no ``java`` is on the PATH."""
+    need = [m for m in metrics if m in JAVA_METRICS]
+    if need and shutil.which("java") is None:
+        raise RuntimeError(
+            f"metrics {', '.join(need)} need Java (pycocoevalcap's PTB tokenizer and METEOR 1.5 are Java "
+            "programs) and no `java` is on the PATH: install a Java runtime (e.g. `apt-get install "
+            f"default-jre-headless`), or choose metrics that need none: --metrics {' '.join(NO_JAVA_METRICS)}")
 
 # bert_score's WMT16-tuned layer for the encoders the paper used (bert_score.utils.model2layers),
 # keyed by the directory name a user would download them to.
@@ -104,6 +143,7 @@ class CaptionScorer:
         if unknown:
             raise ValueError(f"unknown metrics {sorted(unknown)}; choose from {list(METRICS)}")
         self.metrics = tuple(m for m in METRICS if m in metrics)
+        check_java(self.metrics)
         self.bertscore_model, self.num_layers = bertscore_model, bertscore_layers
         self.device, self.batch_size, self.cache_size = device, batch_size, cache_size
         self._bert = None
@@ -174,7 +214,7 @@ class CaptionScorer:
                 raise ValueError("every candidate needs at least one reference")
             prepared.append((candidates, references))
         results = [({}, [dict() for _ in c]) for c, _ in prepared]
-        coco = [m for m in self.metrics if m != "bertscore_f1"]
+        coco = [m for m in self.metrics if m in JAVA_METRICS]
         if coco and any(c for c, _ in prepared):
             for (gts, res), (corpus, per_sample) in zip(self._ptb_tokenize(prepared), results):
                 if res:
@@ -183,10 +223,29 @@ class CaptionScorer:
             for (candidates, references), (corpus, per_sample) in zip(prepared, results):
                 if candidates:
                     self._score_bert(candidates, references, corpus, per_sample)
+        for (candidates, references), (corpus, per_sample) in zip(prepared, results):
+            self._score_match(candidates, references, corpus, per_sample)
         for corpus, _ in results:
             for m in list(corpus):
                 corpus[m] = float(corpus[m])
         return results
+
+    def _score_match(self, candidates, references, corpus, per_sample):
+        """exact_match and vqa_accuracy, then the identity rule (identical -> every metric's maximum)."""
+        identical = [normalize_text(c) in {normalize_text(r) for r in refs}
+                     for c, refs in zip(candidates, references)]
+        for i, (c, refs) in enumerate(zip(candidates, references)):
+            if "exact_match" in self.metrics:
+                per_sample[i]["exact_match"] = float(identical[i])
+            if "vqa_accuracy" in self.metrics:
+                per_sample[i]["vqa_accuracy"] = vqa_accuracy(c, refs)
+            if identical[i]:
+                for m in self.metrics:
+                    per_sample[i][m] = MAX_SCORE[m]
+        # Corpus scores that are the mean of the per-sample ones stay so.
+        for m in ("rouge_l", "cider", "bertscore_f1", "exact_match", "vqa_accuracy"):
+            if m in self.metrics and per_sample:
+                corpus[m] = sum(s[m] for s in per_sample) / len(per_sample)
 
     @staticmethod
     def _ptb_tokenize(prepared):
@@ -198,7 +257,10 @@ class CaptionScorer:
             for i, (c, refs) in enumerate(zip(candidates, references)):
                 joint[(s, "g", i)] = [{"caption": r} for r in refs]
                 joint[(s, "r", i)] = [{"caption": c}]
-        tokens = PTBTokenizer().tokenize(joint)
+        # The Java tokenizer reports each call ("PTBTokenizer tokenized N tokens ...", lexer warnings)
+        # on the process's stderr: into the log, not onto the console.
+        with _stderr_to_log("PTBTokenizer"):
+            tokens = PTBTokenizer().tokenize(joint)
         return [({i: tokens[(s, "g", i)] for i in range(len(c))}, {i: tokens[(s, "r", i)] for i in range(len(c))})
                 for s, (c, _) in enumerate(prepared)]
 
@@ -295,6 +357,59 @@ class CaptionScorer:
         for i, v in enumerate(f1):
             per_sample[i]["bertscore_f1"] = v
         corpus["bertscore_f1"] = sum(f1) / len(f1)
+
+
+# The VQA evaluation's answer normalisation (github.com/GT-Vision-Lab/VQA, vqaEval.py), in short:
+# punctuation removed (a dot between digits kept), number words -> digits, articles dropped.
+_VQA_NUMBERS = {"none": "0", "zero": "0", "one": "1", "two": "2", "three": "3", "four": "4", "five": "5",
+                "six": "6", "seven": "7", "eight": "8", "nine": "9", "ten": "10"}
+_VQA_ARTICLES = {"a", "an", "the"}
+_VQA_PUNCT = re.compile(r"(?!<=\d)(\.)(?!\d)|[;/\[\]\"{}()=+\\_\-><@`,?!*#%^&$:']")
+
+
+def vqa_normalize(answer):
+    text = _VQA_PUNCT.sub(" ", str(answer).lower().replace("\n", " ").replace("\t", " "))
+    words = [_VQA_NUMBERS.get(w, w) for w in text.split() if w not in _VQA_ARTICLES]
+    return " ".join(words)
+
+
+def vqa_accuracy(answer, references):
+    """VQA accuracy ``min(1, #matching references / min(3, #references))`` on normalised answers."""
+    refs = [vqa_normalize(r) for r in references]
+    if not refs:
+        return 0.0
+    hits = sum(vqa_normalize(answer) == r for r in refs)
+    return min(1.0, hits / min(3, len(refs)))
+
+
+class _stderr_to_log:
+    """Redirects file descriptor 2 (so a child process's stderr too) for the duration, then logs
+    what was written there at DEBUG level."""
+
+    def __init__(self, what):
+        self.what = what
+
+    def __enter__(self):
+        import sys
+        import tempfile
+
+        sys.stderr.flush()
+        self._tmp = tempfile.TemporaryFile()
+        self._saved = os.dup(2)
+        os.dup2(self._tmp.fileno(), 2)
+
+    def __exit__(self, *exc):
+        import logging
+        import sys
+
+        sys.stderr.flush()
+        os.dup2(self._saved, 2)
+        os.close(self._saved)
+        self._tmp.seek(0)
+        text = self._tmp.read().decode("utf-8", "replace").strip()
+        self._tmp.close()
+        if text:
+            logging.getLogger(__name__).debug("%s: %s", self.what, text)
 
 
 class _DefaultOne(dict):

@@ -280,22 +280,59 @@ class ModelBundle:
         return logits, align_labels(labels, shift=self.shift_labels)
 
     # ---- generation
+    def generation_settings(self) -> dict:
+        """``num_beams`` and ``max_new_tokens`` from the checkpoint's generation config where it sets
+        them (an encoder-decoder's ``max_length`` counts the decoder start token), else 1 and 24."""
+        gc = self.model.generation_config
+        given = gc.to_diff_dict()
+        beams = int(given.get("num_beams") or 1)
+        if given.get("max_new_tokens"):
+            new = int(given["max_new_tokens"])
+        elif given.get("max_length") and self.kind == ENCODER_DECODER:
+            new = max(1, int(given["max_length"]) - 1)
+        else:
+            new = 24
+        return {"num_beams": beams, "max_new_tokens": new}
+
     @torch.no_grad()
     def generate(self, pixel_values: torch.Tensor, prompts: Sequence[str] | None = None, *,
                  max_new_tokens: int = 24, num_beams: int = 1) -> list[str]:
-        """Greedy (or beam) outputs for a batch of normalised pixels; ``prompts`` for VQA."""
+        """Greedy (or beam) outputs for a batch of normalised pixels; ``prompts`` for VQA.
+
+        The checkpoint's generation config applies (e.g. ``no_repeat_ngram_size``,
+        ``length_penalty``), except that decoding is deterministic (no sampling) and
+        ``max_new_tokens`` / ``num_beams`` are the ones given here (``max_length`` is dropped, so
+        transformers does not warn on every call that both are set).
+        """
+        import copy
+
         prompts = list(prompts) if prompts is not None else [""] * pixel_values.shape[0]
         text = self.text_inputs(prompts, None)
         device = next(self.model.parameters()).device
-        kw = dict(max_new_tokens=max_new_tokens, num_beams=num_beams, do_sample=False,
-                  pad_token_id=self.tokenizer.pad_token_id, eos_token_id=self.tokenizer.eos_token_id)
+        gen = copy.deepcopy(self.model.generation_config)
+        gen.max_length = None
+        gen.update(max_new_tokens=max_new_tokens, num_beams=num_beams, do_sample=False,
+                   pad_token_id=self.tokenizer.pad_token_id, eos_token_id=self.tokenizer.eos_token_id)
+        for name in ("temperature", "top_p", "top_k"):  # sampling-only settings: unused, and warned about
+            setattr(gen, name, None)
         pixel_values = pixel_values.to(device, next(self.model.parameters()).dtype)
-        if self.kind == ENCODER_DECODER:
-            seqs = self.model.generate(pixel_values=pixel_values, decoder_input_ids=text["decoder_input_ids"].to(device),
-                                       decoder_attention_mask=text["decoder_attention_mask"].to(device), **kw)
-        else:
-            seqs = self.model.generate(pixel_values=pixel_values, input_ids=text["input_ids"].to(device),
-                                       attention_mask=text["attention_mask"].to(device), **kw)
+        # generate() merges the model's own config into ours: its max_length too, which is what
+        # makes transformers warn on every call. Lift it for the call (restored after).
+        own_max_length, self.model.generation_config.max_length = self.model.generation_config.max_length, None
+        try:
+            if self.kind == ENCODER_DECODER:
+                # transformers warns that "the attention mask is not set" when pad == eos (GPT-2's
+                # tokenizer): that check looks at the encoder's input, here pixels, which have no
+                # mask; the decoder's prompt gets its mask.
+                with _quiet_generation_logger("attention mask is not set"):
+                    seqs = self.model.generate(pixel_values=pixel_values, generation_config=gen,
+                                               decoder_input_ids=text["decoder_input_ids"].to(device),
+                                               decoder_attention_mask=text["decoder_attention_mask"].to(device))
+            else:
+                seqs = self.model.generate(pixel_values=pixel_values, input_ids=text["input_ids"].to(device),
+                                           attention_mask=text["attention_mask"].to(device), generation_config=gen)
+        finally:
+            self.model.generation_config.max_length = own_max_length
         prompt_len = text["decoder_input_ids" if self.kind == ENCODER_DECODER else "input_ids"].shape[1]
         if seqs.shape[1] >= prompt_len and torch.equal(seqs[:, :prompt_len].cpu(),
                                                        text["decoder_input_ids" if self.kind == ENCODER_DECODER
@@ -312,6 +349,25 @@ class ModelBundle:
         self.image_processor.save_pretrained(path)
 
 
+class _quiet_generation_logger:
+    """Drops records of transformers' generation logger that contain ``text`` (nothing else)."""
+
+    def __init__(self, text):
+        import logging
+
+        self.text = text
+        self.logger = logging.getLogger("transformers.generation.utils")
+
+    def filter(self, record):
+        return self.text not in record.getMessage()
+
+    def __enter__(self):
+        self.logger.addFilter(self)
+
+    def __exit__(self, *exc):
+        self.logger.removeFilter(self)
+
+
 def default_max_target_tokens(model, kind: str, cap: int = 48) -> int:
     """Target tokens kept per example: ``cap``, or fewer when the decoder's positions must also
     hold the prompt (32 reserved) and, for BLIP-2, the query tokens. A function of the model
@@ -322,11 +378,51 @@ def default_max_target_tokens(model, kind: str, cap: int = 48) -> int:
     return max(1, min(cap, positions - reserved))
 
 
+def processor_dir(path, processor_path=None) -> Path:
+    """Where the tokenizer and image processor of checkpoint ``path`` live: ``processor_path`` if
+    given, else ``path``, else the run folder above a Trainer ``checkpoint-N`` (older runs saved the
+    image processor only there)."""
+    path = Path(path)
+    if processor_path is not None:
+        proc = Path(processor_path)
+        if not (proc / "preprocessor_config.json").is_file():
+            raise FileNotFoundError(f"--processor {proc} holds no image processor (preprocessor_config.json)")
+        return proc
+    if (path / "preprocessor_config.json").is_file():
+        return path
+    if (path.parent / "preprocessor_config.json").is_file() and (path / "trainer_state.json").is_file():
+        return path.parent
+    raise FileNotFoundError(f"{path} holds no image processor (preprocessor_config.json); pass the folder that "
+                            "does with --processor DIR (for a Trainer checkpoint-N: its run's output directory)")
+
+
+def check_blip2_config(config, tokenizer, path) -> None:
+    """BLIP-2 checkpoints must carry the ``<image>``-token layout (transformers >= 4.47): the
+    collator writes ``image_token_index`` once per query token. Older snapshots lack it."""
+    index = getattr(config, "image_token_index", None)
+    vocab = config.get_text_config().vocab_size
+    fix = ("Convert it once as Hugging Face did for its hub checkpoints: add the token to the tokenizer "
+           "(`tokenizer.add_tokens([AddedToken('<image>', normalized=False, special=True)], special_tokens=True)`), "
+           "grow the embeddings if needed (`model.resize_token_embeddings(len(tokenizer), pad_to_multiple_of=64)`), "
+           "set `model.config.image_token_index = tokenizer.convert_tokens_to_ids('<image>')`, and save model and "
+           "tokenizer back (save_pretrained).")
+    if index is None:
+        raise ValueError(f"{path}: this BLIP-2 checkpoint has no `image_token_index` in its config.json (an older "
+                         f"snapshot, before transformers put one <image> token per query token in the input). {fix}")
+    if not 0 <= index < vocab:
+        raise ValueError(f"{path}: image_token_index {index} is outside the language model's vocabulary ({vocab}). "
+                         f"{fix}")
+    token = tokenizer.convert_ids_to_tokens(int(index)) if index < len(tokenizer) else None
+    if token is None:
+        raise ValueError(f"{path}: image_token_index {index} is not a token of the saved tokenizer "
+                         f"({len(tokenizer)} tokens). {fix}")
+
+
 def load_bundle(path, *, max_target_tokens: int | None = None, processor_path=None) -> ModelBundle:
     """Load a local checkpoint directory (``prsl-finetune`` output or a compatible HF checkpoint).
 
     ``processor_path``: where the tokenizer and image processor live, if not beside the model
-    (a Trainer ``checkpoint-N`` directory holds no image processor).
+    (see :func:`processor_dir`).
     """
     from transformers import AutoConfig, AutoImageProcessor, AutoTokenizer, Blip2ForConditionalGeneration
     from transformers import VisionEncoderDecoderModel
@@ -341,12 +437,29 @@ def load_bundle(path, *, max_target_tokens: int | None = None, processor_path=No
     if cls is None:
         raise ValueError(f"{path}: unsupported model type {config.model_type!r} "
                          "(expected vision-encoder-decoder or blip-2)")
-    model = cls.from_pretrained(path, local_files_only=True)
-    proc = Path(processor_path) if processor_path is not None else path
+    proc = processor_dir(path, processor_path)
     tokenizer = AutoTokenizer.from_pretrained(proc, local_files_only=True)
+    if config.model_type == "blip-2":
+        check_blip2_config(config, tokenizer, path)   # before the (possibly multi-GB) weights load
+    model = cls.from_pretrained(path, local_files_only=True)
     image_processor = AutoImageProcessor.from_pretrained(proc, local_files_only=True)
     _ensure_special_tokens(model, tokenizer)
     return ModelBundle(model, tokenizer, image_processor, model_kind(model), max_target_tokens)
+
+
+def checkpoint_task(path) -> str | None:
+    """The task a checkpoint was trained for: its (or, for ``checkpoint-N``, its run's)
+    ``prsl_finetune.json``, else its architecture (BLIP-2 -> vqa, VisionEncoderDecoder -> caption)."""
+    path = Path(path)
+    for d in (path, path.parent):
+        task = read_run_info(d).get("task")
+        if task:
+            return task
+    cfg = path / "config.json"
+    if cfg.is_file():
+        kind = json.loads(cfg.read_text()).get("model_type")
+        return {"blip-2": "vqa", "vision-encoder-decoder": "caption"}.get(kind)
+    return None
 
 
 def _ensure_special_tokens(model, tokenizer):
@@ -373,4 +486,5 @@ def read_run_info(path) -> dict:
 
 
 __all__ = ["PRESETS", "TINY_VOCAB_SIZE", "TinySize", "ModelBundle", "train_tokenizer", "make_tiny_model", "tiny_bundle",
-           "load_bundle", "model_kind", "read_run_info", "ENCODER_DECODER", "BLIP2"]
+           "load_bundle", "model_kind", "read_run_info", "checkpoint_task", "processor_dir", "ENCODER_DECODER",
+           "BLIP2"]

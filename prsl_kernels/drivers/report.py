@@ -16,6 +16,7 @@ import argparse
 import csv
 import json
 import math
+import os
 import sys
 from pathlib import Path
 
@@ -26,7 +27,8 @@ from .metrics import METRICS, UNIT_METRICS
 THRESHOLDS = (0.90, 0.80, 0.75, 0.70)
 AGAINST = ("clean", "reference")
 METRIC_LABELS = {"bleu1": "BLEU-1", "bleu2": "BLEU-2", "bleu3": "BLEU-3", "bleu4": "BLEU-4", "meteor": "METEOR",
-                 "rouge_l": "ROUGE-L", "cider": "CIDEr-D", "bertscore_f1": "BERTScore F1"}
+                 "rouge_l": "ROUGE-L", "cider": "CIDEr-D", "bertscore_f1": "BERTScore F1",
+                 "exact_match": "Exact match", "vqa_accuracy": "VQA accuracy"}
 #: Metrics in the threshold table / figure (the paper's Figs. 2 and 5 use BERTScore).
 THRESHOLD_METRICS = ("bertscore_f1", "meteor", "rouge_l", "bleu4")
 ALPHA = 0.05
@@ -392,6 +394,17 @@ def _score_table(runs, rounds, against, metrics, kind="mean"):
     return _table(["model", "runs", "round"] + [METRIC_LABELS[m] for m in metrics], rows)
 
 
+def relative_path(path, start):
+    """``path`` relative to ``start`` (the report's folder), so a committed report names no machine's
+    directories; paths on another drive (Windows) stay as they are."""
+    if not path:
+        return ""
+    try:
+        return Path(os.path.relpath(Path(path).resolve(), Path(start).resolve())).as_posix()
+    except ValueError:
+        return str(path)
+
+
 def write_markdown(runs, path, figures, *, title="BIM robustness report", baseline=None, notes=""):
     metrics = _metrics_present(runs)
     rounds = sorted(set().union(*(r["rounds"] for r in runs)))
@@ -402,19 +415,24 @@ def write_markdown(runs, path, figures, *, title="BIM robustness report", baseli
     lines = [f"# {title}", ""]
     if notes:
         lines += [notes, ""]
-    lines += [f"Attack: untargeted BIM, task `{cfg['task']}`, {cfg['space']} pixel space, eps={cfg['eps']:g}, "
+    lines += [f"Attack: untargeted BIM, task `{cfg['task']}`, {cfg['space']} pixel space (adversarial images "
+              f"clamped to the valid pixel range), eps={cfg['eps']:g}, "
               f"alpha={cfg['alpha']:g}, {cfg['steps_per_round']} step(s) per round, {last} round(s), ascending "
               f"the teacher-forced CE of the {'clean output' if cfg['target'] == 'clean' else 'first reference'}; "
-              f"{'greedy decoding' if cfg['num_beams'] == 1 else str(cfg['num_beams']) + '-beam search'}; "
-              f"{runs[0]['rounds'][0]['summary']['n']} inputs per model.",
+              f"{'greedy decoding' if cfg['num_beams'] == 1 else str(cfg['num_beams']) + '-beam search'}"
+              + (f", at most {cfg['max_new_tokens']} new tokens" if cfg.get("max_new_tokens") else "")
+              + f"; {runs[0]['rounds'][0]['summary']['n']} inputs per model.",
               "",
               "Scores are the mean of per-sample scores unless marked *corpus*. Models sharing a name are the "
               "same configuration over several seeds: the cell is the mean over seeds ± the half width of a "
-              "95% Student-t confidence interval. CIDEr-D is on its 0-10 scale; all other metrics on 0-1.",
+              "95% Student-t confidence interval. CIDEr-D is on its 0-10 scale; all other metrics on 0-1. An output "
+              "identical to its reference (after lower-casing and trimming) scores the maximum on every metric, so "
+              "an output the attack left unchanged is never counted below a threshold.",
               ""]
     lines += ["## Models", "", _table(["model", "group", "training loss", "checkpoint"],
                                       [[r["name"], r["group"], _loss_label(r["config"].get("run_info", {})),
-                                        f"`{r['config'].get('model_path', '')}`"] for r in runs]), ""]
+                                        f"`{relative_path(r['config'].get('model_path', ''), Path(path).parent)}`"]
+                                       for r in runs]), ""]
 
     lines += ["## Clean quality (round 0) against the references", "",
               _score_table(runs, [0], "reference", metrics), "",
