@@ -3,6 +3,7 @@
 
 Backends (each skipped with a note where it cannot run):
   cross_entropy       torch.nn.functional.cross_entropy, the floor any loss pays
+  liger_ce            Liger-Kernel's fused Triton cross-entropy (CUDA, when liger_kernel imports)
   reference           prsl_reference.prsl_loss_reference, eager PyTorch
   reference_compiled  the same under torch.compile(fullgraph=True), compiled per case
   cpp                 prsl_loss(backend="cpp"), the fused C++ kernel (CPU)
@@ -53,9 +54,10 @@ from pathlib import Path
 REPO_ROOT = Path(__file__).resolve().parents[1]
 RESULTS_DIR = REPO_ROOT / "benchmarks" / "results"
 
-BACKENDS = ("cross_entropy", "reference", "reference_compiled", "cpp", "triton")
+BACKENDS = ("cross_entropy", "liger_ce", "reference", "reference_compiled", "cpp", "triton")
 # Cheap, decisive cases first so that a time budget cuts the slow reference last.
-RUN_ORDER = ("triton", "cpp", "cross_entropy", "reference", "reference_compiled")
+CE_BACKENDS = ("cross_entropy", "liger_ce")  # plain cross-entropy: no k, no b
+RUN_ORDER = ("triton", "cpp", "cross_entropy", "liger_ce", "reference", "reference_compiled")
 DTYPES = {"fp32": "float32", "bf16": "bfloat16", "fp16": "float16", "fp64": "float64"}
 DEFAULTS = {
     "cpu": dict(shapes="2048x50257", k="6,20,100", dtypes="fp32,bf16", reps=5, warmup=1),
@@ -293,6 +295,13 @@ def backend_unavailable(name, device, explicit):
                 return "triton is not installed"
         except Exception as exc:
             return f"Triton kernels unavailable: {type(exc).__name__}: {exc}"
+    if name == "liger_ce":
+        if device.type != "cuda":
+            return "Liger-Kernel's cross-entropy needs CUDA"
+        try:
+            import liger_kernel.transformers.functional  # noqa: F401
+        except Exception as exc:
+            return f"liger_kernel unavailable: {type(exc).__name__}: {exc}"
     if name == "reference_compiled" and device.type == "cuda":
         try:
             import triton  # noqa: F401  (inductor's CUDA code generator)
@@ -309,6 +318,9 @@ def make_loss_fn(name, k, b, check_target):
 
     if name == "cross_entropy":
         return lambda x, t: F.cross_entropy(x, t)
+    if name == "liger_ce":
+        from liger_kernel.transformers.functional import liger_cross_entropy
+        return lambda x, t: liger_cross_entropy(x, t)
     if name == "reference":
         return lambda x, t: prsl_loss_reference(x, t, k, b)
     if name == "reference_compiled":
@@ -354,7 +366,7 @@ def measure(name, n, vocab, dtype_name, k, args, ctx):
     bw = ctx["bandwidth"]
     floors = [m * logits_bytes / bw * 1e3 for m in (1, 2, 3)]  # ms: read; read + write; both
     row = dict(ctx["common"], backend=name, N=n, V=vocab, dtype=dtype_name,
-               k=k if name != "cross_entropy" else "", b=args.b if name != "cross_entropy" else "",
+               k=k if name not in CE_BACKENDS else "", b=args.b if name not in CE_BACKENDS else "",
                reps=args.reps, bandwidth_GBps=f"{bw / 1e9:.1f}", memory_method=ctx["memory_method"],
                floor_fwd_ms=f"{floors[0]:.4g}", floor_bwd_ms=f"{floors[1]:.4g}",
                floor_fwd_bwd_ms=f"{floors[2]:.4g}")
@@ -527,7 +539,7 @@ def run(argv=None, log=print):
             rows.append(dict(ctx["common"], backend=name, status="skipped", note=reason, N="", V="",
                              dtype="", k=""))
             continue
-        backend_ks = [None] if name == "cross_entropy" else (compiled_ks if name == "reference_compiled" else ks)
+        backend_ks = [None] if name in CE_BACKENDS else (compiled_ks if name == "reference_compiled" else ks)
         plan += [(name, n, v, d, k) for (n, v) in shapes for d in dtypes for k in backend_ks
                  if k is None or k <= v - 1]
     for name, n, v, d, k in plan:

@@ -325,6 +325,55 @@ def check_auto_and_compile(device, gen, backend="triton"):
     return ok, f"auto=={backend} bitwise: {same}; compiled(fullgraph) vs eager: loss {loss_e:.1e} grad {grad_e:.1e}"
 
 
+def check_out_of_range_targets(device, gen, backend):
+    """check_target=False: a target outside [0, V) is never read; its row is NaN (loss and
+    gradient), the other rows stay right, and the CUDA context survives (k = 0, 20, MAX_K + 1)."""
+    vocab, msgs, ok = 1000, [], True
+    for k in (0, 20, 2100):
+        if k >= vocab:
+            vocab = 3000
+        logits = torch.randn(6, vocab, generator=gen, device=device).requires_grad_()
+        target = torch.tensor([vocab, vocab + 1, 1 << 40, -1, -7, 3], device=device)
+        loss = prsl_loss(logits, target, k, 0.5, reduction="none", backend=backend, check_target=False)
+        (grad,) = torch.autograd.grad(loss.sum(), logits)
+        want = prsl_loss_reference(logits.detach()[5:].double(), target[5:], k, 0.5, reduction="none")
+        good = bool(torch.isnan(loss[:5]).all() and torch.isnan(grad[:5]).all()
+                    and torch.isfinite(grad[5]).all() and rel_err(loss.detach()[5:], want) <= LOSS_TOL["other"])
+        if device.type == "cuda":
+            torch.cuda.synchronize()  # an illegal address would surface here
+        ok &= good
+        msgs.append(f"k={k}: {'NaN rows' if good else 'WRONG'}")
+    return ok, "; ".join(msgs)
+
+
+def check_two_pass_paths(device, gen, backend):
+    """The two-pass forward takes its fast path on continuous rows and flags tied rows for the
+    exact kernel; misaligned views (odd base offset) give the same values as aligned copies."""
+    from prsl_kernels import triton_kernels as tk
+    msgs, ok = [], True
+    for dtype in (torch.bfloat16, torch.float32):
+        x = (torch.randn(256, 50257, generator=gen, device=device) * 2).to(dtype)
+        t = torch.randint(0, 50257, (256,), generator=gen, device=device)
+        x[:8] = torch.randint(-3, 3, (8, 50257), generator=gen, device=device).to(dtype)  # ties: flagged
+        for k in (6, 20, 100):
+            loss, _, flags = tk.forward_with_flags(x, t, k, 0.5, -100)
+            want = prsl_loss_reference(x.double(), t, k, 0.5, reduction="none")
+            err = rel_err(loss, want)
+            fast = float((flags[8:] == 0).float().mean())
+            good = err <= LOSS_TOL["other"] and bool((flags[:8] == 1).all()) and fast >= 0.99
+            ok &= good
+            msgs.append(f"{DTYPE_NAMES[dtype]} k={k}: fast rows {fast:.3f}, loss {err:.1e}")
+        storage = torch.randn(64, 50257 + 3, generator=gen, device=device).to(dtype)
+        view = storage[:, 1:50258]  # base pointer off 16-byte alignment, odd stride
+        tt = torch.randint(0, 50257, (64,), generator=gen, device=device)
+        a = prsl_loss(view, tt, 20, 0.5, reduction="none", backend=backend)
+        bcopy = prsl_loss(view.contiguous(), tt, 20, 0.5, reduction="none", backend=backend)
+        good = torch.equal(a, bcopy) or rel_err(a, bcopy) <= 1e-6
+        ok &= good
+        msgs.append(f"{DTYPE_NAMES[dtype]} misaligned view == copy: {good}")
+    return ok, "; ".join(msgs)
+
+
 def run_checks(checks, log, device, failures):
     """Run (label, fn) checks; fn returns (ok, message). Returns (passed, failed); FAIL lines
     are appended to ``failures`` (repeated at the end, where the device tool's output tail is)."""
@@ -365,6 +414,8 @@ def correctness_checks(device, log, dry, seed, backend):
     last = []
     if device.type == "cuda":
         first.append(("auto + compile", lambda: check_auto_and_compile(device, gen)))
+        first.append(("out-of-range targets", lambda: check_out_of_range_targets(device, gen, "triton")))
+        first.append(("two-pass paths", lambda: check_two_pass_paths(device, gen, "triton")))
         last.append(("int64 offsets", lambda: check_int64_offsets(device, gen, "triton")))
     return first, last
 
@@ -381,6 +432,8 @@ def main(argv=None):
     p.add_argument("--backend", choices=("triton", "cpp"), default="triton",
                    help="cpp: the same checks (GPU case list) for the C++ kernel on the CPU; no benchmark")
     p.add_argument("--skip-checks", action="store_true")
+    p.add_argument("--bench-args", default="",
+                   help="extra bench_prsl.py arguments, e.g. \"--shapes 8192x50257 --dtypes bf16\"")
     p.add_argument("--skip-bench", action="store_true")
     p.add_argument("--seed", type=int, default=1234)
     args = p.parse_args(argv)
@@ -420,7 +473,8 @@ def main(argv=None):
                           "--threads", "1", "--bandwidth-mib", "16", "--flush-mib", "8"]
         else:
             # Compiling the reference costs tens of seconds per case: k = 20 only, and last.
-            bench_argv = ["--device", "cuda", "--compiled-k", "20", "--reference-reps", "5"]
+            bench_argv = ["--device", "cuda", "--k", "0,6,20,100", "--compiled-k", "20", "--reference-reps", "5"]
+        bench_argv += args.bench_args.split()
         remaining = args.time_budget - (time.perf_counter() - start) - 60  # the table, the int64 check
         bench_argv += ["--time-budget", f"{max(remaining, 0):.0f}"]
         dirs = [str(d) for d in out_dirs]

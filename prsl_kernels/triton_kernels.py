@@ -8,34 +8,49 @@ float64 logits):
     tau = k-th largest of {z_j : j != s}     A = {j != s : z_j > tau}, T = {j != s : z_j == tau}
     u_j = exp(z_j - lse) - exp(tau - lse)    S = sum_A u_j, D = sqrt(sum_A u_j^2)
 
-Forward (one program per row, the row is read once): an online log-sum-exp and,
-in the same pass, a top-k selection on the logits (softmax is monotone). A
-register buffer ``top`` holds the KP >= k+1 largest non-target values seen so
-far (a multiset, kept sorted ascending, padded with -inf); ``min(top)`` is a
-lower bound of tau, so most blocks are dismissed by one compare and one
-reduction. A block with n > 0 values above that bound is merged into ``top``:
-the candidates are compacted through a per-row scratch row in global memory
-(n <= KP) or reduced with a bitonic top-KP (n > KP), sorted descending, and the
-elementwise max with the ascending buffer is a bitonic sequence holding the KP
-largest of the union, which one bitonic merge sorts again. At the end
-tau = top[KP - k]; A lies inside the buffer (|A| < k), so S and D come from the
-buffer alone. |T| is counted in the buffer, exactly unless the buffer's smallest
-entry also equals tau (more ties may lie outside it): only then does a second
-pass over the row count them (rare for continuous logits; the row is L2-hot).
+Forward, k < 128 (``_prsl_forward_kernel``, one program per row). The row is
+walked in TILE-wide tiles that start 16-byte aligned (the first and last tiles
+are masked, the others are plain vector loads), each viewed as
+``[GROUPS, VEC]`` with VEC elements per 16 bytes. A *group* is one row of that
+view, i.e. the same VEC lanes of every tile: GROUPS disjoint subsets of the row.
 
-Backward (a 2-D grid, rows x V-blocks): from lse, tau, D, S, |T| and the target,
+* Pass 1 reads the row from memory once: a per-group online log-sum-exp. Its
+  running maxima are also the group maxima, so the selection costs nothing in
+  the streaming loop: no compare, no reduction across threads, no barrier.
+* The k-th largest group maximum (the target's group left out) is a lower
+  bound ``thr`` of tau: those k maxima are k distinct non-target logits.
+* Pass 2 reads the row again (it was just streamed, so from L2) and appends
+  the index of every logit ``>= thr`` to a per-row candidate list through a
+  per-row atomic counter. For continuous logits that is about
+  ``k + k^2 / (2 GROUPS)`` entries; every logit of A and of T is among them.
+* A top-KP of the CAP candidate values (their order in the list does not
+  matter, so the atomics cost no determinism) gives tau, A, S, D and |T|
+  exactly.
+
+A row whose candidates do not fit in CAP slots (heavy ties, fewer than k finite
+groups) or whose lse is NaN is *flagged*; a second launch of the exact kernel
+(``_prsl_forward_exact_kernel``, below) recomputes only flagged rows and
+returns at once for the others: no host sync. For 128 <= k <= MAX_K the exact
+kernel runs every row: a register buffer of the KP >= k+1 largest non-target
+values seen so far, merged block by block (compaction through a per-row scratch
+row, or a bitonic top-KP, then one bitonic merge); |T| is counted in the buffer,
+with a second pass over the row only when the buffer may not hold every tie.
+For k > MAX_K the launcher computes the row statistics with torch ops
+(``torch.topk``, row-chunked, O(N * k) memory); the backward is unchanged.
+
+Backward (a 2-D grid, rows x V-tiles, tiles aligned like the forward's): from
+lse, tau, D, S, |T| and the target,
 
     dz_j = grad_row * (p_j (1 - b D) - [j == s] + b p_j g_j),
     g_j = u_j / D on A, -(S / D) / |T| on T, 0 elsewhere (g = 0 when D == 0),
 
 read once, written once, in the logits' dtype.
 
-For k > MAX_K the forward launcher computes the row statistics with torch ops
-instead (``torch.topk`` on the upcast row, row-chunked so the temporaries stay
-bounded; O(N * k) memory) and the backward kernel is unchanged.
+A target that is neither ``ignore_index`` nor in ``[0, V)`` (possible with
+``check_target=False``) is never dereferenced: that row's loss and lse are NaN,
+so its gradient is NaN too.
 """
 
-import contextlib
 import math
 import os
 from typing import NamedTuple
@@ -48,22 +63,174 @@ import triton.language as tl
 from . import ops
 from .spec import DIST, LSE, NUM_ROW_STATS, SPREAD_SUM, TAU, TIE_COUNT, stats_dtype
 
-# The top-k buffer sizes the forward kernel is compiled for: k uses the
-# smallest one holding k + 1 values (the extra slot detects ties past tau).
+# The top-k buffer sizes: k uses the smallest one holding k + 1 values (the
+# extra slot detects ties past tau in the exact kernel). Buffers up to
+# FAST_MAX_KP take the two-pass kernel.
 TOPK_BUFFER_SIZES = (8, 32, 128, 512, 2048)
+FAST_MAX_KP = 128
 MAX_K = TOPK_BUFFER_SIZES[-1] - 1
 
 # The row-stats columns (spec.py), visible inside the kernels.
 _NUM_STATS = tl.constexpr(NUM_ROW_STATS)
 _LSE, _TAU, _DIST, _SPREAD, _TIES = (tl.constexpr(c) for c in (LSE, TAU, DIST, SPREAD_SUM, TIE_COUNT))
+_LOG2E = tl.constexpr(1.4426950408889634)
 
-# Tests shrink the block so that a short row is streamed in several blocks.
+# Tests shrink the tiles so that a short row is streamed in several of them.
 FORCE_BLOCK_V = None
 
 
 # ----------------------------------------------------------------------------
 # Kernels
 # ----------------------------------------------------------------------------
+
+@triton.jit
+def _load_tile(tile_ptr, pos, offs, V, MASKED: tl.constexpr):
+    # Interior tiles are unmasked so that they compile to 16-byte vector loads.
+    if MASKED:
+        return tl.load(tile_ptr + offs, mask=(pos >= 0) & (pos < V), other=float("-inf"))
+    else:
+        return tl.load(tile_ptr + offs)
+
+
+@triton.jit
+def _group_lse_step(raw, m, s, acc: tl.constexpr, USE_EXP2: tl.constexpr):
+    # Per-group online log-sum-exp; the reductions run along VEC, inside one
+    # thread. While a group holds only -inf, shift by 0 so exp(-inf - -inf)
+    # never makes a nan; +inf still gives nan (as torch).
+    x = raw.to(acc)
+    m_new = tl.maximum(m, tl.max(x, axis=1))
+    shift = tl.where(m_new == float("-inf"), 0.0, m_new)
+    if USE_EXP2:
+        # exp(x - shift) = 2^(x log2e - shift log2e): one FMA and one ex2 per logit.
+        shift2 = shift * _LOG2E
+        s = s * tl.exp2((m - shift) * _LOG2E) + tl.sum(tl.exp2(x * _LOG2E - shift2[:, None]), axis=1)
+    else:
+        s = s * tl.exp(m - shift) + tl.sum(tl.exp(x - shift[:, None]), axis=1)
+    return m_new, s
+
+
+@triton.jit
+def _append_candidates(raw, thr, pos, count_ptr, cand_row, CAP: tl.constexpr):
+    # Relaxed CTA-scope atomics on this row's counter hand out the slots; the
+    # candidates are sorted later, so their order in the list is irrelevant.
+    hit = raw.to(thr.dtype) >= thr
+    slot = tl.atomic_add(count_ptr + tl.zeros_like(pos), 1, mask=hit, sem="relaxed", scope="cta")
+    tl.store(cand_row + slot, pos, mask=hit & (slot < CAP))
+
+
+@triton.jit
+def _prsl_forward_kernel(
+    logits_ptr, target_ptr, loss_ptr, stats_ptr, cand_ptr, count_ptr, flag_ptr,
+    stride_row, V, k, b_hi, b_lo, ignore_index,
+    HAS_TOPK: tl.constexpr,  # False when k == 0 (or b == 0): plain cross-entropy, one pass
+    KP: tl.constexpr,  # top-k size of the selections, a power of two > k
+    CAP: tl.constexpr,  # candidate slots per row
+    TILE: tl.constexpr,
+    VEC: tl.constexpr,  # elements per 16 bytes
+    ALIGNED: tl.constexpr,  # logits_ptr is 16-byte aligned: tiles can start aligned
+    USE_EXP2: tl.constexpr,  # float32 accumulation (float64 keeps exp)
+):
+    acc: tl.constexpr = loss_ptr.dtype.element_ty
+    GROUPS: tl.constexpr = TILE // VEC
+    # int64: row * stride_row exceeds 2^31 for large N * V.
+    row = tl.program_id(0).to(tl.int64)
+    target = tl.load(target_ptr + row)
+    stat_cols = tl.arange(0, 8)
+    stats_row = stats_ptr + row * _NUM_STATS
+    if target == ignore_index:
+        tl.store(loss_ptr + row, 0.0)
+        tl.store(stats_row + stat_cols, tl.zeros([8], acc), mask=stat_cols < _NUM_STATS)
+        if HAS_TOPK:
+            tl.store(flag_ptr + row, 0)
+        return
+    if (target < 0) | (target >= V):
+        # Never dereferenced: a NaN loss and lse mark the row (the backward turns it into NaN).
+        tl.store(loss_ptr + row, float("nan"))
+        tl.store(stats_row + stat_cols, tl.full([8], float("nan"), acc), mask=stat_cols < _NUM_STATS)
+        if HAS_TOPK:
+            tl.store(flag_ptr + row, 0)
+        return
+
+    row_off = row * stride_row
+    if ALIGNED:
+        lead = (row_off % VEC).to(tl.int32)  # logits between the aligned tile start and the row start
+        tile0 = logits_ptr + tl.multiple_of(row_off - lead, VEC)
+    else:
+        lead = 0
+        tile0 = logits_ptr + row_off
+    offs = tl.arange(0, GROUPS)[:, None] * VEC + tl.arange(0, VEC)[None, :]
+    n_tiles = tl.cdiv(V + lead, TILE)
+
+    m = tl.full([GROUPS], float("-inf"), acc)
+    s = tl.zeros([GROUPS], acc)
+    raw = _load_tile(tile0, offs - lead, offs, V, True)
+    m, s = _group_lse_step(raw, m, s, acc, USE_EXP2)
+    for t in range(1, n_tiles - 1):
+        raw = _load_tile(tile0 + t * TILE, offs, offs, V, False)
+        m, s = _group_lse_step(raw, m, s, acc, USE_EXP2)
+    if n_tiles > 1:
+        last = (n_tiles - 1) * TILE
+        raw = _load_tile(tile0 + last, last + offs - lead, offs, V, True)
+        m, s = _group_lse_step(raw, m, s, acc, USE_EXP2)
+    m_row = tl.max(m, axis=0)
+    shift = tl.where(m_row == float("-inf"), 0.0, m_row)
+    lse = shift + tl.log(tl.sum(s * tl.exp(m - shift), axis=0))
+    z_target = tl.load(logits_ptr + row_off + target).to(acc)
+
+    if HAS_TOPK:
+        b = tl.cast(b_hi, acc) + tl.cast(b_lo, acc)
+        # thr: the k-th largest group maximum outside the target's group.
+        groups = tl.arange(0, GROUPS)
+        target_group = ((target + lead) % TILE) // VEC
+        best_groups = tl.topk(tl.where(groups == target_group, float("-inf"), m), KP)
+        ranks = tl.arange(0, KP)
+        thr = tl.max(tl.where(ranks == k - 1, best_groups, float("-inf")), axis=0)
+        count_row = count_ptr + row
+        cand_row = cand_ptr + row * CAP
+        n_cand = CAP + 1  # flagged unless the candidates are listed below
+        n_listed = 0
+        if (thr > float("-inf")) & (lse == lse):
+            raw = _load_tile(tile0, offs - lead, offs, V, True)
+            _append_candidates(raw, thr, offs - lead, count_row, cand_row, CAP)
+            for t in range(1, n_tiles - 1):
+                raw = _load_tile(tile0 + t * TILE, offs, offs, V, False)
+                _append_candidates(raw, thr, t * TILE + offs - lead, count_row, cand_row, CAP)
+            if n_tiles > 1:
+                last = (n_tiles - 1) * TILE
+                raw = _load_tile(tile0 + last, last + offs - lead, offs, V, True)
+                _append_candidates(raw, thr, last + offs - lead, count_row, cand_row, CAP)
+            tl.debug_barrier()  # every thread's appends are done and visible
+            n_cand = tl.atomic_add(count_row, 0, sem="relaxed", scope="cta")
+            n_listed = tl.minimum(n_cand, CAP)
+        slots = tl.arange(0, CAP)
+        listed = slots < n_listed
+        cand = tl.load(cand_row + slots, mask=listed, other=0, cache_modifier=".cg")
+        values = tl.load(logits_ptr + row_off + cand, mask=listed & (cand != target),
+                         other=float("-inf")).to(acc)
+        best = tl.topk(values, KP)
+        tau = tl.max(tl.where(ranks == k - 1, best, float("-inf")), axis=0)
+        p_min = tl.exp(tau - lse)
+        u = tl.where(best > tau, tl.exp(best - lse) - p_min, 0.0)
+        spread = tl.sum(u, axis=0)
+        dist = tl.sqrt(tl.sum(u * u, axis=0))
+        # Every logit equal to tau is >= thr, hence listed: the count is exact.
+        tie_count = tl.sum((values == tau).to(tl.int32), axis=0).to(acc)
+        loss = lse - z_target + b * dist
+        # Flagged rows are rewritten by the exact kernel.
+        tl.store(flag_ptr + row, (n_cand > CAP).to(tl.int8))
+    else:
+        tau = tl.full([], float("inf"), acc)
+        spread = tl.full([], 0.0, acc)
+        dist = spread
+        tie_count = spread
+        loss = lse - z_target
+    tl.store(loss_ptr + row, loss)
+    stats = tl.where(stat_cols == _LSE, lse,
+                     tl.where(stat_cols == _TAU, tau,
+                              tl.where(stat_cols == _DIST, dist,
+                                       tl.where(stat_cols == _SPREAD, spread, tie_count))))
+    tl.store(stats_row + stat_cols, stats, mask=stat_cols < _NUM_STATS)
+
 
 @triton.jit
 def _compact_sorted(scratch_row, raw, cand, n, slots, KP: tl.constexpr, acc: tl.constexpr):
@@ -95,16 +262,18 @@ def _merge_into_top(top, new):
 
 
 @triton.jit
-def _prsl_forward_kernel(
-    logits_ptr, target_ptr, loss_ptr, stats_ptr, scratch_ptr,
+def _prsl_forward_exact_kernel(
+    logits_ptr, target_ptr, loss_ptr, stats_ptr, scratch_ptr, flag_ptr,
     stride_row, V, k, b_hi, b_lo, ignore_index,
-    HAS_TOPK: tl.constexpr,  # False when k == 0 (or b == 0): plain cross-entropy, no selection
+    ONLY_FLAGGED: tl.constexpr,  # the two-pass kernel's second launch: skip unflagged rows
     KP: tl.constexpr,  # top-k buffer size, a power of two > k
     BLOCK_V: tl.constexpr,
 ):
-    acc = loss_ptr.dtype.element_ty
-    # int64: row * stride_row exceeds 2^31 for large N * V.
+    acc: tl.constexpr = loss_ptr.dtype.element_ty
     row = tl.program_id(0).to(tl.int64)
+    if ONLY_FLAGGED:
+        if tl.load(flag_ptr + row) == 0:
+            return
     target = tl.load(target_ptr + row)
     stat_cols = tl.arange(0, 8)
     stats_row = stats_ptr + row * _NUM_STATS
@@ -112,66 +281,59 @@ def _prsl_forward_kernel(
         tl.store(loss_ptr + row, 0.0)
         tl.store(stats_row + stat_cols, tl.zeros([8], acc), mask=stat_cols < _NUM_STATS)
         return
+    if (target < 0) | (target >= V):
+        tl.store(loss_ptr + row, float("nan"))
+        tl.store(stats_row + stat_cols, tl.full([8], float("nan"), acc), mask=stat_cols < _NUM_STATS)
+        return
 
     row_ptr = logits_ptr + row * stride_row
     cols = tl.arange(0, BLOCK_V)
     m = tl.full([], float("-inf"), acc)
     s = tl.full([], 0.0, acc)
-    if HAS_TOPK:
-        slots = tl.arange(0, KP)
-        scratch_row = scratch_ptr + row * KP
-        top = tl.full([KP], float("-inf"), acc)
-        thr = tl.full([], float("-inf"), acc)
+    slots = tl.arange(0, KP)
+    scratch_row = scratch_ptr + row * KP
+    top = tl.full([KP], float("-inf"), acc)
+    thr = tl.full([], float("-inf"), acc)
 
     for start in range(0, V, BLOCK_V):
         idx = start + cols
         raw = tl.load(row_ptr + idx, mask=idx < V, other=float("-inf"))
         x = raw.to(acc)
-        # Online log-sum-exp. While every value so far is -inf, shift by 0 so
-        # that exp(-inf - -inf) never makes a nan; +inf still gives nan (as torch).
         m_new = tl.maximum(m, tl.max(x, axis=0))
         shift = tl.where(m_new == float("-inf"), 0.0, m_new)
         s = s * tl.exp(m - shift) + tl.sum(tl.exp(x - shift), axis=0)
         m = m_new
-        if HAS_TOPK:
-            xs = tl.where(idx == target, float("-inf"), x)
-            cand = xs > thr
-            n = tl.sum(cand.to(tl.int32), axis=0)
-            if n > 0:
-                if n <= KP:
-                    new = _compact_sorted(scratch_row, raw, cand, n, slots, KP, acc)
-                else:
-                    new = _block_topk(xs, KP, BLOCK_V)
-                top = _merge_into_top(top, new)
-                thr = tl.min(top, axis=0)
+        xs = tl.where(idx == target, float("-inf"), x)
+        cand = xs > thr
+        n = tl.sum(cand.to(tl.int32), axis=0)
+        if n > 0:
+            if n <= KP:
+                new = _compact_sorted(scratch_row, raw, cand, n, slots, KP, acc)
+            else:
+                new = _block_topk(xs, KP, BLOCK_V)
+            top = _merge_into_top(top, new)
+            thr = tl.min(top, axis=0)
 
     lse = m + tl.log(s)
     # Loaded last: held across the loop it is the one value ptxas spills.
     z_target = tl.load(row_ptr + target).to(acc)
-    if HAS_TOPK:
-        b = tl.cast(b_hi, acc) + tl.cast(b_lo, acc)
-        # top is ascending: the k-th largest sits at KP - k.
-        tau = tl.max(tl.where(slots == KP - k, top, float("-inf")), axis=0)
-        p_min = tl.exp(tau - lse)
-        u = tl.where(top > tau, tl.exp(top - lse) - p_min, 0.0)
-        spread = tl.sum(u, axis=0)
-        dist = tl.sqrt(tl.sum(u * u, axis=0))
-        ties = tl.sum((top == tau).to(tl.int32), axis=0)
-        if thr == tau:
-            # The buffer may not hold every tie: count them over the whole row.
-            ties = 0
-            for start in range(0, V, BLOCK_V):
-                idx = start + cols
-                x = tl.load(row_ptr + idx, mask=idx < V, other=float("-inf")).to(acc)
-                ties += tl.sum(((x == tau) & (idx != target) & (idx < V)).to(tl.int32), axis=0)
-        tie_count = ties.to(acc)
-        loss = lse - z_target + b * dist
-    else:
-        tau = tl.full([], float("inf"), acc)
-        spread = tl.full([], 0.0, acc)
-        dist = spread
-        tie_count = spread
-        loss = lse - z_target
+    b = tl.cast(b_hi, acc) + tl.cast(b_lo, acc)
+    # top is ascending: the k-th largest sits at KP - k.
+    tau = tl.max(tl.where(slots == KP - k, top, float("-inf")), axis=0)
+    p_min = tl.exp(tau - lse)
+    u = tl.where(top > tau, tl.exp(top - lse) - p_min, 0.0)
+    spread = tl.sum(u, axis=0)
+    dist = tl.sqrt(tl.sum(u * u, axis=0))
+    ties = tl.sum((top == tau).to(tl.int32), axis=0)
+    if thr == tau:
+        # The buffer may not hold every tie: count them over the whole row.
+        ties = 0
+        for start in range(0, V, BLOCK_V):
+            idx = start + cols
+            x = tl.load(row_ptr + idx, mask=idx < V, other=float("-inf")).to(acc)
+            ties += tl.sum(((x == tau) & (idx != target) & (idx < V)).to(tl.int32), axis=0)
+    tie_count = ties.to(acc)
+    loss = lse - z_target + b * dist
     tl.store(loss_ptr + row, loss)
     stats = tl.where(stat_cols == _LSE, lse,
                      tl.where(stat_cols == _TAU, tau,
@@ -181,19 +343,45 @@ def _prsl_forward_kernel(
 
 
 @triton.jit
+def _grad_tile(raw, pos, target, lse, tau, p_min, inv_dist, g_tie, b, dist, acc: tl.constexpr):
+    x = raw.to(acc)
+    p = tl.exp(x - lse)
+    is_target = pos == target
+    g = tl.where(~is_target & (x > tau), (p - p_min) * inv_dist,
+                 tl.where(~is_target & (x == tau), g_tie, 0.0))
+    return p * (1.0 - b * dist) - tl.where(is_target, 1.0, 0.0) + b * p * g
+
+
+@triton.jit
 def _prsl_backward_kernel(
     grad_rows_ptr, logits_ptr, target_ptr, stats_ptr, grad_ptr,
     stride_row, V, b_hi, b_lo, ignore_index,
-    BLOCK_V: tl.constexpr,
+    TILE: tl.constexpr,
+    ALIGNED: tl.constexpr,  # logits and gradient rows share their alignment: tiles start aligned
+    VEC: tl.constexpr,
 ):
-    acc = stats_ptr.dtype.element_ty
+    acc: tl.constexpr = stats_ptr.dtype.element_ty
+    out_dtype: tl.constexpr = grad_ptr.dtype.element_ty
     row = tl.program_id(0).to(tl.int64)
-    idx = tl.program_id(1) * BLOCK_V + tl.arange(0, BLOCK_V)
-    in_row = idx < V
-    out_ptr = grad_ptr + row * V + idx
+    if ALIGNED:
+        lead = ((row * V) % VEC).to(tl.int32)
+    else:
+        lead = 0
+    # Tile j covers row positions [j * TILE - lead, (j + 1) * TILE - lead).
+    start = tl.program_id(1) * TILE - lead
+    pos = start + tl.arange(0, TILE)
+    in_row = (pos >= 0) & (pos < V)
+    interior = (start >= 0) & (start + TILE <= V)
+    if ALIGNED:
+        out_ptr = grad_ptr + tl.multiple_of(row * V + start, VEC)
+        in_ptr = logits_ptr + tl.multiple_of(row * stride_row + start, VEC)
+    else:
+        out_ptr = grad_ptr + row * V + start
+        in_ptr = logits_ptr + row * stride_row + start
+    cols = tl.arange(0, TILE)
     target = tl.load(target_ptr + row)
     if target == ignore_index:
-        tl.store(out_ptr, tl.zeros([BLOCK_V], grad_ptr.dtype.element_ty), mask=in_row)
+        tl.store(out_ptr + cols, tl.zeros([TILE], out_dtype), mask=in_row)
         return
 
     stats_row = stats_ptr + row * _NUM_STATS
@@ -212,13 +400,14 @@ def _prsl_backward_kernel(
     # nothing lies above tau and exp(+inf) would turn the unused branch into nan.
     p_min = tl.exp(tl.minimum(tau, lse) - lse)
 
-    x = tl.load(logits_ptr + row * stride_row + idx, mask=in_row, other=float("-inf")).to(acc)
-    p = tl.exp(x - lse)
-    is_target = idx == target
-    g = tl.where(~is_target & (x > tau), (p - p_min) * inv_dist,
-                 tl.where(~is_target & (x == tau), g_tie, 0.0))
-    dz = p * (1.0 - b * dist) - tl.where(is_target, 1.0, 0.0) + b * p * g
-    tl.store(out_ptr, (dz * grad_row).to(grad_ptr.dtype.element_ty), mask=in_row)
+    if interior:  # unmasked: 16-byte vector loads and stores
+        raw = tl.load(in_ptr + cols)
+        dz = _grad_tile(raw, pos, target, lse, tau, p_min, inv_dist, g_tie, b, dist, acc)
+        tl.store(out_ptr + cols, (dz * grad_row).to(out_dtype))
+    else:
+        raw = tl.load(in_ptr + cols, mask=in_row, other=float("-inf"))
+        dz = _grad_tile(raw, pos, target, lse, tau, p_min, inv_dist, g_tie, b, dist, acc)
+        tl.store(out_ptr + cols, (dz * grad_row).to(out_dtype), mask=in_row)
 
 
 # ----------------------------------------------------------------------------
@@ -226,27 +415,70 @@ def _prsl_backward_kernel(
 # ----------------------------------------------------------------------------
 
 _TRITON_DTYPE = {torch.float16: "fp16", torch.bfloat16: "bf16", torch.float32: "fp32", torch.float64: "fp64"}
-# Large blocks amortise the per-block reductions. The AOT report chose these:
-# 4096-wide 16-bit blocks and 2048-wide blocks with the 2048-slot buffer spill
-# registers on sm_80 / sm_90, so those use 1024 (with KP >= BLOCK_V every merge
-# takes the compaction path, which is what a large k needs anyway).
+# Elements per 16 bytes: one vector load per thread and group.
+_VEC = {torch.float16: 8, torch.bfloat16: 8, torch.float32: 4, torch.float64: 2}
+# The two-pass forward: 512 groups (a thr of good quality for k < 128 costs one
+# top-KP of 512 values per row), 8 warps, so 16 / 8 / 4 logits per thread and tile.
+_GROUPS = 512
+_FAST_WARPS = 8
+# The exact forward: large blocks amortise its per-block reductions. 4096-wide
+# 16-bit blocks and 2048-wide blocks with the 2048-slot buffer spill registers
+# on sm_80 / sm_90, so those use 1024 (with KP >= BLOCK_V every merge takes the
+# compaction path, which is what a large k needs anyway).
 _BLOCK_V = {torch.float16: 2048, torch.bfloat16: 2048, torch.float32: 2048, torch.float64: 1024}
 _SMALL_BLOCK_V = 1024
+# The backward: 2048 logits per program, 8 per thread.
+_BACKWARD_TILE = 2048
 
 
 class LaunchConfig(NamedTuple):
-    kernel: str  # "forward" | "backward"
+    kernel: str  # "forward" (two-pass) | "forward_exact" | "backward"
     dtype: torch.dtype
     constexprs: dict
     num_warps: int
 
 
-def _block_v(dtype, vocab, kp=1):
+def _kp(k):
+    return next(size for size in TOPK_BUFFER_SIZES if size > k) if k > 0 else 1
+
+
+def _pow2_at_least(n):
+    return 1 << max(0, int(n) - 1).bit_length()
+
+
+def _fast_tile(dtype, vocab, kp):
+    vec = _VEC[dtype]
+    tile = _GROUPS * vec if FORCE_BLOCK_V is None else FORCE_BLOCK_V
+    # Short rows: no wider than the row; never fewer groups than top-k slots
+    # (tl.topk of the group maxima), nor fewer than 32 (one warp's worth).
+    tile = min(tile, _pow2_at_least(vocab + vec))
+    return max(tile, vec * max(2 * kp, 32))
+
+
+def forward_config(dtype, vocab, k):
+    """The launch configuration of the forward for (dtype, V, k <= MAX_K)."""
+    kp = _kp(k)
+    if kp <= FAST_MAX_KP:
+        tile = _fast_tile(dtype, vocab, kp)
+        vec = _VEC[dtype]
+        num_warps = max(1, min(_FAST_WARPS, tile // (32 * 16 * vec // 8)))
+        return LaunchConfig("forward", dtype, {
+            "HAS_TOPK": k > 0, "KP": kp, "CAP": max(32, 2 * kp), "TILE": tile, "VEC": vec,
+            "ALIGNED": True, "USE_EXP2": dtype != torch.float64}, num_warps)
+    return exact_config(dtype, vocab, k, only_flagged=False)
+
+
+def exact_config(dtype, vocab, k, only_flagged):
+    kp = _kp(k)
     if FORCE_BLOCK_V is not None:
-        return FORCE_BLOCK_V
-    if vocab <= _SMALL_BLOCK_V or kp >= TOPK_BUFFER_SIZES[-1]:
-        return _SMALL_BLOCK_V
-    return _BLOCK_V[dtype]
+        block_v = FORCE_BLOCK_V
+    elif vocab <= _SMALL_BLOCK_V or kp >= TOPK_BUFFER_SIZES[-1]:
+        block_v = _SMALL_BLOCK_V
+    else:
+        block_v = _BLOCK_V[dtype]
+    num_warps = _NUM_WARPS_OVERRIDE.get((dtype, kp, block_v), max(4, min(16, block_v // 256)))
+    return LaunchConfig("forward_exact", dtype, {"ONLY_FLAGGED": only_flagged, "KP": kp, "BLOCK_V": block_v},
+                        num_warps)
 
 
 # Where ptxas spills at the default warp count (benchmarks/aot_report.py):
@@ -254,30 +486,27 @@ def _block_v(dtype, vocab, kp=1):
 _NUM_WARPS_OVERRIDE = {(torch.float32, 32, 1024): 2}
 
 
-def _num_warps(block_v, dtype=None, kp=None):
-    # 8 elements per thread: a 16-byte load for 16-bit rows, two for float32.
-    return _NUM_WARPS_OVERRIDE.get((dtype, kp, block_v), max(4, min(16, block_v // 256)))
-
-
-def forward_config(dtype, vocab, k):
-    kp = next(size for size in TOPK_BUFFER_SIZES if size > k) if k > 0 else 1
-    block_v = _block_v(dtype, vocab, kp)
-    return LaunchConfig("forward", dtype, {"HAS_TOPK": k > 0, "KP": kp, "BLOCK_V": block_v},
-                        _num_warps(block_v, dtype, kp))
-
-
 def backward_config(dtype, vocab):
-    block_v = _block_v(dtype, vocab)
-    return LaunchConfig("backward", dtype, {"BLOCK_V": block_v}, _num_warps(block_v))
+    tile = FORCE_BLOCK_V if FORCE_BLOCK_V is not None else min(_BACKWARD_TILE, _pow2_at_least(vocab))
+    return LaunchConfig("backward", dtype, {"TILE": tile, "ALIGNED": True, "VEC": _VEC[dtype]},
+                        max(1, min(8, tile // 256)))
 
 
 def launch_configs():
-    """Every configuration the launchers can pick (FORCE_BLOCK_V unset), for AOT checks."""
+    """Every configuration the launchers can pick (FORCE_BLOCK_V unset), for AOT checks.
+
+    ALIGNED is shown True (the usual case: torch allocations are 16-byte aligned);
+    the launchers pass False for a misaligned base pointer or, in the backward,
+    strided rows."""
     configs = []
     for dtype in _TRITON_DTYPE:
-        for vocab in sorted({_SMALL_BLOCK_V, _BLOCK_V[dtype]}):
-            for config in [forward_config(dtype, vocab, 0), backward_config(dtype, vocab)] + \
-                    [forward_config(dtype, vocab, size - 1) for size in TOPK_BUFFER_SIZES]:
+        for vocab in sorted({_SMALL_BLOCK_V, _BLOCK_V[dtype], 50257}):
+            candidates = [forward_config(dtype, vocab, 0), backward_config(dtype, vocab)]
+            for size in TOPK_BUFFER_SIZES:
+                candidates.append(forward_config(dtype, vocab, size - 1))
+                if size <= FAST_MAX_KP:
+                    candidates.append(exact_config(dtype, vocab, size - 1, only_flagged=True))
+            for config in candidates:
                 if config not in configs:
                     configs.append(config)
     return configs
@@ -289,8 +518,13 @@ def aot_signature(config):
     if config.kernel == "forward":
         fn = _prsl_forward_kernel
         sig = {"logits_ptr": f"*{elem}", "target_ptr": "*i64", "loss_ptr": f"*{acc}", "stats_ptr": f"*{acc}",
-               "scratch_ptr": f"*{elem}", "stride_row": "i64", "V": "i32", "k": "i32", "b_hi": "fp32",
-               "b_lo": "fp32", "ignore_index": "i64"}
+               "cand_ptr": "*i32", "count_ptr": "*i32", "flag_ptr": "*i8", "stride_row": "i64", "V": "i32",
+               "k": "i32", "b_hi": "fp32", "b_lo": "fp32", "ignore_index": "i64"}
+    elif config.kernel == "forward_exact":
+        fn = _prsl_forward_exact_kernel
+        sig = {"logits_ptr": f"*{elem}", "target_ptr": "*i64", "loss_ptr": f"*{acc}", "stats_ptr": f"*{acc}",
+               "scratch_ptr": f"*{elem}", "flag_ptr": "*i8", "stride_row": "i64", "V": "i32", "k": "i32",
+               "b_hi": "fp32", "b_lo": "fp32", "ignore_index": "i64"}
     else:
         fn = _prsl_backward_kernel
         sig = {"grad_rows_ptr": f"*{acc}", "logits_ptr": f"*{elem}", "target_ptr": "*i64",
@@ -311,11 +545,24 @@ def _split_b(b):
 
 
 def _device_guard(tensor):
+    import contextlib
+
     return torch.cuda.device(tensor.device) if tensor.is_cuda else contextlib.nullcontext()
+
+
+def _aligned(*tensors):
+    return all(t.data_ptr() % 16 == 0 for t in tensors)
 
 
 def forward(logits, target, k, b, ignore_index):
     """``(loss_rows[N], row_stats[N, 5])`` in the stats dtype (see ``prsl_kernels.ops``)."""
+    loss_rows, row_stats, _ = forward_with_flags(logits, target, k, b, ignore_index)
+    return loss_rows, row_stats
+
+
+def forward_with_flags(logits, target, k, b, ignore_index):
+    """:func:`forward`, plus the per-row int8 flags of the two-pass kernel (1: the row
+    was recomputed by the exact kernel; None where the two-pass kernel did not run)."""
     n_rows, vocab = logits.shape
     if logits.stride(1) != 1:
         logits = logits.contiguous()
@@ -324,20 +571,36 @@ def forward(logits, target, k, b, ignore_index):
     loss_rows = torch.empty(n_rows, dtype=acc, device=logits.device)
     row_stats = torch.empty(n_rows, NUM_ROW_STATS, dtype=acc, device=logits.device)
     if n_rows == 0:
-        return loss_rows, row_stats
+        return loss_rows, row_stats, None
     if k > MAX_K:
-        return _forward_torch(logits, target, k, b, ignore_index)
+        return (*_forward_torch(logits, target, k, b, ignore_index), None)
     config = forward_config(logits.dtype, vocab, k)
-    # The scratch rows only see compacted candidates; without top-k any pointer will do.
-    scratch = torch.empty(n_rows, config.constexprs["KP"], dtype=logits.dtype, device=logits.device) \
-        if k > 0 else logits
     b_hi, b_lo = _split_b(b)
+    args = (logits.stride(0), vocab, k, b_hi, b_lo, ignore_index)
     with _device_guard(logits):
+        if config.kernel == "forward_exact":
+            scratch = torch.empty(n_rows, config.constexprs["KP"], dtype=logits.dtype, device=logits.device)
+            _prsl_forward_exact_kernel[(n_rows,)](
+                logits, target, loss_rows, row_stats, scratch, loss_rows, *args,
+                **config.constexprs, num_warps=config.num_warps)
+            return loss_rows, row_stats, None
+        constexprs = dict(config.constexprs, ALIGNED=_aligned(logits))
+        has_topk = constexprs["HAS_TOPK"]
+        cap = constexprs["CAP"] if has_topk else 1
+        cand = torch.empty(n_rows if has_topk else 1, cap, dtype=torch.int32, device=logits.device)
+        count = torch.zeros(n_rows if has_topk else 1, dtype=torch.int32, device=logits.device)
+        flags = torch.empty(n_rows if has_topk else 1, dtype=torch.int8, device=logits.device)
         _prsl_forward_kernel[(n_rows,)](
-            logits, target, loss_rows, row_stats, scratch,
-            logits.stride(0), vocab, k, b_hi, b_lo, ignore_index,
-            **config.constexprs, num_warps=config.num_warps)
-    return loss_rows, row_stats
+            logits, target, loss_rows, row_stats, cand, count, flags, *args,
+            **constexprs, num_warps=config.num_warps)
+        if not has_topk:
+            return loss_rows, row_stats, None
+        exact = exact_config(logits.dtype, vocab, k, only_flagged=True)
+        scratch = torch.empty(n_rows, exact.constexprs["KP"], dtype=logits.dtype, device=logits.device)
+        _prsl_forward_exact_kernel[(n_rows,)](
+            logits, target, loss_rows, row_stats, scratch, flags, *args,
+            **exact.constexprs, num_warps=exact.num_warps)
+    return loss_rows, row_stats, flags
 
 
 def backward(grad_rows, logits, target, row_stats, b, ignore_index):
@@ -349,13 +612,15 @@ def backward(grad_rows, logits, target, row_stats, b, ignore_index):
     if n_rows == 0 or vocab == 0:
         return grad_logits
     config = backward_config(logits.dtype, vocab)
-    block_v = config.constexprs["BLOCK_V"]
+    # Aligned tiles need the logits rows and the gradient rows to share their offset mod VEC.
+    aligned = _aligned(logits, grad_logits) and logits.stride(0) == vocab
+    tile = config.constexprs["TILE"]
     b_hi, b_lo = _split_b(b)
     with _device_guard(logits):
-        _prsl_backward_kernel[(n_rows, triton.cdiv(vocab, block_v))](
+        _prsl_backward_kernel[(n_rows, triton.cdiv(vocab + config.constexprs["VEC"] - 1, tile))](
             grad_rows.contiguous(), logits, target.contiguous(), row_stats.contiguous(), grad_logits,
             logits.stride(0), vocab, b_hi, b_lo, ignore_index,
-            **config.constexprs, num_warps=config.num_warps)
+            **dict(config.constexprs, ALIGNED=aligned), num_warps=config.num_warps)
     return grad_logits
 
 
@@ -370,7 +635,9 @@ def _forward_torch(logits, target, k, b, ignore_index, chunk_elems=1 << 24):
         z = logits[first:first + rows_per_chunk].to(acc)
         t = target[first:first + rows_per_chunk]
         counted = t != ignore_index
-        t_safe = torch.where(counted, t, torch.zeros_like(t))
+        # A target outside [0, V) is never gathered: its row becomes NaN.
+        in_range = (t >= 0) & (t < vocab)
+        t_safe = torch.where(counted & in_range, t, torch.zeros_like(t))
         lse = torch.logsumexp(z, dim=-1)
         z_target = z.gather(1, t_safe[:, None]).squeeze(1)
         # The k+1 largest with their indices: dropping the target (when present)
@@ -388,84 +655,22 @@ def _forward_torch(logits, target, k, b, ignore_index, chunk_elems=1 << 24):
         dist = (u * u).sum(-1).sqrt()
         ties = (z == tau[:, None]).sum(-1) - (z_target == tau).long()
         stats = torch.stack([lse, tau, dist, spread, ties.to(acc)], dim=1)
-        loss = lse - z_target + b * dist
+        loss = torch.where(in_range, lse - z_target + b * dist, torch.full_like(lse, float("nan")))
+        stats = torch.where(in_range[:, None], stats, torch.full_like(stats, float("nan")))
         loss_rows[first:first + rows_per_chunk] = torch.where(counted, loss, torch.zeros_like(loss))
         row_stats[first:first + rows_per_chunk] = torch.where(counted[:, None], stats,
                                                               torch.zeros_like(stats))
     return loss_rows, row_stats
 
 
-def _patch_interpreter():
-    """Four fixes to triton 3.6's CPU interpreter (TRITON_INTERPRET=1: tests, debugging).
-
-    * It holds scalar arguments as 1-element numpy arrays and converts them with
-      ``int()`` for ``range(0, V, BLOCK_V)``, which numpy >= 2.4 refuses.
-    * It reduces ``xor_sum`` (the swap step of ``tl.sort`` / ``tl.topk`` /
-      ``tl.bitonic_merge``) one element at a time in Python; numpy does it at once.
-    * It re-patches triton.language on every nested ``@triton.jit`` call.
-    * It truncates float32 -> bfloat16 where the GPU rounds to nearest even.
-    Compiled kernels are unaffected.
-    """
-    import inspect
-
-    from triton.runtime import interpreter
-
-    original_patch = interpreter._patch_lang_tensor
-    if getattr(original_patch, "prsl_patched", False):
-        return
-
-    def patch_lang_tensor(tensor, scope):
-        original_patch(tensor, scope)
-        scope.set_attr(tensor, "__index__", lambda self: int(self.handle.data.reshape(-1)[0]))
-
-    patch_lang_tensor.prsl_patched = True
-    interpreter._patch_lang_tensor = patch_lang_tensor
-
-    # Every nested @triton.jit call (each step of a bitonic sort) re-patches all
-    # of triton.language; skip it while this launch's patches are still in place.
-    # The marker goes through the scope, so the launch's restore clears it with
-    # the patches it belongs to.
-    original_patch_lang = interpreter._patch_lang
-
-    def patch_lang(fn):
-        langs = [v for v in fn.__globals__.values() if inspect.ismodule(v) and v in (tl, tl.core)]
-        if langs and all(getattr(lang, "_prsl_interpreter_patched", False) for lang in langs):
-            return interpreter._LangPatchScope()
-        scope = original_patch_lang(fn)
-        for lang in langs:
-            scope.set_attr(lang, "_prsl_interpreter_patched", True)
-        return scope
-
-    interpreter._patch_lang = patch_lang
-
-    reduce_ops = interpreter.ReduceOps
-    original_apply = reduce_ops.apply_impl
-
-    def apply_impl(self, input):
-        if self.combine_fn == tl.standard._xor_combine and self.axis is not None:
-            data = np.bitwise_xor.reduce(input[0].handle.data, axis=self.axis, keepdims=self.keep_dims)
-            return self.to_tensor(data, input[0].dtype)
-        return original_apply(self, input)
-
-    reduce_ops.apply_impl = apply_impl
-
-    builder = interpreter.InterpreterBuilder
-    original_cast = builder.cast_impl
-
-    def cast_impl(self, src, dst_type):
-        if src.dtype.scalar == tl.float32 and dst_type.scalar == tl.bfloat16:
-            rounded = torch.from_numpy(np.ascontiguousarray(src.data)).to(torch.bfloat16)
-            return interpreter.TensorHandle(rounded.view(torch.int16).numpy().view(np.uint16), tl.bfloat16)
-        return original_cast(self, src, dst_type)
-
-    builder.cast_impl = cast_impl
-
-
 if os.environ.get("TRITON_INTERPRET", "0") == "1":
-    _patch_interpreter()
+    from . import triton_interpreter
+
+    triton_interpreter.patch()
 
 ops.forward.register_kernel("cuda")(forward)
 ops.backward.register_kernel("cuda")(backward)
 
-__all__ = ["forward", "backward", "MAX_K", "TOPK_BUFFER_SIZES", "launch_configs", "forward_config",
-           "backward_config", "aot_signature", "LaunchConfig"]
+__all__ = ["forward", "backward", "forward_with_flags", "MAX_K", "FAST_MAX_KP", "TOPK_BUFFER_SIZES",
+           "launch_configs", "forward_config", "exact_config", "backward_config", "aot_signature",
+           "LaunchConfig"]
