@@ -32,6 +32,13 @@ LOSSES = ("ce", "prsl", "prsl-released")
 SCHEDULES = ("linear", "cosine", "constant", "constant_with_warmup")
 RUN_INFO = "prsl_finetune.json"
 LOG_FILE = "log.jsonl"
+#: Default peak learning rate per model kind: the tiny presets train from scratch; a local
+#: checkpoint is fine-tuned (5e-5, as the authors' released code).
+LR_DEFAULTS = {"preset": 1e-3, "checkpoint": 5e-5}
+
+
+def default_lr(model: str) -> float:
+    return LR_DEFAULTS["preset" if model in models.PRESETS else "checkpoint"]
 
 
 @dataclass
@@ -40,9 +47,9 @@ class FinetuneConfig:
     task: str = "caption"
     model: str = "tiny-vit-gpt2"
     data: str = "synthetic"
-    image_dir: str | None = None
+    image_dir: str | list[str] | None = None      # one folder or several, searched in order
     eval_data: str | None = None
-    eval_image_dir: str | None = None
+    eval_image_dir: str | list[str] | None = None
     # synthetic data / held-out sizes
     train_images: int = 4000
     eval_images: int = 200
@@ -68,7 +75,7 @@ class FinetuneConfig:
     # optimisation
     epochs: float = 1.0
     max_steps: int = -1
-    lr: float = 1e-3
+    lr: float | None = None      # None: default_lr(model)
     schedule: str = "linear"
     warmup_ratio: float = 0.05
     weight_decay: float = 0.01
@@ -77,6 +84,7 @@ class FinetuneConfig:
     bf16: bool = False
     seed: int = 0
     max_grad_norm: float = 1.0
+    optim: str = "adamw_torch"  # a transformers optimizer name (TrainingArguments.optim)
     # bookkeeping
     logging_steps: int = 10
     eval_steps: int = 0
@@ -115,9 +123,11 @@ def build_parser() -> argparse.ArgumentParser:
                    help=f"a local HF checkpoint directory, or a preset: {', '.join(models.PRESETS)}")
     g.add_argument("--data", default=d.data,
                    help="'synthetic', a COCO captions JSON (caption) or a Visual Genome question_answers.json (vqa)")
-    g.add_argument("--image-dir", default=None, help="image folder of --data (default: the JSON's folder)")
+    g.add_argument("--image-dir", nargs="+", default=None,
+                   help="image folder(s) of --data, searched in order (Visual Genome: VG_100K VG_100K_2, or their "
+                        "parent; default: the JSON's folder)")
     g.add_argument("--eval-data", default=None, help="held-out annotation file (default: hold out from --data)")
-    g.add_argument("--eval-image-dir", default=None)
+    g.add_argument("--eval-image-dir", nargs="+", default=None)
     g.add_argument("--train-images", type=int, default=d.train_images, help="synthetic training images")
     g.add_argument("--eval-images", type=int, default=d.eval_images, help="synthetic / held-out eval images")
     g.add_argument("--data-seed", type=int, default=d.data_seed, help="seed of the synthetic data")
@@ -139,13 +149,17 @@ def build_parser() -> argparse.ArgumentParser:
     g = p.add_argument_group("optimisation")
     g.add_argument("--epochs", type=float, default=d.epochs)
     g.add_argument("--max-steps", type=int, default=d.max_steps, help="overrides --epochs when > 0")
-    g.add_argument("--lr", type=float, default=d.lr)
+    # SUPPRESS: no '(default: None)' in --help; the per-kind defaults are in the help text.
+    g.add_argument("--lr", type=float, default=argparse.SUPPRESS,
+                   help=f"peak learning rate (default: {LR_DEFAULTS['preset']:g} for a tiny preset, "
+                        f"{LR_DEFAULTS['checkpoint']:g} for a local checkpoint)")
     g.add_argument("--schedule", choices=SCHEDULES, default=d.schedule)
     g.add_argument("--warmup-ratio", type=float, default=d.warmup_ratio)
     g.add_argument("--weight-decay", type=float, default=d.weight_decay)
     g.add_argument("--batch-size", type=int, default=d.batch_size, help="per process")
     g.add_argument("--grad-accum", type=int, default=d.grad_accum)
     g.add_argument("--max-grad-norm", type=float, default=d.max_grad_norm)
+    g.add_argument("--optim", default=d.optim, help="transformers optimizer name (adamw_torch, sgd, adafactor, ...)")
     g.add_argument("--bf16", action="store_true", help="bf16 mixed precision (CUDA only)")
     g.add_argument("--seed", type=int, default=d.seed, help="model init and data order")
     g = p.add_argument_group("bookkeeping")
@@ -159,7 +173,9 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--no-progress", dest="progress", action="store_false")
     g.add_argument("--max-new-tokens", type=int, default=d.max_new_tokens)
     g.add_argument("--stop-at-step", type=int, default=None, help=argparse.SUPPRESS)
-    return p
+    from .attack import show_defaults
+
+    return show_defaults(p)
 
 
 def parse_args(argv=None) -> FinetuneConfig:
@@ -197,7 +213,7 @@ def validate_config(cfg: FinetuneConfig) -> None:
     for name in ("eval_steps", "save_steps", "eval_samples"):
         if getattr(cfg, name) < 0:
             raise ValueError(f"--{name.replace('_', '-')} must be >= 0, got {getattr(cfg, name)}")
-    if cfg.lr <= 0:
+    if cfg.lr is not None and cfg.lr <= 0:
         raise ValueError(f"--lr must be > 0, got {cfg.lr}")
     if cfg.max_steps <= 0 and cfg.epochs <= 0:
         raise ValueError("give --max-steps > 0 or --epochs > 0")
@@ -341,10 +357,13 @@ def _make_callbacks(cfg, bundle, loss_fn, eval_examples, log_path):
         """Adds CE and the penalty (b*D) to the Trainer's logs; writes JSONL (rank 0)."""
 
         def on_log(self, args, state, control, logs=None, **kw):
-            stats = loss_fn.pop_stats()
+            # Every rank logs at the same steps (Trainer gathers the loss there), so the all-reduce
+            # below is safe; it makes ce / penalty / tokens global like Trainer's "loss".
+            stats = _global_stats(loss_fn.pop_stats(), args.device)
             if logs is None or not state.is_world_process_zero:
                 return
-            if stats is not None and "loss" in logs:
+            # "train_loss": the end-of-training line, the only one when --logging-steps > --max-steps.
+            if stats is not None and ("loss" in logs or "train_loss" in logs):
                 logs["ce"], logs["penalty"], logs["tokens"] = stats["ce"], stats["penalty"], stats["tokens"]
             with open(log_path, "a") as f:
                 f.write(json.dumps({"step": state.global_step, **logs}) + "\n")
@@ -367,7 +386,47 @@ def _make_callbacks(cfg, bundle, loss_fn, eval_examples, log_path):
                 control.should_save = True
                 control.should_training_stop = True
 
-    return [JsonlLogger(), GenerativeEval(), StopAt()]
+    class SaveProcessor(TrainerCallback):
+        """Every checkpoint-N gets the image processor (Trainer saves only the tokenizer), so a
+        checkpoint can be attacked or loaded on its own."""
+
+        def on_save(self, args, state, control, **kw):
+            ckpt = Path(args.output_dir) / f"checkpoint-{state.global_step}"
+            if state.is_world_process_zero and ckpt.is_dir():
+                bundle.image_processor.save_pretrained(ckpt)
+
+    return [JsonlLogger(), GenerativeEval(), StopAt(), SaveProcessor()]
+
+
+def _global_stats(stats, device):
+    """``pop_stats()`` summed over all processes (token-weighted); as is without torch.distributed."""
+    dist = torch.distributed
+    if not (dist.is_available() and dist.is_initialized()) or dist.get_world_size() == 1:
+        return stats
+    s = stats or {"ce": 0.0, "penalty": 0.0, "tokens": 0}
+    sums = torch.tensor([s["ce"] * s["tokens"], s["penalty"] * s["tokens"], float(s["tokens"])],
+                        dtype=torch.float64, device=device)
+    dist.all_reduce(sums)
+    ce, penalty, tokens = sums.tolist()
+    if tokens == 0:
+        return None
+    return {"ce": ce / tokens, "penalty": penalty / tokens, "tokens": int(round(tokens))}
+
+
+def _quiet_console(trainer, progress: bool) -> None:
+    """Console for people: Trainer prints every log dict (PrinterCallback without a progress bar,
+    ProgressCallback under it); those go to log.jsonl. Keep one bar showing the latest loss."""
+    from transformers.trainer_callback import PrinterCallback, ProgressCallback
+
+    class BarOnly(ProgressCallback):
+        def on_log(self, args, state, control, logs=None, **kw):
+            if state.is_world_process_zero and self.training_bar is not None and logs and "loss" in logs:
+                self.training_bar.set_postfix(loss=f"{logs['loss']:.4g}", refresh=False)
+
+    trainer.remove_callback(PrinterCallback)
+    trainer.remove_callback(ProgressCallback)
+    if progress:
+        trainer.add_callback(BarOnly)
 
 
 # --------------------------------------------------------------------------- training
@@ -379,6 +438,8 @@ def train(cfg: FinetuneConfig) -> Path:
     from transformers.utils import logging as hf_logging
 
     validate_config(cfg)
+    if cfg.lr is None:
+        cfg = dataclasses.replace(cfg, lr=default_lr(cfg.model))
     start = time.time()
     out = Path(cfg.output_dir)
     resume_from = last_checkpoint(out) if cfg.resume else None
@@ -421,7 +482,8 @@ def train(cfg: FinetuneConfig) -> Path:
         save_steps=cfg.save_steps or 500, save_total_limit=cfg.save_total_limit, eval_strategy="no",
         report_to=report_to, remove_unused_columns=False,
         dataloader_num_workers=0, disable_tqdm=not cfg.progress, label_names=["labels"],
-        save_only_model=False, ddp_find_unused_parameters=False, use_cpu=not torch.cuda.is_available())
+        save_only_model=False, ddp_find_unused_parameters=False, use_cpu=not torch.cuda.is_available(),
+        optim=cfg.optim)
     # The epoch's shuffle draws from the global RNG when the loader starts: reseed after building the
     # model (a fresh init and a from_pretrained load consume different amounts of it), so a resumed
     # run sees the same order as the uninterrupted one.
@@ -433,6 +495,7 @@ def train(cfg: FinetuneConfig) -> Path:
     # num_items_in_batch goes to our loss, not into the model's forward (VisionEncoderDecoder
     # would hand it to the encoder).
     trainer.model_accepts_loss_kwargs = False
+    _quiet_console(trainer, cfg.progress)
     if rank0:
         # The image processor is not the Trainer's processing_class: keep it with the run (and so
         # with --resume) from the start.
@@ -450,12 +513,8 @@ def train(cfg: FinetuneConfig) -> Path:
             "task": cfg.task, "model": cfg.model, "kind": bundle.kind,
             "loss": {"name": cfg.loss, "k": cfg.k if cfg.loss != "ce" else 0, "b": cfg.b if cfg.loss != "ce" else 0.0,
                      "window_start": cfg.window_start, "backend": cfg.backend},
-            "data": {"source": cfg.data, "image_dir": cfg.image_dir, "eval_data": cfg.eval_data,
-                     "data_seed": cfg.data_seed, "train_images": len(train_samples),
-                     "train_examples": len(train_examples), "eval_images": len(eval_samples),
-                     "image_size": cfg.image_size, "n_captions": cfg.n_captions, "max_objects": cfg.max_objects,
-                     "train_references": cfg.train_references},
-            "config": dataclasses.asdict(cfg),
+            "data": _data_info(cfg, train_samples, train_examples, eval_samples),
+            "config": _recorded_config(cfg),
             "world_size": trainer.args.world_size,
             "steps": trainer.state.global_step, "train_loss": result.training_loss,
             "wall_s": time.time() - start, "completed": not interrupted,
@@ -470,6 +529,39 @@ def train(cfg: FinetuneConfig) -> Path:
     return out
 
 
+#: Settings that only mean something for the synthetic data, or for a tiny preset model.
+SYNTHETIC_ONLY = ("train_images", "data_seed", "n_captions", "max_objects")
+PRESET_ONLY = ("hidden", "layers", "heads", "patch", "num_query_tokens", "vocab_size", "image_size")
+
+
+def _recorded_config(cfg: FinetuneConfig) -> dict:
+    """The config as run, without the settings that did not apply to this run."""
+    out = dataclasses.asdict(cfg)
+    drop = (() if cfg.data == "synthetic" else SYNTHETIC_ONLY) + (() if cfg.model in models.PRESETS else PRESET_ONLY)
+    if cfg.data == "synthetic":
+        drop += ("image_dir", "eval_data", "eval_image_dir", "limit")
+    if cfg.task != "caption":
+        drop += ("train_references",)
+    return {k: v for k, v in out.items() if k not in set(drop) or (k == "image_size" and cfg.data == "synthetic")}
+
+
+def _data_info(cfg: FinetuneConfig, train_samples, train_examples, eval_samples) -> dict:
+    """What was trained and held out. For a file split here, ``held_out_ids`` lists the held-out
+    images, so ``prsl-attack`` attacks those and never training images."""
+    info = {"source": cfg.data, "train_images": len(train_samples), "train_examples": len(train_examples),
+            "eval_images": len(eval_samples)}
+    if cfg.data == "synthetic":
+        info.update(data_seed=cfg.data_seed, image_size=cfg.image_size, n_captions=cfg.n_captions,
+                    max_objects=cfg.max_objects)
+    else:
+        info.update(source_path=str(Path(cfg.data).resolve()), image_dir=cfg.image_dir, limit=cfg.limit,
+                    eval_data=cfg.eval_data, eval_image_dir=cfg.eval_image_dir,
+                    held_out_ids=None if cfg.eval_data else [s.id for s in eval_samples])
+    if cfg.task == "caption":
+        info["train_references"] = cfg.train_references
+    return info
+
+
 def main(argv=None) -> int:
     cfg = parse_args(argv)
     try:
@@ -477,6 +569,8 @@ def main(argv=None) -> int:
     except (data_mod.DataError, FileNotFoundError, FileExistsError, ValueError) as err:
         print(f"prsl-finetune: error: {err}", file=sys.stderr)
         return 2
+    if int(os.environ.get("RANK", "0")) != 0:
+        return 0        # rank 0 writes the run and reports it
     info = models.read_run_info(out)
     ev = info.get("final_eval", {})
     msg = f"prsl-finetune: {info.get('steps')} steps in {info.get('wall_s', 0):.1f}s -> {out}"
