@@ -6,6 +6,7 @@ PTB tokenizer JVM and one tiny fine-tuning run dominate)."""
 
 import json
 
+import numpy as np
 import pytest
 import torch
 
@@ -378,3 +379,41 @@ def test_vqa_attack_on_tiny_blip2(samples, tmp_path):
     assert (x - x0).abs().max() <= 1.0 + 1e-6
     rec = json.loads((tmp_path / "vqa" / "samples.jsonl").read_text().splitlines()[-1])
     assert rec["round"] == 1 and rec["prompt"].startswith("Question: ")
+
+
+def test_cli_on_a_checkpoint_of_a_visual_genome_run(tmp_path):
+    """The README's VQA path end to end: fine-tune on a Visual Genome file whose images lie in
+    VG_100K and VG_100K_2 (13.6), then attack an intermediate checkpoint-N (13.8) with neither
+    --task (13.7) nor a subset: the attack takes the images fine-tuning held out (13.3)."""
+    from PIL import Image
+
+    from prsl_kernels.drivers import finetune
+
+    rng = np.random.default_rng()
+    root = tmp_path / "vg"
+    entries = []
+    for i in range(20):
+        folder = root / ("VG_100K" if i % 2 else "VG_100K_2")
+        folder.mkdir(parents=True, exist_ok=True)
+        Image.fromarray(rng.integers(0, 255, (32, 32, 3), dtype=np.uint8)).save(folder / f"{i}.jpg")
+        entries.append({"id": i, "qas": [{"question": "what is it?", "answer": f"noise {i % 3}"}]})
+    qa = root / "question_answers.json"
+    qa.write_text(json.dumps(entries))
+    run = tmp_path / "run"
+    finetune.train(finetune.FinetuneConfig(
+        output_dir=str(run), task="vqa", model="tiny-blip2-opt", data=str(qa),
+        image_dir=[str(root / "VG_100K"), str(root / "VG_100K_2")], eval_images=2, eval_samples=2, hidden=32,
+        layers=1, heads=2, patch=8, image_size=32, num_query_tokens=4, vocab_size=300, batch_size=8, max_steps=2,
+        save_steps=2, progress=False, max_new_tokens=3))
+    held_out = json.loads((run / "prsl_finetune.json").read_text())["data"]["held_out_ids"]
+    assert len(held_out) == 2
+    out = tmp_path / "attack"
+    main(["--model", str(run / "checkpoint-2"), "--data", str(qa), "--image-dir", str(root), "--rounds", "1",
+          "--num-samples", "5", "--metrics", "exact_match", "vqa_accuracy", "--max-new-tokens", "3",
+          "--output-dir", str(out), "--no-progress", "--no-report"])
+    described = json.loads((out / "checkpoint-2" / "attack_config.json").read_text())
+    assert described["attack"]["task"] == "vqa"
+    assert [i.rsplit("-q", 1)[0] for i in described["ids"]] == held_out
+    rec = [json.loads(line) for line in (out / "checkpoint-2" / "samples.jsonl").read_text().splitlines()]
+    assert {r["round"] for r in rec} == {0, 1} and all(r["scores"]["clean"]["exact_match"] == 1.0
+                                                       for r in rec if r["round"] == 0)
