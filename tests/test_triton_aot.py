@@ -1,22 +1,33 @@
-"""Compiled (not interpreted) Triton: every launch configuration compiles for
-sm_80 / sm_90 without register spills, and the module imports without a GPU.
+"""Compiled (not interpreted) Triton: the launch configurations compile for
+sm_80 / sm_90 as the runtime specialises them, without register spills; the
+runtime's alignment hints really reach the binaries; the module imports without
+a GPU.
 
 Compiling needs TRITON_INTERPRET unset, so these run in subprocesses. The suite
-compiles every configuration the launchers can pick (6-9 minutes cold on 2 cores,
-seconds with a warm Triton cache); PRSL_AOT_QUICK=1 compiles a cross-section only,
-for quick local iterations.
+compiles a cross-section (aot_report.QUICK: the largest register footprints of
+each kernel, both row-stride variants, both architectures; 2-4 minutes cold on 2
+cores, seconds with a warm Triton cache); PRSL_AOT_FULL=1 compiles every
+configuration (two variants each: about 20-30 minutes cold), as
+``benchmarks/aot_report.py --write`` does for results/aot_report.txt.
 """
 
+import json
 import os
 import subprocess
 import sys
 from pathlib import Path
 
+import pytest
 import torch
 
 from prsl_kernels import triton_kernels as tk
 
 ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT / "benchmarks"))
+
+import aot_report  # noqa: E402
+
+needs_tools = pytest.mark.skipif(not aot_report.have_tools(), reason="triton's ptxas / cuobjdump not found")
 
 
 def _compiled_env():
@@ -48,10 +59,73 @@ def test_launch_configs_cover_every_launch(monkeypatch):
                 assert k == 0 or kp > k  # the spare slot detects ties past tau
 
 
+@needs_tools
 def test_aot_compile_without_spills():
     args = [sys.executable, str(ROOT / "benchmarks" / "aot_report.py"), "--check"]
-    if os.environ.get("PRSL_AOT_QUICK") == "1":
+    if os.environ.get("PRSL_AOT_FULL") != "1":
         args.append("--quick")
-    result = subprocess.run(args, env=_compiled_env(), capture_output=True, text=True, cwd=ROOT, timeout=1800)
+    result = subprocess.run(args, env=_compiled_env(), capture_output=True, text=True, cwd=ROOT, timeout=3600)
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
     assert "sm_80" in result.stdout and "sm_90" in result.stdout
+    assert "V%16=0" in result.stdout and "V odd" in result.stdout
+
+
+@needs_tools
+def test_runtime_hints_reach_the_binaries():
+    """The report compiles what a launch builds: the row-stride hint follows V, and the loads
+    in the loops are 16-byte vectors wherever the rows allow it."""
+    result = subprocess.run([sys.executable, __file__, "hints"], env=_compiled_env(), capture_output=True,
+                            text=True, cwd=ROOT, timeout=1800)
+    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
+    out = json.loads(result.stdout)
+    # Pointers from torch are 16-byte aligned: hinted. V = 50272 (a multiple of 16): the stride
+    # and V are hinted; V = 50257: neither. k = 1 becomes a constant, as at a launch.
+    assert {"logits_ptr", "stride_row", "V"} <= set(out["exact"]["aligned"]["hinted"])
+    assert "stride_row" not in out["exact"]["odd"]["hinted"] and "V" not in out["exact"]["odd"]["hinted"]
+    assert "logits_ptr" in out["exact"]["odd"]["hinted"]
+    assert out["k1_constants"] == ["k"]
+    # The exact kernel (one program per row, BLOCK_V blocks at row * stride): vector loads of
+    # the row only when the stride is hinted; bf16 scalar loads otherwise.
+    assert out["exact"]["aligned"]["row_loads"] == [128]
+    assert out["exact"]["odd"]["row_loads"] == [16]
+    # The two-pass forward aligns its tiles itself: its streaming loop loads 16-byte vectors
+    # either way, and no loop of it falls back to 2-byte loads.
+    for variant in ("aligned", "odd"):
+        assert out["forward"][variant]["row_loads"] == [128], out["forward"][variant]
+        assert "16" not in out["forward"][variant]["loop_loads"], out["forward"][variant]
+        # The backward (no loop): an interior tile is one 16-byte vector per thread.
+        assert 128 in out["backward"][variant]["row_loads"]
+
+
+def _hints():
+    """Run as a script (TRITON_INTERPRET unset): hints and loop loads of three kernels."""
+    import static_cost
+
+    out = {}
+    configs = {"forward": tk.forward_config(torch.bfloat16, 50257, 20),
+               "exact": tk.exact_config(torch.bfloat16, 50257, 20, only_flagged=True),
+               "backward": tk.backward_config(torch.bfloat16, 50257)}
+    for name, config in configs.items():
+        out[name] = {}
+        for variant, vocab in (("aligned", 50272), ("odd", 50257)):
+            hinted, _ = aot_report.hinted_args(config, 90, vocab, k=20)
+            compiled = aot_report.compile_runtime(config, 90, vocab, k=20)
+            sass, _ = aot_report.sass_of(compiled)
+            widths = aot_report.loop_load_widths(sass)
+            # The loads of the row: on the shortest trip through the first loop (the block
+            # loop; the exact kernel's merge path also reloads its scratch row), or anywhere in
+            # a kernel without loops.
+            cfg = static_cost.Cfg(static_cost.parse_sass(sass))
+            loops = cfg.top_level_loops()
+            blocks = static_cost._shortest_blocks(cfg, loops[0][0]) if loops else list(cfg.blocks)
+            row_loads = sorted({i.load_bytes() * 8 for b in blocks for i in cfg.blocks[b].instrs if i.base == "LDG"})
+            out[name][variant] = {"hinted": sorted(hinted), "loop_loads": {str(b): n for b, n in widths.items()},
+                                  "row_loads": row_loads}
+    _, ones = aot_report.hinted_args(configs["forward"], 90, 50257, k=1)
+    out["k1_constants"] = sorted(ones)
+    return out
+
+
+if __name__ == "__main__":
+    if sys.argv[1:] == ["hints"]:
+        print(json.dumps(_hints()))
