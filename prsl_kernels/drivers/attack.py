@@ -185,6 +185,10 @@ def _to_uint8(x_pixel):
     return (x_pixel.clamp(0, 1) * 255).round().to(torch.uint8).permute(0, 2, 3, 1).cpu().numpy()
 
 
+class SettingsMismatch(RuntimeError):
+    """An output folder holds rounds of an attack with other settings (or of an earlier version)."""
+
+
 class ModelAttack:
     """Attacks one model on ``items``, writing under ``out_dir``; :meth:`run` resumes where it stopped."""
 
@@ -248,8 +252,8 @@ class ModelAttack:
                     "valid_range")
             if old.get("ids") != mine["ids"] or any(old["attack"].get(k) != mine["attack"][k] for k in keys) \
                     or old.get("model_path") != mine["model_path"]:
-                raise RuntimeError(f"{self.out} holds an attack with other settings or data; use another "
-                                   "--output-dir or --overwrite")
+                raise SettingsMismatch(f"{self.out} holds an attack with other settings or data; use another "
+                                       "--output-dir or --overwrite")
             old["attack"]["rounds"] = max(old["attack"]["rounds"], self.cfg.rounds)
             mine = old
         _write_text(path, json.dumps(mine, indent=1))
@@ -504,7 +508,7 @@ def select_samples(samples, args, model_dirs):
     held_out = None
     for m in model_dirs:
         data = _run_info(m).get("data", {})
-        if _same_file(data.get("source"), args.data):
+        if _same_file(data.get("source_path") or data.get("source"), args.data):
             if data.get("eval_data"):
                 continue            # held out in a separate file: nothing of this one was held out
             ids = data.get("held_out_ids")

@@ -136,7 +136,7 @@ def run(args):
 def _run(args):
     import torch
 
-    from .attack import AttackConfig, ModelAttack, attack_items
+    from .attack import AttackConfig, ModelAttack, SettingsMismatch, attack_items
     from .data import synthetic_dataset
     from .metrics import CaptionScorer
     from .models import load_bundle
@@ -194,8 +194,15 @@ def _run(args):
         config = AttackConfig(task="caption", rounds=atk["rounds"], steps_per_round=atk["steps_per_round"],
                               max_new_tokens=atk["max_new_tokens"], batch_size=atk["batch_size"], device=device)
         for name, group, info, path, reused in tqdm(trained, desc="2/3 BIM attack and metrics", **bar_kw):
-            ModelAttack(load_bundle(path), items, attack_dir / name, config, scorer, model_path=str(path.resolve()),
-                        name=name, run_info=info, progress=False).run()
+            bundle = load_bundle(path)
+            try:
+                ModelAttack(bundle, items, attack_dir / name, config, scorer, model_path=str(path.resolve()),
+                            name=name, run_info=info, progress=False).run()
+            except SettingsMismatch as err:  # rounds of an earlier version or other settings: attack afresh
+                log(f"{name}: {err}; discarding {attack_dir / name}")
+                shutil.rmtree(attack_dir / name)
+                ModelAttack(bundle, items, attack_dir / name, config, scorer, model_path=str(path.resolve()),
+                            name=name, run_info=info, progress=False).run()
             say(_model_line(name, info, reused, attack_dir))
     t_attack = time.time() - t0 - t_train
     trained = [t[:4] for t in trained]
