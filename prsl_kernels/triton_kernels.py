@@ -19,16 +19,19 @@ view, i.e. the same VEC lanes of every tile: GROUPS disjoint subsets of the row.
   the streaming loop: no compare, no reduction across threads, no barrier.
 * The k-th largest group maximum (the target's group left out) is a lower
   bound ``thr`` of tau: those k maxima are k distinct non-target logits.
-* Pass 2 reads the row again (it was just streamed, so from L2) and appends
-  the index of every logit ``>= thr`` to a per-row candidate list through a
-  per-row atomic counter. For continuous logits that is about
-  ``k + k^2 / (2 GROUPS)`` entries; every logit of A and of T is among them.
-* A top-KP of the CAP candidate values (their order in the list does not
-  matter, so the atomics cost no determinism) gives tau, A, S, D and |T|
-  exactly.
+* Only groups whose maximum reaches ``thr`` can hold a candidate (a logit
+  ``>= thr``); there are about k of them. They are listed (a prefix sum over
+  the groups), and pass 2 reads just their VEC lanes of every tile again (from
+  L2: the row was just streamed), ROWS chunks of VEC lanes per step. Chunks
+  holding candidates go to a per-row chunk list, their candidates to a
+  candidate list of CAP slots, both placed by prefix sums: a fixed order, no
+  atomics (measured on an H200: per-candidate atomics on a row counter cost
+  more than the whole streaming pass). For continuous logits there are about
+  ``k + k^2 / (2 GROUPS)`` candidates; every logit of A and of T is one.
+* A top-KP of the candidate values gives tau, A, S, D and |T| exactly.
 
-A row whose candidates do not fit in CAP slots (heavy ties, fewer than k finite
-groups) or whose lse is NaN is *flagged*; a second launch of the exact kernel
+A row whose listed groups or candidates do not fit (heavy ties), with fewer than
+k finite groups, or whose lse is NaN is *flagged*; a second launch of the exact kernel
 (``_prsl_forward_exact_kernel``, below) recomputes only flagged rows and
 returns at once for the others: no host sync. For 128 <= k <= MAX_K the exact
 kernel runs every row: a register buffer of the KP >= k+1 largest non-target
@@ -51,6 +54,7 @@ A target that is neither ``ignore_index`` nor in ``[0, V)`` (possible with
 so its gradient is NaN too.
 """
 
+import contextlib
 import math
 import os
 from typing import NamedTuple
@@ -110,21 +114,34 @@ def _group_lse_step(raw, m, s, acc: tl.constexpr, USE_EXP2: tl.constexpr):
 
 
 @triton.jit
-def _append_candidates(raw, thr, pos, count_ptr, cand_row, CAP: tl.constexpr):
-    # Relaxed CTA-scope atomics on this row's counter hand out the slots; the
-    # candidates are sorted later, so their order in the list is irrelevant.
-    hit = raw.to(thr.dtype) >= thr
-    slot = tl.atomic_add(count_ptr + tl.zeros_like(pos), 1, mask=hit, sem="relaxed", scope="cta")
-    tl.store(cand_row + slot, pos, mask=hit & (slot < CAP))
+def _gather_chunks(tile0, group_row, gl0, tb0, n_groups, n_tiles, thr, target, lead, V,
+                   TILE: tl.constexpr, VEC: tl.constexpr, T_BLK: tl.constexpr, ROWS: tl.constexpr,
+                   acc: tl.constexpr):
+    # ROWS chunks at once, one per thread: the VEC lanes of listed group gl0 + r // T_BLK
+    # in tile tb0 + r % T_BLK. Returns the chunks (-inf off the candidates) and
+    # which of them hold a candidate (>= thr, not the target).
+    rows = tl.arange(0, ROWS)
+    gl = gl0 + rows // T_BLK
+    tb = tb0 + rows % T_BLK
+    row_ok = (gl < n_groups) & (tb < n_tiles)
+    gid = tl.load(group_row + gl, mask=row_ok, other=0)
+    offs = (tb * TILE + gid * VEC)[:, None] + tl.arange(0, VEC)[None, :]
+    pos = offs - lead
+    x = tl.load(tile0 + offs, mask=row_ok[:, None] & (pos >= 0) & (pos < V), other=float("-inf")).to(acc)
+    hit = (x >= thr) & (pos != target)
+    return tl.where(hit, x, float("-inf")), tl.max(hit.to(tl.int32), axis=1)
 
 
 @triton.jit
 def _prsl_forward_kernel(
-    logits_ptr, target_ptr, loss_ptr, stats_ptr, cand_ptr, count_ptr, flag_ptr,
+    logits_ptr, target_ptr, loss_ptr, stats_ptr, group_ptr, chunk_ptr, cand_ptr, flag_ptr,
     stride_row, V, k, b_hi, b_lo, ignore_index,
     HAS_TOPK: tl.constexpr,  # False when k == 0 (or b == 0): plain cross-entropy, one pass
     KP: tl.constexpr,  # top-k size of the selections, a power of two > k
     CAP: tl.constexpr,  # candidate slots per row
+    GCAP: tl.constexpr,  # listed groups per row
+    ROWS: tl.constexpr,  # chunks gathered per step: one per thread
+    T_BLK: tl.constexpr,  # tiles per step (ROWS // T_BLK listed groups)
     TILE: tl.constexpr,
     VEC: tl.constexpr,  # elements per 16 bytes
     ALIGNED: tl.constexpr,  # logits_ptr is 16-byte aligned: tiles can start aligned
@@ -185,28 +202,46 @@ def _prsl_forward_kernel(
         best_groups = tl.topk(tl.where(groups == target_group, float("-inf"), m), KP)
         ranks = tl.arange(0, KP)
         thr = tl.max(tl.where(ranks == k - 1, best_groups, float("-inf")), axis=0)
-        count_row = count_ptr + row
         cand_row = cand_ptr + row * CAP
+        group_row = group_ptr + row * GCAP
+        chunk_row = chunk_ptr + row * (CAP * VEC)
         n_cand = CAP + 1  # flagged unless the candidates are listed below
         n_listed = 0
         if (thr > float("-inf")) & (lse == lse):
-            raw = _load_tile(tile0, offs - lead, offs, V, True)
-            _append_candidates(raw, thr, offs - lead, count_row, cand_row, CAP)
-            for t in range(1, n_tiles - 1):
-                raw = _load_tile(tile0 + t * TILE, offs, offs, V, False)
-                _append_candidates(raw, thr, t * TILE + offs - lead, count_row, cand_row, CAP)
-            if n_tiles > 1:
-                last = (n_tiles - 1) * TILE
-                raw = _load_tile(tile0 + last, last + offs - lead, offs, V, True)
-                _append_candidates(raw, thr, last + offs - lead, count_row, cand_row, CAP)
-            tl.debug_barrier()  # every thread's appends are done and visible
-            n_cand = tl.atomic_add(count_row, 0, sem="relaxed", scope="cta")
-            n_listed = tl.minimum(n_cand, CAP)
+            # Only groups whose maximum reaches thr hold candidates (about k of them):
+            # list them, then read just their lanes of every tile again.
+            hit_groups = (m >= thr).to(tl.int32)
+            rank = tl.cumsum(hit_groups, axis=0) - 1
+            n_groups = tl.sum(hit_groups, axis=0)
+            tl.store(group_row + rank, groups, mask=(hit_groups > 0) & (rank < GCAP))
+            tl.debug_barrier()  # every thread sees the list
+            if n_groups <= GCAP:
+                # Read just the listed groups' lanes of every tile again (from L2):
+                # ROWS chunks of VEC lanes per step, and append the chunks that hold
+                # candidates to the row's chunk list (prefix sums: a fixed order, no atomics).
+                n_chunks = 0
+                chunk_lanes = tl.arange(0, VEC)[None, :]
+                for gl0 in range(0, n_groups, ROWS // T_BLK):
+                    for tb0 in range(0, n_tiles, T_BLK):
+                        x, has = _gather_chunks(tile0, group_row, gl0, tb0, n_groups, n_tiles, thr, target, lead,
+                                                V, TILE, VEC, T_BLK, ROWS, acc)
+                        slot = n_chunks + tl.cumsum(has, axis=0) - has
+                        tl.store(chunk_row + slot[:, None] * VEC + chunk_lanes, x,
+                                 mask=(has[:, None] > 0) & (slot[:, None] < CAP))
+                        n_chunks += tl.sum(has, axis=0)
+                if n_chunks <= CAP:
+                    # Compact the candidates of the listed chunks into the row's list.
+                    tl.debug_barrier()  # every thread sees every chunk
+                    chunk_slots = tl.arange(0, CAP * VEC)
+                    x = tl.load(chunk_row + chunk_slots, mask=chunk_slots < n_chunks * VEC, other=float("-inf"),
+                                cache_modifier=".cg")
+                    hit = (x > float("-inf")).to(tl.int32)
+                    n_cand = tl.sum(hit, axis=0)
+                    tl.store(cand_row + tl.cumsum(hit, axis=0) - 1, x, mask=(hit > 0) & (n_cand <= CAP))
+                    tl.debug_barrier()  # ... and every candidate
+                    n_listed = tl.where(n_cand <= CAP, n_cand, 0)
         slots = tl.arange(0, CAP)
-        listed = slots < n_listed
-        cand = tl.load(cand_row + slots, mask=listed, other=0, cache_modifier=".cg")
-        values = tl.load(logits_ptr + row_off + cand, mask=listed & (cand != target),
-                         other=float("-inf")).to(acc)
+        values = tl.load(cand_row + slots, mask=slots < n_listed, other=float("-inf"), cache_modifier=".cg")
         best = tl.topk(values, KP)
         tau = tl.max(tl.where(ranks == k - 1, best, float("-inf")), axis=0)
         p_min = tl.exp(tau - lse)
@@ -463,7 +498,9 @@ def forward_config(dtype, vocab, k):
         vec = _VEC[dtype]
         num_warps = max(1, min(_FAST_WARPS, tile // (32 * 16 * vec // 8)))
         return LaunchConfig("forward", dtype, {
-            "HAS_TOPK": k > 0, "KP": kp, "CAP": max(32, 2 * kp), "TILE": tile, "VEC": vec,
+            "HAS_TOPK": k > 0, "KP": kp, "CAP": max(32, 2 * kp), "GCAP": 2 * max(32, 2 * kp),
+            "ROWS": 32 * num_warps, "T_BLK": max(1, 32 * num_warps // max(16, kp)),
+            "TILE": tile, "VEC": vec,
             "ALIGNED": True, "USE_EXP2": dtype != torch.float64}, num_warps)
     return exact_config(dtype, vocab, k, only_flagged=False)
 
@@ -518,7 +555,7 @@ def aot_signature(config):
     if config.kernel == "forward":
         fn = _prsl_forward_kernel
         sig = {"logits_ptr": f"*{elem}", "target_ptr": "*i64", "loss_ptr": f"*{acc}", "stats_ptr": f"*{acc}",
-               "cand_ptr": "*i32", "count_ptr": "*i32", "flag_ptr": "*i8", "stride_row": "i64", "V": "i32",
+               "group_ptr": "*i32", "chunk_ptr": f"*{acc}", "cand_ptr": f"*{acc}", "flag_ptr": "*i8", "stride_row": "i64", "V": "i32",
                "k": "i32", "b_hi": "fp32", "b_lo": "fp32", "ignore_index": "i64"}
     elif config.kernel == "forward_exact":
         fn = _prsl_forward_exact_kernel
@@ -545,8 +582,6 @@ def _split_b(b):
 
 
 def _device_guard(tensor):
-    import contextlib
-
     return torch.cuda.device(tensor.device) if tensor.is_cuda else contextlib.nullcontext()
 
 
@@ -587,11 +622,13 @@ def forward_with_flags(logits, target, k, b, ignore_index):
         constexprs = dict(config.constexprs, ALIGNED=_aligned(logits))
         has_topk = constexprs["HAS_TOPK"]
         cap = constexprs["CAP"] if has_topk else 1
-        cand = torch.empty(n_rows if has_topk else 1, cap, dtype=torch.int32, device=logits.device)
-        count = torch.zeros(n_rows if has_topk else 1, dtype=torch.int32, device=logits.device)
+        # Per-row scratch, CAP entries each (L2-resident): listed groups and candidate values.
+        groups = torch.empty(n_rows if has_topk else 1, constexprs["GCAP"], dtype=torch.int32, device=logits.device)
+        chunks = torch.empty(n_rows if has_topk else 1, cap * constexprs["VEC"], dtype=acc, device=logits.device)
+        cand = torch.empty(n_rows if has_topk else 1, cap, dtype=acc, device=logits.device)
         flags = torch.empty(n_rows if has_topk else 1, dtype=torch.int8, device=logits.device)
         _prsl_forward_kernel[(n_rows,)](
-            logits, target, loss_rows, row_stats, cand, count, flags, *args,
+            logits, target, loss_rows, row_stats, groups, chunks, cand, flags, *args,
             **constexprs, num_warps=config.num_warps)
         if not has_topk:
             return loss_rows, row_stats, None

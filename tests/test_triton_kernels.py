@@ -250,3 +250,57 @@ def test_gradcheck_fp64(block):
         return prsl_loss(x, target, 4, 0.7, reduction="none", backend="triton")
 
     assert torch.autograd.gradcheck(loss_rows, (logits.requires_grad_(True),), eps=1e-6, atol=1e-7)
+
+
+@pytest.mark.parametrize("k", [0, 6, 3000])
+def test_out_of_range_targets_are_never_read(k):
+    """check_target=False: a target that is neither ignore_index nor in [0, V) gives a NaN loss and
+    gradient for its row (no read at that address), and leaves the other rows exact. k = 3000 > MAX_K
+    takes the torch path."""
+    vocab = 3100 if k > tk.MAX_K else 200
+    logits, target, _ = make_rows(7, vocab, torch.float32, seed=k + 1)
+    target[:5] = torch.tensor([vocab, vocab + 1, 1 << 40, -1, -7])
+    x = logits.clone().requires_grad_(True)
+    loss = prsl_loss(x, target, k, 0.5, reduction="none", backend="triton", check_target=False)
+    loss.sum().backward()
+    assert torch.isnan(loss[:5]).all() and torch.isnan(x.grad[:5]).all()
+    want = ref.prsl_loss_reference(logits[5:], target[5:], k, 0.5, reduction="none")
+    torch.testing.assert_close(loss[5:], want, rtol=1e-5, atol=1e-6)
+    assert torch.isfinite(x.grad[5:]).all() and (x.grad[6] == 0).all()  # row 6 is ignored
+
+
+def test_two_pass_forward_takes_the_fast_path_and_flags_what_it_cannot_prove():
+    """Continuous rows are settled by the two-pass kernel (flag 0); heavy ties, rows with fewer
+    than k finite groups and NaN rows are flagged and recomputed exactly by the exact kernel."""
+    gen = torch.Generator().manual_seed(21)
+    vocab, k = 3000, 20  # default tiles: one 4096-wide bf16 tile / two 2048-wide fp32 tiles
+    for dtype in (torch.float32, torch.bfloat16):
+        logits = (torch.randn(6, vocab, generator=gen) * 2).to(dtype)
+        target = torch.randint(0, vocab, (6,), generator=gen)
+        logits[3] = torch.randint(-3, 3, (vocab,), generator=gen).to(dtype)  # ties: too many candidates
+        logits[4, 10:] = float("-inf")  # 10 finite logits < k: tau = -inf
+        target[4] = 2
+        logits[5, 7] = float("nan")
+        target[5] = 8
+        assert tk.forward_config(dtype, vocab, k).kernel == "forward"
+        loss, stats, flags = tk.forward_with_flags(logits, target, k, 0.5, -100)
+        assert flags.tolist() == [0, 0, 0, 1, 1, 1]
+        want = ref.prsl_loss_reference(logits[:5], target[:5], k, 0.5, reduction="none")
+        torch.testing.assert_close(loss[:5], want, rtol=1e-5, atol=1e-5)
+        assert torch.isnan(loss[5])
+        lse, tau, dist, spread, ties = ref.row_stats_reference(logits[:5], target[:5], k)[:5]
+        assert torch.equal(stats[:5, TAU], tau) and torch.equal(stats[:5, TIE_COUNT], ties)
+
+
+def test_misaligned_rows_match_aligned_copy():
+    """A view whose base is off 16-byte alignment takes the unaligned tiles; same values."""
+    gen = torch.Generator().manual_seed(22)
+    storage = (torch.randn(4, 3001, generator=gen) * 2).to(torch.bfloat16)
+    view = storage[:, 1:]  # base 2 bytes past an aligned address, row stride 3001
+    assert view.data_ptr() % 16 != 0
+    target = torch.randint(0, 3000, (4,), generator=gen)
+    got = run_triton(view, target, 20, 0.5)
+    want = run_triton(view.contiguous(), target, 20, 0.5)
+    torch.testing.assert_close(got[0], want[0], rtol=1e-6, atol=1e-6)
+    torch.testing.assert_close(got[2].float(), want[2].float(), rtol=2.0 ** -8, atol=1e-7)
+    assert_matches_reference(view, target, 20, 0.5)
