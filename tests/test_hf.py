@@ -4,7 +4,7 @@ import pytest
 import torch
 
 from prsl_kernels.hf import (CEComputeLoss, PRSLComputeLoss, PRSLTokenLoss, align_labels,
-                             prsl_loss_function)
+                             apply_prsl_fused_linear, prsl_loss_function, remove_prsl_fused_linear)
 from prsl_reference import prsl_loss_reference, prsl_released_loss_reference
 
 V = 40
@@ -140,3 +140,211 @@ def test_loss_function_hook_on_a_causal_lm():
     torch.testing.assert_close(model.loss_function(out.logits, None, V, shift_labels=align_labels(labels, True)),
                                expected)
     assert model.loss_function.pop_stats()["tokens"] == stats["tokens"]  # logged like the shifting path
+
+
+# --------------------------------------------------------------------------- fused linear + PRSL patch
+
+def _tiny_bundles():
+    from prsl_kernels.drivers import data, models
+
+    size = models.TinySize(hidden=32, heads=2, encoder_layers=1, decoder_layers=1, num_query_tokens=4)
+    corpus = data.synthetic_corpus()
+    return {preset: models.tiny_bundle(preset, corpus, size=size, vocab_size=300) for preset in models.PRESETS}
+
+
+@pytest.fixture(scope="module")
+def tiny_bundles():
+    return _tiny_bundles()
+
+
+def _model_and_batch(bundles, preset, dtype=torch.float64, seed=0, n=4):
+    import copy
+
+    from prsl_kernels.drivers import data
+
+    bundle = bundles[preset]
+    model = copy.deepcopy(bundle.model).to(dtype)
+    if hasattr(model, "query_tokens"):
+        # The fresh BLIP-2 starts its query tokens at zero, where the Q-Former's first LayerNorm has
+        # a ~1/sqrt(eps) gradient (1e16 in float64): give them the spread trained ones have.
+        with torch.no_grad():
+            model.query_tokens.copy_(torch.randn(model.query_tokens.shape, dtype=torch.float64,
+                                                 generator=torch.Generator().manual_seed(seed)).to(dtype))
+    batch = bundle.batch(data.vqa_examples(data.synthetic_dataset(n, seed=seed))[:n])
+    batch["pixel_values"] = batch["pixel_values"].to(dtype)
+    return bundle, model, batch
+
+
+def _grads(model):
+    return {name: p.grad.clone() for name, p in model.named_parameters() if p.grad is not None}
+
+
+@pytest.mark.parametrize("preset", ["tiny-vit-gpt2", "tiny-blip2-opt"])
+def test_fused_linear_patch_matches_unfused(tiny_bundles, preset):
+    """The drivers' models (ViT-GPT2, BLIP-2 OPT) patched: the same loss and gradients as the
+    logits path in float64, no logits with labels, the unchanged logits without."""
+    bundle, model, batch = _model_and_batch(tiny_bundles, preset)
+    labels = batch.pop("labels")
+    k, b = 5, 0.8
+    n_items = (align_labels(labels, bundle.shift_labels) != -100).sum() + 3  # a larger step total
+    unfused = PRSLTokenLoss(k, b, shift=bundle.shift_labels, backend="reference")
+    plain = model(**batch)
+    want = unfused(plain.logits, labels, n_items)
+    want.backward()
+    want_grads = _grads(model)
+    model.zero_grad()
+
+    token_loss = apply_prsl_fused_linear(model, k, b)
+    assert token_loss.shift == bundle.shift_labels  # the model class's alignment
+    out = model(**batch, labels=labels, num_items_in_batch=n_items)
+    assert out.logits is None
+    torch.testing.assert_close(out.loss, want, rtol=1e-12, atol=0)
+    out.loss.backward()
+    grads = _grads(model)
+    assert grads.keys() == want_grads.keys()
+    for name, g in grads.items():
+        # float64 rounding relative to each tensor's scale, and an absolute floor for gradients that are zero in exact arithmetic (attention key biases).
+        scale = want_grads[name].abs().max().item()
+        torch.testing.assert_close(g, want_grads[name], rtol=0, atol=1e-9 * scale + 1e-12, msg=name)
+    stats = token_loss.pop_stats()
+    assert stats["tokens"] == int((align_labels(labels, bundle.shift_labels) != -100).sum()) and stats["penalty"] > 0
+
+    with torch.no_grad():  # inference: the logits as before
+        torch.testing.assert_close(model(**batch).logits, plain.logits.detach())
+        as_tuple = model(**batch, labels=labels, num_items_in_batch=n_items, return_dict=False)
+    torch.testing.assert_close(as_tuple[0], want.detach())  # HF's tuple convention: loss first
+
+    remove_prsl_fused_linear(model)
+    with torch.no_grad():
+        assert model(**batch, labels=labels).logits is not None  # HF's own loss path again
+
+
+@pytest.mark.parametrize("family", ["gpt2", "opt"])
+def test_fused_linear_patch_on_plain_causal_lms(family):
+    from transformers import GPT2Config, GPT2LMHeadModel, OPTConfig, OPTForCausalLM
+
+    torch.manual_seed(1)
+    if family == "gpt2":
+        model = GPT2LMHeadModel(GPT2Config(vocab_size=V, n_positions=16, n_embd=16, n_layer=1, n_head=2))
+    else:
+        model = OPTForCausalLM(OPTConfig(vocab_size=V, hidden_size=16, num_hidden_layers=1, ffn_dim=32,
+                                         num_attention_heads=2, word_embed_proj_dim=16, max_position_embeddings=16))
+    model = model.double().eval()  # no dropout: the two forwards below see the same network
+    g = torch.Generator().manual_seed(7)
+    input_ids = torch.randint(0, V, (2, 9), generator=g)
+    labels = input_ids.clone()
+    labels[1, :4] = -100
+    want = prsl_loss_reference(model(input_ids=input_ids).logits, align_labels(labels, True), 4, 0.6)
+    apply_prsl_fused_linear(model, 4, 0.6)
+    out = model(input_ids=input_ids, labels=labels)
+    assert out.logits is None
+    torch.testing.assert_close(out.loss, want, rtol=1e-12, atol=0)
+    # HF's shift_labels (already aligned targets) are used as they are.
+    torch.testing.assert_close(model(input_ids=input_ids, shift_labels=align_labels(labels, True)).loss, want,
+                               rtol=1e-12, atol=0)
+
+
+def test_fused_linear_patch_rejects_unverified_models():
+    from transformers import BertConfig, BertForMaskedLM
+
+    model = BertForMaskedLM(BertConfig(vocab_size=V, hidden_size=16, num_hidden_layers=1, num_attention_heads=2,
+                                       intermediate_size=32))
+    with pytest.raises(NotImplementedError, match="apply_prsl_fused_linear supports"):
+        apply_prsl_fused_linear(model, 3, 0.5)
+
+
+def _peak_bytes_and_largest(step):
+    """Peak live CPU memory (torch profiler's allocation records) and the largest storage (bytes)
+    an op returned (storage, not numel: an expanded view costs nothing)."""
+    from torch.profiler import ProfilerActivity, profile
+    from torch.utils._python_dispatch import TorchDispatchMode
+
+    largest = [0]
+
+    class Largest(TorchDispatchMode):
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            out = func(*args, **(kwargs or {}))
+            for t in (out if isinstance(out, (tuple, list)) else (out,)):
+                if isinstance(t, torch.Tensor):
+                    largest[0] = max(largest[0], t.untyped_storage().nbytes())
+            return out
+
+    with profile(activities=[ProfilerActivity.CPU], profile_memory=True) as prof:
+        with Largest():
+            step()
+    # Every allocation and free, in order (the FunctionEvent list keeps only the unattributed ones).
+    records = sorted((e.start_ns(), e.nbytes()) for e in prof.profiler.kineto_results.events()
+                     if e.name() == "[memory]")
+    assert records, "the profiler recorded no allocations"
+    live = peak = 0
+    for _, nbytes in records:
+        live += nbytes
+        peak = max(peak, live)
+    return peak, largest[0]
+
+
+def test_fused_linear_never_builds_logits_and_lowers_peak_memory(tiny_bundles):
+    """Training step (forward + backward) of the tiny captioner with a vocabulary large enough for
+    the logits to matter: with the patch no tensor reaches B x T x V elements, and the peak is lower."""
+    import copy
+
+    from transformers import GPT2LMHeadModel
+
+    bundle, model, batch = _model_and_batch(tiny_bundles, "tiny-vit-gpt2", dtype=torch.float32, n=8)
+    labels = batch.pop("labels")
+    vocab = 20000  # a wider head on the same decoder (hidden 32): logits 8 x 42 x 20000 x 4 B = 27 MB
+    decoder = model.decoder
+    decoder.resize_token_embeddings(vocab)
+    assert isinstance(decoder, GPT2LMHeadModel)
+    patched = copy.deepcopy(model)
+    loss_fn = PRSLTokenLoss(6, 0.5, shift=False)
+    # A chunk of 64 rows (of 8 x ~26): the automatic one would cover all rows at this size, as the
+    # chunk budget (32 MiB per buffer on CPU) exceeds these logits.
+    apply_prsl_fused_linear(patched, 6, 0.5, chunk_size=64)
+    logits_bytes = labels.numel() * vocab * 4
+
+    def unfused_step():
+        loss_fn(model(**batch).logits, labels).backward()
+
+    def fused_step():
+        patched(**batch, labels=labels).loss.backward()
+
+    unfused_peak, unfused_largest = _peak_bytes_and_largest(unfused_step)
+    fused_peak, fused_largest = _peak_bytes_and_largest(fused_step)
+    assert unfused_largest >= logits_bytes
+    assert fused_largest < logits_bytes / 2
+    # The unfused step holds the logits and their gradient (2 x 27 MB) at once; the fused one
+    # holds chunk buffers and the head's gradient (20000 x 32 x 4 B = 2.6 MB) instead.
+    assert fused_peak < unfused_peak - logits_bytes, (fused_peak, unfused_peak)
+
+
+@pytest.mark.parametrize("preset", ["tiny-vit-gpt2", "tiny-blip2-opt"])
+def test_fused_linear_identical_sgd_training(tiny_bundles, preset):
+    """Five SGD steps with and without the patch (float32): the same loss curve and weights.
+    The two paths differ only in float32 summation order (chunked matmuls, the kernels' own
+    row order), ~1e-6 relative per step; SGD is linear in the gradient, so after 5 steps at
+    lr 0.05 parameters agree to well within 1e-4 relative (measured: ~1e-6)."""
+    import copy
+
+    from prsl_kernels.drivers import data
+
+    bundle, model, _ = _model_and_batch(tiny_bundles, preset, dtype=torch.float32)
+    patched = copy.deepcopy(model)
+    apply_prsl_fused_linear(patched, 6, 0.5)
+    loss_fn = PRSLTokenLoss(6, 0.5, shift=bundle.shift_labels)
+    opt_a = torch.optim.SGD(model.parameters(), lr=0.05)
+    opt_b = torch.optim.SGD(patched.parameters(), lr=0.05)
+    curve_a, curve_b = [], []
+    for step in range(5):
+        batch = bundle.batch(data.vqa_examples(data.synthetic_dataset(4, seed=100 + step))[:4])
+        labels = batch.pop("labels")
+        for m, opt, curve, fused in ((model, opt_a, curve_a, False), (patched, opt_b, curve_b, True)):
+            opt.zero_grad()
+            loss = m(**batch, labels=labels).loss if fused else loss_fn(m(**batch).logits, labels)
+            loss.backward()
+            opt.step()
+            curve.append(loss.item())
+    torch.testing.assert_close(torch.tensor(curve_b), torch.tensor(curve_a), rtol=1e-5, atol=0)
+    assert curve_a[-1] < curve_a[0]  # it trained
+    for (name, a), (_, b) in zip(model.named_parameters(), patched.named_parameters()):
+        torch.testing.assert_close(b, a, rtol=1e-4, atol=1e-6, msg=name)

@@ -65,6 +65,7 @@ class FinetuneConfig:
     b: float = 1.0
     window_start: int = 0
     backend: str = "auto"
+    fused_linear: bool = True  # ce / prsl: loss from the hidden states (hf.apply_prsl_fused_linear), no logits
     # tiny preset dimensions (defaults: models.TinySize)
     hidden: int = models.TinySize.hidden
     layers: int = models.TinySize.encoder_layers
@@ -143,6 +144,9 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--b", type=float, default=d.b, help="PRSL penalty weight")
     g.add_argument("--window-start", type=int, default=d.window_start, help="prsl-released: window start")
     g.add_argument("--backend", default=d.backend, choices=("auto", "triton", "cpp", "reference"))
+    g.add_argument("--no-fused-linear", dest="fused_linear", action="store_false",
+                   help="build the logits and compute the loss from them, instead of the fused linear + PRSL "
+                        "loss from the decoder's hidden states (ce and prsl; prsl-released is never fused)")
     g = p.add_argument_group("tiny preset size")
     for name in ("hidden", "layers", "heads", "patch", "num_query_tokens", "vocab_size"):
         g.add_argument("--" + name.replace("_", "-"), type=int, default=getattr(d, name))
@@ -286,6 +290,17 @@ def _freeze_unused(model) -> None:
     pooler = getattr(getattr(model, "encoder", None), "pooler", None)
     if pooler is not None:
         pooler.requires_grad_(False)
+
+
+def _fused_linear(cfg: FinetuneConfig, bundle: models.ModelBundle):
+    """The fused linear + loss patch on the bundle's model (its loss object), or None: opted out
+    (--no-fused-linear) or prsl-released (reference PyTorch on the logits)."""
+    from ..hf import apply_prsl_fused_linear
+
+    if not cfg.fused_linear or cfg.loss not in ("ce", "prsl"):
+        return None
+    k, b = (0, 0.0) if cfg.loss == "ce" else (cfg.k, cfg.b)
+    return apply_prsl_fused_linear(bundle.model, k, b, shift=bundle.shift_labels, backend=cfg.backend)
 
 
 def _loss_fn(cfg: FinetuneConfig, bundle: models.ModelBundle):
@@ -458,6 +473,9 @@ def train(cfg: FinetuneConfig) -> Path:
     eval_examples = _eval_examples(cfg, eval_samples)
     bundle = _build_bundle(cfg, train_samples, resume_from)
     loss_fn = _loss_fn(cfg, bundle)
+    fused = _fused_linear(cfg, bundle)
+    if fused is not None:
+        loss_fn = fused
 
     rank0 = int(os.environ.get("RANK", "0")) == 0
     if rank0:
@@ -490,11 +508,12 @@ def train(cfg: FinetuneConfig) -> Path:
     set_seed(cfg.seed)
     trainer = Trainer(model=bundle.model, args=args, train_dataset=ExampleDataset(train_examples),
                       data_collator=bundle.batch, processing_class=bundle.tokenizer,
-                      compute_loss_func=loss_fn,
+                      compute_loss_func=None if fused is not None else loss_fn,
                       callbacks=_make_callbacks(cfg, bundle, loss_fn, eval_examples, log_path))
-    # num_items_in_batch goes to our loss, not into the model's forward (VisionEncoderDecoder
-    # would hand it to the encoder).
-    trainer.model_accepts_loss_kwargs = False
+    # num_items_in_batch goes to our loss, not into the model's own forward (VisionEncoderDecoder
+    # would hand it to the encoder): to compute_loss_func, or, fused, to the patched forward, which
+    # takes the labels and num_items_in_batch for the loss and passes neither on.
+    trainer.model_accepts_loss_kwargs = fused is not None
     _quiet_console(trainer, cfg.progress)
     if rank0:
         # The image processor is not the Trainer's processing_class: keep it with the run (and so
