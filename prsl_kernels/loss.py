@@ -31,7 +31,8 @@ def prsl_loss(logits, target, k, b, *, ignore_index=IGNORE_INDEX, reduction="mea
         ignore_index: target value whose rows count neither in loss nor gradient.
         reduction: ``"mean"`` (over counted rows), ``"sum"`` or ``"none"``.
         backend: ``"auto"``, ``"triton"``, ``"cpp"`` or ``"reference"``.
-        check_target: verify targets lie in ``[0, V)`` (one host sync on GPU).
+        check_target: verify targets lie in ``[0, V)`` (one host sync on GPU). Unchecked, an
+            out-of-range target is still never read: its row is NaN (Triton) or the call raises.
         return_stats: also return :class:`RowStats` (e.g. to log CE and ``b * D`` apart).
 
     Returns:
