@@ -41,8 +41,9 @@ with a second pass over the row only when the buffer may not hold every tie.
 For k > MAX_K the launcher computes the row statistics with torch ops
 (``torch.topk``, row-chunked, O(N * k) memory); the backward is unchanged.
 
-Backward (a 2-D grid, rows x V-tiles, tiles aligned like the forward's): from
-lse, tau, D, S, |T| and the target,
+Backward (a 2-D grid, rows x runs of 8 tiles, the tiles aligned like the
+forward's, interior ones as unmasked vector loads and stores): from lse, tau,
+D, S, |T| and the target,
 
     dz_j = grad_row * (p_j (1 - b D) - [j == s] + b p_j g_j),
     g_j = u_j / D on A, -(S / D) / |T| on T, 0 elsewhere (g = 0 when D == 0),
@@ -378,13 +379,19 @@ def _prsl_forward_exact_kernel(
 
 
 @triton.jit
-def _grad_tile(raw, pos, target, lse, tau, p_min, inv_dist, g_tie, b, dist, acc: tl.constexpr):
+def _grad_tile(raw, pos, target, lse, tau, p_min, c1, c3, c4, grad_row, acc: tl.constexpr,
+               USE_EXP2: tl.constexpr):
+    # dz_j = p_j (1 - b D + b g_j) - [j == s], with b g_j = c3 (p_j - p_min) on A,
+    # c4 on T and 0 elsewhere, never at the target: about 15 instructions a logit.
     x = raw.to(acc)
-    p = tl.exp(x - lse)
+    if USE_EXP2:
+        p = tl.exp2(x * _LOG2E - lse * _LOG2E)
+    else:
+        p = tl.exp(x - lse)
     is_target = pos == target
-    g = tl.where(~is_target & (x > tau), (p - p_min) * inv_dist,
-                 tl.where(~is_target & (x == tau), g_tie, 0.0))
-    return p * (1.0 - b * dist) - tl.where(is_target, 1.0, 0.0) + b * p * g
+    bg = tl.where(x > tau, (p - p_min) * c3, tl.where(x == tau, c4, 0.0))
+    dz = p * (c1 + tl.where(is_target, 0.0, bg)) - tl.where(is_target, 1.0, 0.0)
+    return dz * grad_row
 
 
 @triton.jit
@@ -392,31 +399,34 @@ def _prsl_backward_kernel(
     grad_rows_ptr, logits_ptr, target_ptr, stats_ptr, grad_ptr,
     stride_row, V, b_hi, b_lo, ignore_index,
     TILE: tl.constexpr,
+    TILES_PER_PROGRAM: tl.constexpr,  # the per-row setup (five stats, two divisions) is paid once per program
     ALIGNED: tl.constexpr,  # logits and gradient rows share their alignment: tiles start aligned
     VEC: tl.constexpr,
+    USE_EXP2: tl.constexpr,  # float32 accumulation (float64 keeps exp)
 ):
     acc: tl.constexpr = stats_ptr.dtype.element_ty
     out_dtype: tl.constexpr = grad_ptr.dtype.element_ty
     row = tl.program_id(0).to(tl.int64)
     if ALIGNED:
         lead = ((row * V) % VEC).to(tl.int32)
+        in_row = logits_ptr + tl.multiple_of(row * stride_row - lead, VEC)
+        out_row = grad_ptr + tl.multiple_of(row * V - lead, VEC)
     else:
         lead = 0
-    # Tile j covers row positions [j * TILE - lead, (j + 1) * TILE - lead).
-    start = tl.program_id(1) * TILE - lead
-    pos = start + tl.arange(0, TILE)
-    in_row = (pos >= 0) & (pos < V)
-    interior = (start >= 0) & (start + TILE <= V)
-    if ALIGNED:
-        out_ptr = grad_ptr + tl.multiple_of(row * V + start, VEC)
-        in_ptr = logits_ptr + tl.multiple_of(row * stride_row + start, VEC)
-    else:
-        out_ptr = grad_ptr + row * V + start
-        in_ptr = logits_ptr + row * stride_row + start
+        in_row = logits_ptr + row * stride_row
+        out_row = grad_ptr + row * V
+    # Tile t covers row positions [t * TILE - lead, (t + 1) * TILE - lead).
+    n_tiles = tl.cdiv(V + lead, TILE)
+    t_first = tl.program_id(1) * TILES_PER_PROGRAM
+    t_end = tl.minimum(t_first + TILES_PER_PROGRAM, n_tiles)
     cols = tl.arange(0, TILE)
     target = tl.load(target_ptr + row)
+    # int32 compares in the loop; a valid target is < V < 2^31 (an invalid one has a NaN lse).
+    target32 = target.to(tl.int32)
     if target == ignore_index:
-        tl.store(out_ptr + cols, tl.zeros([TILE], out_dtype), mask=in_row)
+        for t in range(t_first, t_end):
+            pos = t * TILE - lead + cols
+            tl.store(out_row + t * TILE + cols, tl.zeros([TILE], out_dtype), mask=(pos >= 0) & (pos < V))
         return
 
     stats_row = stats_ptr + row * _NUM_STATS
@@ -434,15 +444,21 @@ def _prsl_backward_kernel(
     # tau <= max z <= lse; the clamp only matters for k == 0 (tau = +inf), where
     # nothing lies above tau and exp(+inf) would turn the unused branch into nan.
     p_min = tl.exp(tl.minimum(tau, lse) - lse)
+    c1 = 1.0 - b * dist
+    c3 = b * inv_dist
+    c4 = b * g_tie
 
-    if interior:  # unmasked: 16-byte vector loads and stores
-        raw = tl.load(in_ptr + cols)
-        dz = _grad_tile(raw, pos, target, lse, tau, p_min, inv_dist, g_tie, b, dist, acc)
-        tl.store(out_ptr + cols, (dz * grad_row).to(out_dtype))
-    else:
-        raw = tl.load(in_ptr + cols, mask=in_row, other=float("-inf"))
-        dz = _grad_tile(raw, pos, target, lse, tau, p_min, inv_dist, g_tie, b, dist, acc)
-        tl.store(out_ptr + cols, (dz * grad_row).to(out_dtype), mask=in_row)
+    for t in range(t_first, t_end):
+        pos = t * TILE - lead + cols
+        if (t == 0) | (t == n_tiles - 1):
+            in_bounds = (pos >= 0) & (pos < V)
+            raw = tl.load(in_row + t * TILE + cols, mask=in_bounds, other=float("-inf"))
+            dz = _grad_tile(raw, pos, target32, lse, tau, p_min, c1, c3, c4, grad_row, acc, USE_EXP2)
+            tl.store(out_row + t * TILE + cols, dz.to(out_dtype), mask=in_bounds)
+        else:  # interior: unmasked 16-byte vector loads and stores
+            raw = tl.load(in_row + t * TILE + cols)
+            dz = _grad_tile(raw, pos, target32, lse, tau, p_min, c1, c3, c4, grad_row, acc, USE_EXP2)
+            tl.store(out_row + t * TILE + cols, dz.to(out_dtype))
 
 
 # ----------------------------------------------------------------------------
@@ -462,8 +478,9 @@ _FAST_WARPS = 8
 # compaction path, which is what a large k needs anyway).
 _BLOCK_V = {torch.float16: 2048, torch.bfloat16: 2048, torch.float32: 2048, torch.float64: 1024}
 _SMALL_BLOCK_V = 1024
-# The backward: 2048 logits per program, 8 per thread.
+# The backward: 2048-wide tiles (8 logits per thread), 8 tiles per program.
 _BACKWARD_TILE = 2048
+_BACKWARD_TILES_PER_PROGRAM = 8
 
 
 class LaunchConfig(NamedTuple):
@@ -525,7 +542,9 @@ _NUM_WARPS_OVERRIDE = {(torch.float32, 32, 1024): 2}
 
 def backward_config(dtype, vocab):
     tile = FORCE_BLOCK_V if FORCE_BLOCK_V is not None else min(_BACKWARD_TILE, _pow2_at_least(vocab))
-    return LaunchConfig("backward", dtype, {"TILE": tile, "ALIGNED": True, "VEC": _VEC[dtype]},
+    return LaunchConfig("backward", dtype, {"TILE": tile, "TILES_PER_PROGRAM": _BACKWARD_TILES_PER_PROGRAM,
+                                            "ALIGNED": True, "VEC": _VEC[dtype],
+                                            "USE_EXP2": dtype != torch.float64},
                         max(1, min(8, tile // 256)))
 
 
@@ -654,7 +673,9 @@ def backward(grad_rows, logits, target, row_stats, b, ignore_index):
     tile = config.constexprs["TILE"]
     b_hi, b_lo = _split_b(b)
     with _device_guard(logits):
-        _prsl_backward_kernel[(n_rows, triton.cdiv(vocab + config.constexprs["VEC"] - 1, tile))](
+        max_tiles = triton.cdiv(vocab + config.constexprs["VEC"] - 1, tile)
+        grid = (n_rows, triton.cdiv(max_tiles, config.constexprs["TILES_PER_PROGRAM"]))
+        _prsl_backward_kernel[grid](
             grad_rows.contiguous(), logits, target.contiguous(), row_stats.contiguous(), grad_logits,
             logits.stride(0), vocab, b_hi, b_lo, ignore_index,
             **dict(config.constexprs, ALIGNED=aligned), num_warps=config.num_warps)
