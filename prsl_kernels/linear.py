@@ -46,6 +46,8 @@ from .validation import check_inputs, check_target_range
 # weight per chunk stays cheap, and small beside the N x V logits it replaces.
 CHUNK_BYTES = {"cpu": 32 << 20, "cuda": 64 << 20}
 _MIN_CHUNK_ROWS = 8
+# What autocast casts for F.linear (float64 stays float64).
+_AUTOCAST_FROM = (torch.float32, torch.float16, torch.bfloat16)
 
 
 def default_chunk_size(n_rows: int, vocab: int, dtype: torch.dtype, device: torch.device) -> int:
@@ -81,7 +83,18 @@ def linear_prsl_loss(hidden, weight, target, k, b, *, bias=None, ignore_index=IG
         The loss (float32, or float64 for float64 inputs), and :class:`RowStats` if asked.
         Gradients flow to ``hidden``, ``weight`` and ``bias``. ``backend="reference"`` (or a CPU
         without the C++ kernel) computes the unfused reference instead, materialising the logits.
+        Under ``torch.autocast`` the matmul inputs are cast to the autocast dtype first, as
+        ``F.linear`` would cast them.
     """
+    device_type = hidden.device.type if isinstance(hidden, torch.Tensor) else "cpu"
+    if torch.is_autocast_enabled(device_type):
+        low = torch.get_autocast_dtype(device_type)
+        hidden, weight, bias = (x.to(low) if isinstance(x, torch.Tensor) and x.dtype in _AUTOCAST_FROM else x
+                                for x in (hidden, weight, bias))
+        with torch.autocast(device_type, enabled=False):
+            return linear_prsl_loss(hidden, weight, target, k, b, bias=bias, ignore_index=ignore_index,
+                                    reduction=reduction, backend=backend, chunk_size=chunk_size,
+                                    check_target=check_target, return_stats=return_stats)
     _check_linear_inputs(hidden, weight, bias, target, k)
     vocab = weight.shape[0]
     logits_like = hidden.new_zeros(()).expand(*hidden.shape[:-1], vocab)  # no memory: for the shared checks

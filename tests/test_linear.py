@@ -269,3 +269,16 @@ def test_bad_inputs():
     bad[0] = 11
     with pytest.raises(ValueError, match="target values must be in"):
         linear_prsl_loss(h, w, bad, 3, 0.5)
+
+
+def test_autocast_casts_like_f_linear():
+    """Under CPU autocast (bf16) the fused op sees what F.linear would compute in: the same loss
+    as prsl_loss on the autocast logits, and float32 gradients for the float32 leaves."""
+    h, w, bias, t, _ = _data(150, shape=(40,), hidden=16, vocab=300, dtype=torch.float32, scale=2.0)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        got = _fused(h, w, t, 6, 0.5, bias, chunk_size=16)
+        want = _unfused(h, w, t, 6, 0.5, bias, backend="cpp")
+    torch.testing.assert_close(got[0], want[0], rtol=1e-5, atol=1e-6)  # same bf16 logits, fp32 loss
+    for g, r in zip(got[1], want[1]):
+        assert g.dtype == torch.float32
+        assert _rel_err(g, r.double()) < 2.0 ** -6  # bf16 gradients, rounded at different points
