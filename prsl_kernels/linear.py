@@ -35,16 +35,18 @@ import torch
 
 from . import backends
 from .loss import RowStats, prsl_loss
-from .spec import DIST, IGNORE_INDEX, LSE, SPREAD_SUM, TAU, TIE_COUNT, stats_dtype
+from .spec import IGNORE_INDEX, stats_dtype
 from .validation import check_inputs, check_target_range
 
 # Bytes of one C x V chunk buffer (two live at once: the logits and their gradient).
 # CPU: at most 32 MiB, glibc's largest mmap threshold, so that the gradient buffer the
 # backward kernel allocates per chunk is recycled from the heap instead of being
 # mapped and zero-filled by the OS every chunk. CUDA: the caching allocator recycles
-# it; 64 MiB keeps C large enough (>= 128 rows at V = 128K bf16) that re-reading the
-# weight per chunk stays cheap, and small beside the N x V logits it replaces.
-CHUNK_BYTES = {"cpu": 32 << 20, "cuda": 64 << 20}
+# it; 48 MiB keeps C large enough (192 rows at V = 128K bf16) that re-reading the weight
+# per chunk stays affordable, and the two buffers under 10% of the logits they replace
+# at N = 4096, V = 128K bf16 (issue 10's target; 64 MiB measured 1.2-2x the unfused time
+# on an H200 at 256-328 rows, so smaller chunks trade time for memory).
+CHUNK_BYTES = {"cpu": 32 << 20, "cuda": 48 << 20}
 _MIN_CHUNK_ROWS = 8
 # What autocast casts for F.linear (float64 stays float64).
 _AUTOCAST_FROM = (torch.float32, torch.float16, torch.bfloat16)
@@ -129,7 +131,7 @@ def linear_prsl_loss(hidden, weight, target, k, b, *, bias=None, ignore_index=IG
         loss = loss.reshape(target.shape)
     if not return_stats:
         return loss
-    return loss, RowStats(*(row_stats[:, i] for i in (LSE, TAU, DIST, SPREAD_SUM, TIE_COUNT)))
+    return loss, RowStats.from_columns(row_stats)
 
 
 def _reduce(loss_rows, target, ignore_index, reduction):
@@ -176,6 +178,7 @@ def _forward_chunks(hidden, weight, bias, target, k, b, ignore_index, path, chun
         grad_hidden, grad_weight, grad_bias = _accumulate(grad_c, hidden_c, weight, start, stop, grad_hidden,
                                                           grad_weight, grad_bias, need_hidden, need_weight,
                                                           need_bias)
+        del grad_c  # free it before the next chunk's is allocated: two C x V buffers, not three
     return torch.cat(losses), torch.cat(stats), grad_hidden, grad_weight, grad_bias
 
 
@@ -260,6 +263,7 @@ def _backward_chunks(ctx, grad_rows, hidden, weight, bias, target, row_stats):
         grad_hidden, grad_weight, grad_bias = _accumulate(grad_c, hidden_c, weight, start, stop, grad_hidden,
                                                           grad_weight, grad_bias, need_hidden, need_weight,
                                                           need_bias)
+        del grad_c  # as in _forward_chunks
     if grad_bias is not None:
         grad_bias = grad_bias.to(bias.dtype)  # accumulated in fp32
     return grad_hidden, grad_weight, grad_bias
