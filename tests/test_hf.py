@@ -348,3 +348,34 @@ def test_fused_linear_identical_sgd_training(tiny_bundles, preset):
     assert curve_a[-1] < curve_a[0]  # it trained
     for (name, a), (_, b) in zip(model.named_parameters(), patched.named_parameters()):
         torch.testing.assert_close(b, a, rtol=1e-4, atol=1e-6, msg=name)
+
+
+def test_finetune_fused_linear_by_default_and_opt_out(tmp_path):
+    """prsl-finetune trains through the fused patch by default; --no-fused-linear builds the logits.
+    With SGD (the update is linear in the gradient) both give the same loss curve and weights,
+    to float32 summation order (see test_fused_linear_identical_sgd_training)."""
+    import json
+
+    from safetensors.torch import load_file
+
+    from prsl_kernels.drivers import finetune
+
+    assert finetune.parse_args(["--output-dir", str(tmp_path / "x")]).fused_linear
+    assert not finetune.parse_args(["--output-dir", str(tmp_path / "x"), "--no-fused-linear"]).fused_linear
+    runs = {}
+    for fused in (True, False):
+        cfg = finetune.FinetuneConfig(
+            output_dir=str(tmp_path / f"fused-{fused}"), train_images=32, eval_images=4, eval_samples=4, hidden=32,
+            layers=1, heads=2, batch_size=8, max_steps=4, lr=0.05, optim="sgd", warmup_ratio=0.0,
+            schedule="constant", logging_steps=1, progress=False, vocab_size=300, train_references="first",
+            max_new_tokens=4, loss="prsl", k=6, b=0.5, fused_linear=fused)
+        out = finetune.train(cfg)
+        log = [json.loads(line) for line in (out / finetune.LOG_FILE).read_text().splitlines()]
+        runs[fused] = ([r["loss"] for r in log if "loss" in r and "ce" in r],
+                       load_file(str(out / "model.safetensors")))
+    (curve_f, weights_f), (curve_u, weights_u) = runs[True], runs[False]
+    assert len(curve_f) == 4
+    torch.testing.assert_close(torch.tensor(curve_f), torch.tensor(curve_u), rtol=1e-5, atol=0)
+    assert weights_f.keys() == weights_u.keys()
+    for name in weights_f:
+        torch.testing.assert_close(weights_f[name], weights_u[name], rtol=1e-4, atol=1e-6, msg=name)
