@@ -35,7 +35,7 @@ import torch
 
 from . import backends
 from .loss import RowStats, prsl_loss
-from .spec import IGNORE_INDEX, stats_dtype
+from .spec import DIST, IGNORE_INDEX, LSE, SPREAD_SUM, TAU, TIE_COUNT, stats_dtype
 from .validation import check_inputs, check_target_range
 
 # Bytes of one C x V chunk buffer (two live at once: the logits and their gradient).
@@ -131,7 +131,7 @@ def linear_prsl_loss(hidden, weight, target, k, b, *, bias=None, ignore_index=IG
         loss = loss.reshape(target.shape)
     if not return_stats:
         return loss
-    return loss, RowStats.from_columns(row_stats)
+    return loss, RowStats(*(row_stats[:, i] for i in (LSE, TAU, DIST, SPREAD_SUM, TIE_COUNT)))
 
 
 def _reduce(loss_rows, target, ignore_index, reduction):
