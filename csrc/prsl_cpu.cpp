@@ -18,6 +18,12 @@
 //          candidates. No sort, no heap, no N x V scratch.
 // Backward: one streaming pass per row that rebuilds the gradient from the five row
 //   statistics (lse, tau, D, S, |T|): one exp per element, no top-k indices.
+// Options (spec, "Options"), each a compile-time flag so that the default kernels are
+//   the code above, unchanged: softcap replaces every loaded logit by c tanh(z / c)
+//   in both passes of the forward and in the backward (which also multiplies by the
+//   cap's slope 1 - tanh^2); label smoothing adds one per-row sum of z to pass 1 and
+//   a constant -eps/V per column to the backward; z-loss only uses lse.
+// The sixth stat, `correct`, is 1 where z_s equals the row maximum (pass 1's max).
 //
 // Arithmetic is float32 (float64 for float64 logits). Each row is reduced by one
 // thread in a fixed order, so results are bit-identical across runs and thread
@@ -59,9 +65,14 @@
 namespace prsl_cpu {
 namespace {
 
-// Column order of the (N, 5) row statistics: mirrors ROW_STATS in prsl_kernels/spec.py.
-constexpr int64_t kNumRowStats = 5;
-enum RowStat : int { kLse = 0, kTau = 1, kDist = 2, kSpreadSum = 3, kTieCount = 4 };
+// Column order of the (N, 6) row statistics: mirrors ROW_STATS in prsl_kernels/spec.py.
+constexpr int64_t kNumRowStats = 6;
+enum RowStat : int { kLse = 0, kTau = 1, kDist = 2, kSpreadSum = 3, kTieCount = 4, kCorrect = 5 };
+
+// The options (spec, "Options"), 0 meaning off.
+struct Options {
+  double label_smoothing = 0, z_loss = 0, softcap = 0;
+};
 
 // ---------------------------------------------------------------- vectors (32 bytes)
 typedef float vfloat __attribute__((vector_size(32)));
@@ -163,6 +174,52 @@ inline vdouble vexp(vdouble x) {
   vdouble y;
   for (int i = 0; i < 4; ++i) y[i] = std::exp(x[i]);
   return y;
+}
+
+// tanh for float lanes (Cephes tanhf, ~2 ulp): an odd polynomial below |x| = 0.625,
+// (1 - e) / (1 + e) with e = exp(-2|x|) above (e <= 0.29: no cancellation; e flushes
+// to 0 for |x| > 44, giving exactly +-1, as libm does long before). NaN stays NaN.
+PRSL_INLINE vfloat vtanh(vfloat x) {
+  const vint32 sign = (vint32)x & splat<vint32>(int32_t(0x80000000u));
+  const vfloat ax = (vfloat)((vint32)x & splat<vint32>(0x7fffffff));
+  const vfloat e = vexp(ax * -2.0f);
+  const vfloat large = (vfloat)((vint32)((1.0f - e) / (1.0f + e)) | sign);
+  const vfloat z = x * x;
+  vfloat q = splat<vfloat>(-5.70498872745e-3f);
+  q = q * z + 2.06390887954e-2f;
+  q = q * z - 5.37397155531e-2f;
+  q = q * z + 1.33314422036e-1f;
+  q = q * z - 3.33332819422e-1f;
+  const vfloat small = q * z * x + x;
+  return ax >= 0.625f ? large : small;
+}
+
+inline vdouble vtanh(vdouble x) {
+  vdouble y;
+  for (int i = 0; i < 4; ++i) y[i] = std::tanh(x[i]);
+  return y;
+}
+
+// The soft cap c tanh(z / c), written as the spec (and the reference) write it.
+template <typename V, typename S>
+PRSL_INLINE V softcap_lanes(V x, S c) {
+  return c * vtanh(x / c);
+}
+
+// One value through the same vector code as the streaming passes (bit-identical to them).
+template <typename V, typename S>
+PRSL_INLINE S softcap_one(S x, S c) {
+  return softcap_lanes(splat<V>(x), c)[0];
+}
+
+// The first n lanes of x, the rest -inf (a capped partial vector is padded again).
+template <typename V>
+PRSL_INLINE V keep_first(V x, int64_t n) {
+  using S = std::remove_reference_t<decltype(x[0])>;
+  V out = x;
+  for (int i = 0; i < static_cast<int>(sizeof(V) / sizeof(S)); ++i)
+    if (i >= n) out[i] = -std::numeric_limits<S>::infinity();
+  return out;
 }
 
 // Streaming passes prefetch one 4 KiB page ahead. Logits come from the user's
@@ -337,14 +394,17 @@ struct RowForward {
 
   // Calls body(first_column, x0, x1, x2, x3) on each block of 4 vectors; the last
   // block is padded with -inf. Lanes may hold a block's columns in any order.
-  template <typename Body>
-  static PRSL_INLINE void for_each_block(const scalar_t* z, int64_t V, Body&& body) {
+  // kCap: the vectors are soft-capped (the padding stays -inf).
+  template <bool kCap = false, typename Body>
+  static PRSL_INLINE void for_each_block(const scalar_t* z, int64_t V, Body&& body, acc_t cap = 0) {
     const int64_t full = V - V % BLOCK;
     for (int64_t j0 = 0; j0 < full; j0 += BLOCK) {
       prefetch_ahead(z + j0);
       if constexpr (BLOCK * sizeof(scalar_t) > kCacheLine) prefetch_ahead(z + j0 + kCacheLine / sizeof(scalar_t));
       vec x[4];
       load4_any_order(z + j0, x);
+      if constexpr (kCap)
+        for (int q = 0; q < 4; ++q) x[q] = softcap_lanes(x[q], cap);
       body(j0, x[0], x[1], x[2], x[3]);
     }
     if (full < V) {
@@ -352,9 +412,28 @@ struct RowForward {
       for (int q = 0; q < 4; ++q) {
         const int64_t start = std::min(full + q * W, V);
         x[q] = load_partial(z + start, std::min<int64_t>(W, V - start));
+        if constexpr (kCap) x[q] = keep_first(softcap_lanes(x[q], cap), V - start);
       }
       body(full, x[0], x[1], x[2], x[3]);
     }
+  }
+
+  // Soft-capped columns j0 .. j0 + BLOCK - 1 into vals (padding -inf); bit c set where
+  // column j0 + c is >= cut.
+  static PRSL_INLINE uint32_t capped_block_bits(const scalar_t* z, int64_t V, int64_t j0, acc_t cut, acc_t cap,
+                                                acc_t* vals) {
+    uint32_t bits = 0;
+    for (int q = 0; q < 4; ++q) {
+      const int64_t start = j0 + q * W;
+      vec x = splat<vec>(-kInf);
+      if (start < V) {
+        x = start + W <= V ? IO::load(z + start) : load_partial(z + start, V - start);
+        x = keep_first(softcap_lanes(x, cap), V - start);
+      }
+      storeu(vals + q * W, x);
+      bits |= lane_bits(x >= cut) << (q * W);
+    }
+    return bits;
   }
 
   // Bit c set where column j0 + c (of the block at j0) is >= cut; padding never is.
@@ -369,9 +448,12 @@ struct RowForward {
     return bits;
   }
 
-  // Computes loss and (lse, tau, D, S, |T|) of one counted row.
-  static void run(const scalar_t* z, int64_t V, int64_t target, int64_t k, double b, acc_t* scratch, acc_t* loss,
-                  acc_t* stats) {
+  // Computes loss and (lse, tau, D, S, |T|, correct) of one counted row. kCap: soft-cap
+  // every logit first; kSmooth: also sum the (capped) row for label smoothing.
+  template <bool kCap, bool kSmooth>
+  static void run(const scalar_t* z, int64_t V, int64_t target, int64_t k, double b, const Options& opt,
+                  acc_t* scratch, acc_t* loss, acc_t* stats) {
+    const acc_t cap = static_cast<acc_t>(opt.softcap);
     const int64_t blocks = (V + BLOCK - 1) / BLOCK;
     acc_t* cand = scratch;           // pass 2's candidates (the segment maxima before that)
     acc_t* block_max = scratch + V;  // W lanes per block
@@ -382,7 +464,18 @@ struct RowForward {
     // shift stays 0 while nothing finite was seen: exp(-inf - 0) = 0, NaN stays NaN.
     acc_t run_max = -kInf, shift = 0;
     vec s0 = splat<vec>(acc_t(0)), s1 = s0, s2 = s0, s3 = s0;
-    for_each_block(z, V, [&](int64_t j0, vec x0, vec x1, vec x2, vec x3) __attribute__((always_inline)) {
+    vec row_sum = s0;  // label smoothing: sum_j z_j
+    for_each_block<kCap>(z, V, [&](int64_t j0, vec x0, vec x1, vec x2, vec x3) __attribute__((always_inline)) {
+      if constexpr (kSmooth) {
+        if (j0 + BLOCK <= V) {
+          row_sum += (x0 + x1) + (x2 + x3);
+        } else {  // the padded last block holds its columns in order
+          const vec xs[4] = {x0, x1, x2, x3};
+          for (int q = 0; q < 4; ++q)
+            for (int i = 0; i < W; ++i)
+              if (j0 + q * W + i < V) row_sum[i] += xs[q][i];
+        }
+      }
       const vec m = vmax(vmax(x0, x1), vmax(x2, x3));
       storeu(block_max + j0 / BLOCK * W, m);
       if (lane_bits(m > run_max) != 0) {
@@ -398,12 +491,13 @@ struct RowForward {
       s1 += vexp(x1 - shift);
       s2 += vexp(x2 - shift);
       s3 += vexp(x3 - shift);
-    });
+    }, cap);
     const vec total = (s0 + s1) + (s2 + s3);
     acc_t sum = 0;
     for (int i = 0; i < W; ++i) sum += total[i];
     const acc_t lse = shift + std::log(sum);
-    const acc_t z_target = static_cast<acc_t>(z[target]);
+    acc_t z_target = static_cast<acc_t>(z[target]);
+    if constexpr (kCap) z_target = softcap_one<vec>(z_target, cap);
 
     acc_t tau = kInf, spread = 0, sq = 0, ties = 0;
     if (k > 0) {
@@ -430,6 +524,14 @@ struct RowForward {
       for (int64_t blk = 0; blk < blocks; ++blk) {
         if (!exact && lane_bits(loadu<vec>(block_max + blk * W) >= cut) == 0) continue;
         const int64_t j0 = blk * BLOCK;
+        if constexpr (kCap) {
+          acc_t vals[BLOCK];
+          for (uint32_t bits = capped_block_bits(z, V, j0, cut, cap, vals); bits != 0; bits &= bits - 1) {
+            const int c = __builtin_ctz(bits);
+            if (j0 + c != target) cand[n++] = vals[c];
+          }
+          continue;
+        }
         for (uint32_t bits = block_bits(z, V, j0, cut); bits != 0; bits &= bits - 1) {
           const int64_t j = j0 + __builtin_ctz(bits);
           if (j != target) cand[n++] = static_cast<acc_t>(z[j]);
@@ -459,12 +561,21 @@ struct RowForward {
       ties = static_cast<acc_t>(tie_count);
     }
     const acc_t dist = std::sqrt(sq);
-    *loss = lse - z_target + static_cast<acc_t>(b) * dist;
+    acc_t ce = lse - z_target;
+    if constexpr (kSmooth) {
+      acc_t total_z = 0;
+      for (int i = 0; i < W; ++i) total_z += row_sum[i];
+      const acc_t eps = static_cast<acc_t>(opt.label_smoothing);
+      ce = (1 - eps) * ce + eps * (lse - total_z / static_cast<acc_t>(V));
+    }
+    if (opt.z_loss != 0) ce += static_cast<acc_t>(opt.z_loss) * lse * lse;
+    *loss = ce + static_cast<acc_t>(b) * dist;
     stats[kLse] = lse;
     stats[kTau] = tau;
     stats[kDist] = dist;
     stats[kSpreadSum] = spread;
     stats[kTieCount] = ties;
+    stats[kCorrect] = lse == lse && z_target >= run_max ? acc_t(1) : acc_t(0);
   }
 };
 
@@ -487,7 +598,8 @@ void check_target(const at::Tensor& target, int64_t n) {
 }
 
 std::tuple<at::Tensor, at::Tensor> forward_cpu(const at::Tensor& logits, const at::Tensor& target_in, int64_t k,
-                                               double b, int64_t ignore_index) {
+                                               double b, int64_t ignore_index, double label_smoothing,
+                                               double z_loss, double softcap) {
   check_logits(logits);
   const int64_t N = logits.size(0), V = logits.size(1);
   check_target(target_in, N);
@@ -497,9 +609,14 @@ std::tuple<at::Tensor, at::Tensor> forward_cpu(const at::Tensor& logits, const a
   at::Tensor loss = at::empty({N}, logits.options().dtype(acc_type));
   at::Tensor stats = at::empty({N, kNumRowStats}, logits.options().dtype(acc_type));
   if (N == 0) return {loss, stats};
+  const Options opt{label_smoothing, z_loss, softcap};
 
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, logits.scalar_type(), "prsl_forward_cpu", [&] {
     using acc_t = typename Io<scalar_t>::acc_t;
+    using Row = RowForward<scalar_t>;
+    // The four kernels; the default one (no cap, no smoothing) is the plain loss's.
+    auto row_kernel = softcap > 0 ? (label_smoothing > 0 ? &Row::template run<true, true> : &Row::template run<true, false>)
+                                  : (label_smoothing > 0 ? &Row::template run<false, true> : &Row::template run<false, false>);
     const scalar_t* base = logits.const_data_ptr<scalar_t>();
     const int64_t row_stride = logits.stride(0);
     const int64_t* t = target.const_data_ptr<int64_t>();
@@ -516,7 +633,7 @@ std::tuple<at::Tensor, at::Tensor> forward_cpu(const at::Tensor& logits, const a
           continue;
         }
         TORCH_CHECK(s >= 0 && s < V, "prsl_cpu: target ", s, " out of range [0, ", V, ") in row ", i);
-        RowForward<scalar_t>::run(base + i * row_stride, V, s, k, b, scratch.data(), loss_ptr + i, row_stats);
+        row_kernel(base + i * row_stride, V, s, k, b, opt, scratch.data(), loss_ptr + i, row_stats);
       }
     });
   });
@@ -541,9 +658,11 @@ inline void advise_huge_pages(void* data, size_t bytes) {
 #endif
 }
 
-template <typename scalar_t>
+// kCap: soft-capped logits (the gradient through the cap is the slope 1 - tanh^2);
+// kOpt: label smoothing and / or z-loss (row constants). Both false: the plain loss.
+template <typename scalar_t, bool kCap, bool kOpt>
 void backward_row(const scalar_t* z, scalar_t* out, int64_t V, int64_t target, typename Io<scalar_t>::acc_t grad,
-                  const typename Io<scalar_t>::acc_t* st, double b_in) {
+                  const typename Io<scalar_t>::acc_t* st, double b_in, const Options& opt) {
   using IO = Io<scalar_t>;
   using acc_t = typename IO::acc_t;
   using vec = typename IO::vec;
@@ -552,7 +671,12 @@ void backward_row(const scalar_t* z, scalar_t* out, int64_t V, int64_t target, t
   const acc_t b = static_cast<acc_t>(b_in);
   const acc_t lse = st[kLse], tau = st[kTau], dist = st[kDist], spread = st[kSpreadSum],
               ties = st[kTieCount];
-  const acc_t keep = 1 - b * dist;  // p_j (1 - b D): every column
+  acc_t keep = 1 - b * dist;  // p_j (1 - b D): every column
+  const acc_t eps = static_cast<acc_t>(opt.label_smoothing), cap = static_cast<acc_t>(opt.softcap);
+  if constexpr (kOpt) {
+    if (opt.z_loss != 0) keep += 2 * static_cast<acc_t>(opt.z_loss) * lse;  // d(lam lse^2)/dz_j = 2 lam lse p_j
+  }
+  const acc_t smooth = grad * (eps / static_cast<acc_t>(V));  // -eps/V on every column
   const bool penalised = dist > 0;  // g = 0 entirely when D == 0
   // dz_j = p_j * c_j with c_j = grad * keep below tau (almost every column),
   // grad * (keep + tie_term) on T, grad * (keep + above_scale * u_j) on A.
@@ -563,12 +687,28 @@ void backward_row(const scalar_t* z, scalar_t* out, int64_t V, int64_t target, t
 
   // A vector with no column at or above tau takes the short path, which computes
   // exactly what the long path computes for such columns.
-  auto column_grads = [&](vec x) __attribute__((always_inline)) {
+  auto plain_grads = [&](vec x) __attribute__((always_inline)) {
     const vec p = vexp(x - lse);
     if (!penalised || lane_bits(x >= tau) == 0) return p * below_coef;
     const vec on_ties = x == tau ? splat<vec>(tie_coef) : splat<vec>(below_coef);
     const vec coef = x > tau ? grad * (keep + above_scale * (p - p_min)) : on_ties;
     return p * coef;
+  };
+  auto column_grads = [&](vec raw) __attribute__((always_inline)) {
+    if constexpr (!kCap && !kOpt) {
+      return plain_grads(raw);
+    } else {
+      vec slope, x = raw;
+      if constexpr (kCap) {
+        const vec t = vtanh(raw / cap);
+        x = cap * t;
+        slope = acc_t(1) - t * t;
+      }
+      vec dz = plain_grads(x);
+      if constexpr (kOpt) dz = dz - smooth;
+      if constexpr (kCap) dz = dz * slope;
+      return dz;
+    }
   };
 
   int64_t j = 0;
@@ -588,12 +728,25 @@ void backward_row(const scalar_t* z, scalar_t* out, int64_t V, int64_t target, t
   }
   if (j < V) store_partial(out + j, column_grads(load_partial(z + j, V - j)), V - j);
   // The target is in neither A nor T: only p_s (1 - b D) - 1.
-  const acc_t p_s = std::exp(static_cast<acc_t>(z[target]) - lse);
-  out[target] = static_cast<scalar_t>(grad * (p_s * keep - 1));
+  if constexpr (!kCap && !kOpt) {
+    const acc_t p_s = std::exp(static_cast<acc_t>(z[target]) - lse);
+    out[target] = static_cast<scalar_t>(grad * (p_s * keep - 1));
+  } else {
+    // With options: (p_s keep - (1 - eps)) - eps/V, times the cap's slope.
+    acc_t z_s = static_cast<acc_t>(z[target]), slope_s = 1;
+    if constexpr (kCap) {
+      const acc_t t = vtanh(splat<vec>(z_s / cap))[0];
+      z_s = cap * t;
+      slope_s = 1 - t * t;
+    }
+    const acc_t p_s = std::exp(z_s - lse);
+    out[target] = static_cast<scalar_t>((grad * (p_s * keep - (1 - eps)) - smooth) * slope_s);
+  }
 }
 
 at::Tensor backward_cpu(const at::Tensor& grad_rows_in, const at::Tensor& logits, const at::Tensor& target_in,
-                        const at::Tensor& row_stats_in, double b, int64_t ignore_index) {
+                        const at::Tensor& row_stats_in, double b, int64_t ignore_index, double label_smoothing,
+                        double z_loss, double softcap) {
   check_logits(logits);
   const int64_t N = logits.size(0), V = logits.size(1);
   check_target(target_in, N);
@@ -602,13 +755,15 @@ at::Tensor backward_cpu(const at::Tensor& grad_rows_in, const at::Tensor& logits
               "prsl_cpu: grad_rows must have N elements of the stats dtype");
   TORCH_CHECK(row_stats_in.dim() == 2 && row_stats_in.size(0) == N && row_stats_in.size(1) == kNumRowStats &&
                   row_stats_in.scalar_type() == acc_type,
-              "prsl_cpu: row_stats must be [N, 5] of the stats dtype");
+              "prsl_cpu: row_stats must be [N, ", kNumRowStats, "] of the stats dtype");
   const at::Tensor grad_rows = grad_rows_in.contiguous();
   const at::Tensor row_stats = row_stats_in.contiguous();
   const at::Tensor target = target_in.contiguous();
   at::Tensor grad_logits = at::empty({N, V}, logits.options().memory_format(at::MemoryFormat::Contiguous));
   if (N == 0) return grad_logits;
   advise_huge_pages(grad_logits.data_ptr(), grad_logits.nbytes());
+  const Options opt{label_smoothing, z_loss, softcap};
+  const bool has_opt = label_smoothing != 0 || z_loss != 0;
 
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, logits.scalar_type(), "prsl_backward_cpu", [&] {
     using acc_t = typename Io<scalar_t>::acc_t;
@@ -618,6 +773,8 @@ at::Tensor backward_cpu(const at::Tensor& grad_rows_in, const at::Tensor& logits
     const int64_t* t = target.const_data_ptr<int64_t>();
     const acc_t* g = grad_rows.const_data_ptr<acc_t>();
     const acc_t* st = row_stats.const_data_ptr<acc_t>();
+    auto row_kernel = softcap > 0 ? (has_opt ? &backward_row<scalar_t, true, true> : &backward_row<scalar_t, true, false>)
+                                  : (has_opt ? &backward_row<scalar_t, false, true> : &backward_row<scalar_t, false, false>);
     at::parallel_for(0, N, row_grain(V), [&](int64_t begin, int64_t end) {
       for (int64_t i = begin; i < end; ++i) {
         scalar_t* out_row = out + i * V;
@@ -627,7 +784,7 @@ at::Tensor backward_cpu(const at::Tensor& grad_rows_in, const at::Tensor& logits
           continue;
         }
         TORCH_CHECK(s >= 0 && s < V, "prsl_cpu: target ", s, " out of range [0, ", V, ") in row ", i);
-        backward_row<scalar_t>(base + i * row_stride, out_row, V, s, g[i], st + i * kNumRowStats, b);
+        row_kernel(base + i * row_stride, out_row, V, s, g[i], st + i * kNumRowStats, b, opt);
       }
     });
   });
@@ -662,9 +819,10 @@ std::string build_info() {
 // Private ops; prsl_kernels/cpp_kernels.py registers them as the CPU kernels of
 // prsl::forward / prsl::backward.
 TORCH_LIBRARY(prsl_cpu, m) {
-  m.def("forward(Tensor logits, Tensor target, int k, float b, int ignore_index) -> (Tensor, Tensor)");
+  m.def("forward(Tensor logits, Tensor target, int k, float b, int ignore_index, float label_smoothing=0., "
+        "float z_loss=0., float softcap=0.) -> (Tensor, Tensor)");
   m.def("backward(Tensor grad_rows, Tensor logits, Tensor target, Tensor row_stats, float b, "
-        "int ignore_index) -> Tensor");
+        "int ignore_index, float label_smoothing=0., float z_loss=0., float softcap=0.) -> Tensor");
   m.def("build_info() -> str", &prsl_cpu::build_info);
 }
 

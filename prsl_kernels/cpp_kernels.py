@@ -132,11 +132,12 @@ def build_info() -> dict:
             (item.split("=") for item in torch.ops.prsl_cpu.build_info().split(","))}
 
 
-def forward(logits, target, k, b, ignore_index):
-    """prsl::forward on CPU: ``(loss_rows[N], row_stats[N, 5])`` in the stats dtype."""
-    return torch.ops.prsl_cpu.forward(logits, target, k, b, ignore_index)
+def forward(logits, target, k, b, ignore_index, label_smoothing=0.0, z_loss=0.0, softcap=0.0):
+    """prsl::forward on CPU: ``(loss_rows[N], row_stats[N, NUM_ROW_STATS])`` in the stats dtype."""
+    return torch.ops.prsl_cpu.forward(logits, target, k, b, ignore_index, label_smoothing, z_loss, softcap)
 
 
-def backward(grad_rows, logits, target, row_stats, b, ignore_index):
+def backward(grad_rows, logits, target, row_stats, b, ignore_index, label_smoothing=0.0, z_loss=0.0, softcap=0.0):
     """prsl::backward on CPU: ``grad_logits[N, V]``, contiguous, in the logits' dtype."""
-    return torch.ops.prsl_cpu.backward(grad_rows, logits, target, row_stats, b, ignore_index)
+    return torch.ops.prsl_cpu.backward(grad_rows, logits, target, row_stats, b, ignore_index, label_smoothing,
+                                       z_loss, softcap)

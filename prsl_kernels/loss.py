@@ -6,21 +6,33 @@ import torch
 
 from . import backends
 from .function import PRSLFunction
-from .spec import DIST, IGNORE_INDEX, LSE, SPREAD_SUM, TAU, TIE_COUNT
-from .validation import check_inputs, check_target_range
+from .spec import IGNORE_INDEX, NUM_ROW_STATS
+from .validation import check_inputs, check_options, check_target_range
 
 
 class RowStats(NamedTuple):
-    """Per-row statistics (spec), flat over the leading dims; no gradient flows through them."""
+    """Per-row statistics (spec), flat over the leading dims; no gradient flows through them.
+
+    ``correct`` is 1.0 where the target's logit (soft-capped, if ``softcap`` is on) equals the
+    row's maximum, else 0.0: a target tied with another class for the maximum counts as correct
+    (no index tie-break); ignored rows and rows holding a NaN give 0. Token accuracy is
+    ``correct.sum() / (target != ignore_index).sum()``.
+    """
     lse: torch.Tensor
     tau: torch.Tensor
     dist: torch.Tensor
     spread_sum: torch.Tensor
     tie_count: torch.Tensor
+    correct: torch.Tensor
+
+    @classmethod
+    def from_columns(cls, row_stats):
+        """From the kernels' ``(N, NUM_ROW_STATS)`` tensor (columns in spec.ROW_STATS order)."""
+        return cls(*(row_stats[:, i] for i in range(NUM_ROW_STATS)))
 
 
 def prsl_loss(logits, target, k, b, *, ignore_index=IGNORE_INDEX, reduction="mean", backend="auto",
-              check_target=True, return_stats=False):
+              check_target=True, return_stats=False, label_smoothing=0.0, z_loss=0.0, softcap=None):
     """Partially Recentralization Softmax Loss: ``CE + b * D`` per token.
 
     Args:
@@ -33,12 +45,21 @@ def prsl_loss(logits, target, k, b, *, ignore_index=IGNORE_INDEX, reduction="mea
         backend: ``"auto"``, ``"triton"``, ``"cpp"`` or ``"reference"``.
         check_target: verify targets lie in ``[0, V)`` (one host sync on GPU). Unchecked, an
             out-of-range target is still never read: its row is NaN (Triton) or the call raises.
-        return_stats: also return :class:`RowStats` (e.g. to log CE and ``b * D`` apart).
+        return_stats: also return :class:`RowStats` (e.g. to log CE and ``b * D`` apart, or the
+            token accuracy from ``correct``).
+        label_smoothing: ``eps`` in [0, 1]; the CE term becomes
+            ``(1 - eps) (lse - z_s) + eps (lse - mean_j z_j)``, as ``F.cross_entropy(label_smoothing=eps)``.
+        z_loss: ``lam >= 0``; adds ``lam * lse^2`` per row (PaLM's auxiliary loss).
+        softcap: ``None`` (off) or ``c > 0``; every logit is first replaced by ``c * tanh(z / c)``
+            (Gemma 2), and everything (lse, the top-k selection, stats) uses the capped values.
+            The options are computed inside the fused kernels (spec, "Options"); all off is
+            bit-identical to the plain loss.
 
     Returns:
         The loss (float32, or float64 for float64 logits), and the stats if asked.
     """
     check_inputs(logits, target, k, b, ignore_index, reduction, backend)
+    options = check_options(label_smoothing, z_loss, softcap)
     vocab = logits.shape[-1]
     if check_target:
         check_target_range(target, vocab, ignore_index)
@@ -46,15 +67,15 @@ def prsl_loss(logits, target, k, b, *, ignore_index=IGNORE_INDEX, reduction="mea
     path = backends.resolve(backend, logits.device)
 
     if path == "reference":
-        loss_rows, stats = _reference_rows(logits, target, k, b, ignore_index)
+        loss_rows, stats = _reference_rows(logits, target, k, b, ignore_index, options)
     else:
         logits2d = logits.reshape(-1, vocab)
         if logits2d.stride(-1) != 1:
             logits2d = logits2d.contiguous()
         # b == 0 is plain cross-entropy: tell the kernels to skip the top-k selection.
         loss_rows, row_stats = PRSLFunction.apply(logits2d, target.reshape(-1).long(), k if b != 0 else 0,
-                                                  b, ignore_index, path)
-        stats = RowStats(*(row_stats[:, i] for i in (LSE, TAU, DIST, SPREAD_SUM, TIE_COUNT)))
+                                                  b, ignore_index, path, options)
+        stats = RowStats.from_columns(row_stats)
         loss_rows = loss_rows.reshape(target.shape)
 
     if reduction == "none":
@@ -66,24 +87,33 @@ def prsl_loss(logits, target, k, b, *, ignore_index=IGNORE_INDEX, reduction="mea
     return (loss, stats) if return_stats else loss
 
 
-def _reference_rows(logits, target, k, b, ignore_index):
+def _reference_rows(logits, target, k, b, ignore_index, options=(0.0, 0.0, 0.0)):
     from prsl_reference import loss_rows_reference
 
-    loss_rows, stats = loss_rows_reference(logits, target, k, b, ignore_index)
+    eps, lam, cap = options
+    loss_rows, stats = loss_rows_reference(logits, target, k, b, ignore_index, label_smoothing=eps, z_loss=lam,
+                                           softcap=cap or None)
     return loss_rows.reshape(target.shape), RowStats(*(s.detach() for s in stats))
 
 
 class PRSLLoss(torch.nn.Module):
     """``nn.Module`` form of :func:`prsl_loss`; call as ``loss_fn(logits, target)``."""
 
-    def __init__(self, k, b, ignore_index=IGNORE_INDEX, reduction="mean", backend="auto"):
+    def __init__(self, k, b, ignore_index=IGNORE_INDEX, reduction="mean", backend="auto", *, label_smoothing=0.0,
+                 z_loss=0.0, softcap=None):
         super().__init__()
+        check_options(label_smoothing, z_loss, softcap)
         self.k, self.b = k, b
         self.ignore_index, self.reduction, self.backend = ignore_index, reduction, backend
+        self.label_smoothing, self.z_loss, self.softcap = label_smoothing, z_loss, softcap
 
     def forward(self, logits, target):
         return prsl_loss(logits, target, self.k, self.b, ignore_index=self.ignore_index,
-                         reduction=self.reduction, backend=self.backend)
+                         reduction=self.reduction, backend=self.backend, label_smoothing=self.label_smoothing,
+                         z_loss=self.z_loss, softcap=self.softcap)
 
     def extra_repr(self):
-        return f"k={self.k}, b={self.b}, ignore_index={self.ignore_index}, reduction={self.reduction!r}"
+        options = "".join(f", {name}={value}" for name, value, off in (
+            ("label_smoothing", self.label_smoothing, 0.0), ("z_loss", self.z_loss, 0.0),
+            ("softcap", self.softcap, None)) if value != off)
+        return f"k={self.k}, b={self.b}, ignore_index={self.ignore_index}, reduction={self.reduction!r}{options}"

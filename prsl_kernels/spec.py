@@ -1,14 +1,18 @@
 """Constants of the PRSL specification (``docs/spec.md``), defined once.
 
-Every backend returns, besides the per-row loss, the five per-row statistics
-from which the backward pass rebuilds the gradient in one streaming pass:
+Every backend returns, besides the per-row loss, the per-row statistics from
+which the backward pass rebuilds the gradient in one streaming pass (the first
+five), and the token accuracy (the last, not used by the backward):
 
     lse        log-sum-exp of the row
     tau        k-th largest non-target logit (+inf when k == 0 or b == 0)
     dist       D = sqrt(sum_{j in A} (p_j - p_min)^2)
     spread_sum S = sum_{j in A} (p_j - p_min)
     tie_count  |T|, the number of non-target logits equal to tau
+    correct    1 where the target's logit equals the row's maximum (ties with
+               other classes count as correct), else 0; 0 on ignored and NaN rows
 
+With options (spec, "Options") all of them are of the soft-capped logits.
 They are stored as columns of one ``(N, NUM_ROW_STATS)`` tensor in the stats
 dtype (float32, or float64 for float64 logits), column order as below.
 """
@@ -19,9 +23,12 @@ IGNORE_INDEX = -100
 REDUCTIONS = ("none", "mean", "sum")
 BACKENDS = ("auto", "triton", "cpp", "reference")
 
-ROW_STATS = ("lse", "tau", "dist", "spread_sum", "tie_count")
+ROW_STATS = ("lse", "tau", "dist", "spread_sum", "tie_count", "correct")
 NUM_ROW_STATS = len(ROW_STATS)
-LSE, TAU, DIST, SPREAD_SUM, TIE_COUNT = range(NUM_ROW_STATS)
+LSE, TAU, DIST, SPREAD_SUM, TIE_COUNT, CORRECT = range(NUM_ROW_STATS)
+
+# The options (spec, "Options") as the ops take them: 0.0 means off for each.
+OPTION_DEFAULTS = {"label_smoothing": 0.0, "z_loss": 0.0, "softcap": 0.0}
 
 
 def stats_dtype(logits_dtype: torch.dtype) -> torch.dtype:

@@ -50,6 +50,15 @@ D, S, |T| and the target,
 
 read once, written once, in the logits' dtype.
 
+Options (spec, "Options"), each a constexpr flag, so that with all of them off
+every kernel is the code above: SOFTCAP replaces each loaded logit by
+``c tanh(z / c)`` wherever one is read (both forward passes, the exact kernel,
+the backward, which also multiplies by the slope ``1 - tanh^2``; the padding of
+masked tiles stays -inf); SMOOTH adds one per-group (per-block) sum of z to the
+first pass and ``-eps/V`` to every gradient column; ZLOSS adds ``lam lse^2`` to
+the loss and ``2 lam lse p_j`` to the gradient. The sixth stat, ``correct``,
+compares z_s with the row maximum the first pass already has.
+
 A target that is neither ``ignore_index`` nor in ``[0, V)`` (possible with
 ``check_target=False``) is never dereferenced: that row's loss and lse are NaN,
 so its gradient is NaN too.
@@ -66,7 +75,7 @@ import triton
 import triton.language as tl
 
 from . import ops
-from .spec import DIST, LSE, NUM_ROW_STATS, SPREAD_SUM, TAU, TIE_COUNT, stats_dtype
+from .spec import CORRECT, DIST, LSE, NUM_ROW_STATS, SPREAD_SUM, TAU, TIE_COUNT, stats_dtype
 
 # The top-k buffer sizes: k uses the smallest one holding k + 1 values (the
 # extra slot detects ties past tau in the exact kernel). Buffers up to
@@ -77,7 +86,8 @@ MAX_K = TOPK_BUFFER_SIZES[-1] - 1
 
 # The row-stats columns (spec.py), visible inside the kernels.
 _NUM_STATS = tl.constexpr(NUM_ROW_STATS)
-_LSE, _TAU, _DIST, _SPREAD, _TIES = (tl.constexpr(c) for c in (LSE, TAU, DIST, SPREAD_SUM, TIE_COUNT))
+_LSE, _TAU, _DIST, _SPREAD, _TIES, _CORRECT = (tl.constexpr(c) for c in (LSE, TAU, DIST, SPREAD_SUM, TIE_COUNT,
+                                                                        CORRECT))
 _LOG2E = tl.constexpr(1.4426950408889634)
 
 # Tests shrink the tiles so that a short row is streamed in several of them.
@@ -98,6 +108,76 @@ def _load_tile(tile_ptr, pos, offs, V, MASKED: tl.constexpr):
 
 
 @triton.jit
+def _tanh(x):
+    # Portable tanh (no libdevice: the same code compiles for CUDA and runs in the
+    # interpreter). |x| >= 0.625: (1 - e) / (1 + e), e = exp(-2|x|) <= 0.29, exactly
+    # +-1 once e is below half an ulp; below: Cephes' odd polynomial (float32, ~2 ulp)
+    # or rational function (float64). NaN stays NaN.
+    ax = tl.abs(x)
+    e = tl.exp(-2.0 * ax)
+    large = (1.0 - e) / (1.0 + e)
+    large = tl.where(x < 0, -large, large)
+    z = x * x
+    if x.dtype == tl.float64:
+        p = ((-9.64399179425052238628e-1 * z - 9.92877231001918586564e1) * z - 1.61468768441708447952e3)
+        q = (((z + 1.12811678491632931402e2) * z + 2.23548839060100448583e3) * z + 4.84406305325125486048e3)
+        small = x + x * z * (p / q)
+    else:
+        q = -5.70498872745e-3 * z + 2.06390887954e-2
+        q = q * z - 5.37397155531e-2
+        q = q * z + 1.33314422036e-1
+        q = q * z - 3.33332819422e-1
+        small = q * z * x + x
+    return tl.where(ax >= 0.625, large, small)
+
+
+@triton.jit
+def _softcap(x, cap):
+    # c * tanh(z / c), written as the spec and the reference write it.
+    return cap * _tanh(x / cap)
+
+
+@triton.jit
+def _pass1_tile(tile_ptr, pos, offs, V, m, s, zs, cap, MASKED: tl.constexpr, SOFTCAP: tl.constexpr,
+                SMOOTH: tl.constexpr, acc: tl.constexpr, USE_EXP2: tl.constexpr):
+    # One tile of the first pass: loads (capped when SOFTCAP, padding kept at -inf),
+    # the group log-sum-exp and, for SMOOTH, the group sums of z.
+    raw = _load_tile(tile_ptr, pos, offs, V, MASKED)
+    if SOFTCAP:
+        x = _softcap(raw.to(acc), cap)
+        if MASKED:
+            x = tl.where((pos >= 0) & (pos < V), x, float("-inf"))
+        raw = x
+    if SMOOTH:
+        x = raw.to(acc)
+        if MASKED:
+            x = tl.where((pos >= 0) & (pos < V), x, 0.0)
+        zs += tl.sum(x, axis=1)
+    m, s = _group_lse_step(raw, m, s, acc, USE_EXP2)
+    return m, s, zs
+
+
+@triton.jit
+def _row_loss(lse, z_target, z_sum, V, eps, lam, SMOOTH: tl.constexpr, ZLOSS: tl.constexpr):
+    # The cross-entropy part of the loss: lse - z_s, label-smoothed and with z-loss when asked.
+    ce = lse - z_target
+    if SMOOTH:
+        ce = (1.0 - eps) * ce + eps * (lse - z_sum / V)
+    if ZLOSS:
+        ce += lam * lse * lse
+    return ce
+
+
+@triton.jit
+def _stats_vector(stat_cols, lse, tau, dist, spread, tie_count, correct):
+    return tl.where(stat_cols == _LSE, lse,
+                    tl.where(stat_cols == _TAU, tau,
+                             tl.where(stat_cols == _DIST, dist,
+                                      tl.where(stat_cols == _SPREAD, spread,
+                                               tl.where(stat_cols == _TIES, tie_count, correct)))))
+
+
+@triton.jit
 def _group_lse_step(raw, m, s, acc: tl.constexpr, USE_EXP2: tl.constexpr):
     # Per-group online log-sum-exp; the reductions run along VEC, inside one
     # thread. While a group holds only -inf, shift by 0 so exp(-inf - -inf)
@@ -115,9 +195,9 @@ def _group_lse_step(raw, m, s, acc: tl.constexpr, USE_EXP2: tl.constexpr):
 
 
 @triton.jit
-def _gather_chunks(tile0, group_row, gl0, tb0, n_groups, n_tiles, thr, target, lead, V,
+def _gather_chunks(tile0, group_row, gl0, tb0, n_groups, n_tiles, thr, target, lead, V, cap,
                    TILE: tl.constexpr, VEC: tl.constexpr, T_BLK: tl.constexpr, ROWS: tl.constexpr,
-                   acc: tl.constexpr):
+                   acc: tl.constexpr, SOFTCAP: tl.constexpr):
     # ROWS chunks at once, one per thread: the VEC lanes of listed group gl0 + r // T_BLK
     # in tile tb0 + r % T_BLK. Returns the chunks (-inf off the candidates) and
     # which of them hold a candidate (>= thr, not the target).
@@ -129,6 +209,8 @@ def _gather_chunks(tile0, group_row, gl0, tb0, n_groups, n_tiles, thr, target, l
     offs = (tb * TILE + gid * VEC)[:, None] + tl.arange(0, VEC)[None, :]
     pos = offs - lead
     x = tl.load(tile0 + offs, mask=row_ok[:, None] & (pos >= 0) & (pos < V), other=float("-inf")).to(acc)
+    if SOFTCAP:
+        x = tl.where(row_ok[:, None] & (pos >= 0) & (pos < V), _softcap(x, cap), float("-inf"))
     hit = (x >= thr) & (pos != target)
     return tl.where(hit, x, float("-inf")), tl.max(hit.to(tl.int32), axis=1)
 
@@ -136,7 +218,7 @@ def _gather_chunks(tile0, group_row, gl0, tb0, n_groups, n_tiles, thr, target, l
 @triton.jit
 def _prsl_forward_kernel(
     logits_ptr, target_ptr, loss_ptr, stats_ptr, group_ptr, chunk_ptr, cand_ptr, flag_ptr,
-    stride_row, V, k, b_hi, b_lo, ignore_index,
+    stride_row, V, k, b_hi, b_lo, ignore_index, eps_hi, eps_lo, lam_hi, lam_lo, cap_hi, cap_lo,
     HAS_TOPK: tl.constexpr,  # False when k == 0 (or b == 0): plain cross-entropy, one pass
     KP: tl.constexpr,  # top-k size of the selections, a power of two > k
     CAP: tl.constexpr,  # candidate slots per row
@@ -147,6 +229,9 @@ def _prsl_forward_kernel(
     VEC: tl.constexpr,  # elements per 16 bytes
     ALIGNED: tl.constexpr,  # logits_ptr is 16-byte aligned: tiles can start aligned
     USE_EXP2: tl.constexpr,  # float32 accumulation (float64 keeps exp)
+    SOFTCAP: tl.constexpr = False,  # the options (module docstring), all off by default
+    SMOOTH: tl.constexpr = False,
+    ZLOSS: tl.constexpr = False,
 ):
     acc: tl.constexpr = loss_ptr.dtype.element_ty
     GROUPS: tl.constexpr = TILE // VEC
@@ -179,21 +264,27 @@ def _prsl_forward_kernel(
     offs = tl.arange(0, GROUPS)[:, None] * VEC + tl.arange(0, VEC)[None, :]
     n_tiles = tl.cdiv(V + lead, TILE)
 
+    cap = tl.cast(cap_hi, acc) + tl.cast(cap_lo, acc)
     m = tl.full([GROUPS], float("-inf"), acc)
     s = tl.zeros([GROUPS], acc)
-    raw = _load_tile(tile0, offs - lead, offs, V, True)
-    m, s = _group_lse_step(raw, m, s, acc, USE_EXP2)
+    zs = tl.zeros([GROUPS], acc)  # SMOOTH: group sums of z
+    m, s, zs = _pass1_tile(tile0, offs - lead, offs, V, m, s, zs, cap, True, SOFTCAP, SMOOTH, acc, USE_EXP2)
     for t in range(1, n_tiles - 1):
-        raw = _load_tile(tile0 + t * TILE, offs, offs, V, False)
-        m, s = _group_lse_step(raw, m, s, acc, USE_EXP2)
+        m, s, zs = _pass1_tile(tile0 + t * TILE, offs, offs, V, m, s, zs, cap, False, SOFTCAP, SMOOTH, acc,
+                               USE_EXP2)
     if n_tiles > 1:
         last = (n_tiles - 1) * TILE
-        raw = _load_tile(tile0 + last, last + offs - lead, offs, V, True)
-        m, s = _group_lse_step(raw, m, s, acc, USE_EXP2)
+        m, s, zs = _pass1_tile(tile0 + last, last + offs - lead, offs, V, m, s, zs, cap, True, SOFTCAP, SMOOTH,
+                               acc, USE_EXP2)
     m_row = tl.max(m, axis=0)
     shift = tl.where(m_row == float("-inf"), 0.0, m_row)
     lse = shift + tl.log(tl.sum(s * tl.exp(m - shift), axis=0))
     z_target = tl.load(logits_ptr + row_off + target).to(acc)
+    if SOFTCAP:
+        z_target = _softcap(z_target, cap)
+    correct = ((z_target >= m_row) & (lse == lse)).to(acc)
+    ce = _row_loss(lse, z_target, tl.sum(zs, axis=0), V, tl.cast(eps_hi, acc) + tl.cast(eps_lo, acc),
+                   tl.cast(lam_hi, acc) + tl.cast(lam_lo, acc), SMOOTH, ZLOSS)
 
     if HAS_TOPK:
         b = tl.cast(b_hi, acc) + tl.cast(b_lo, acc)
@@ -225,7 +316,7 @@ def _prsl_forward_kernel(
                 for gl0 in range(0, n_groups, ROWS // T_BLK):
                     for tb0 in range(0, n_tiles, T_BLK):
                         x, has = _gather_chunks(tile0, group_row, gl0, tb0, n_groups, n_tiles, thr, target, lead,
-                                                V, TILE, VEC, T_BLK, ROWS, acc)
+                                                V, cap, TILE, VEC, T_BLK, ROWS, acc, SOFTCAP)
                         slot = n_chunks + tl.cumsum(has, axis=0) - has
                         tl.store(chunk_row + slot[:, None] * VEC + chunk_lanes, x,
                                  mask=(has[:, None] > 0) & (slot[:, None] < CAP))
@@ -251,7 +342,7 @@ def _prsl_forward_kernel(
         dist = tl.sqrt(tl.sum(u * u, axis=0))
         # Every logit equal to tau is >= thr, hence listed: the count is exact.
         tie_count = tl.sum((values == tau).to(tl.int32), axis=0).to(acc)
-        loss = lse - z_target + b * dist
+        loss = ce + b * dist
         # Flagged rows are rewritten by the exact kernel.
         tl.store(flag_ptr + row, (n_cand > CAP).to(tl.int8))
     else:
@@ -259,12 +350,9 @@ def _prsl_forward_kernel(
         spread = tl.full([], 0.0, acc)
         dist = spread
         tie_count = spread
-        loss = lse - z_target
+        loss = ce
     tl.store(loss_ptr + row, loss)
-    stats = tl.where(stat_cols == _LSE, lse,
-                     tl.where(stat_cols == _TAU, tau,
-                              tl.where(stat_cols == _DIST, dist,
-                                       tl.where(stat_cols == _SPREAD, spread, tie_count))))
+    stats = _stats_vector(stat_cols, lse, tau, dist, spread, tie_count, correct)
     tl.store(stats_row + stat_cols, stats, mask=stat_cols < _NUM_STATS)
 
 
@@ -300,10 +388,13 @@ def _merge_into_top(top, new):
 @triton.jit
 def _prsl_forward_exact_kernel(
     logits_ptr, target_ptr, loss_ptr, stats_ptr, scratch_ptr, flag_ptr,
-    stride_row, V, k, b_hi, b_lo, ignore_index,
+    stride_row, V, k, b_hi, b_lo, ignore_index, eps_hi, eps_lo, lam_hi, lam_lo, cap_hi, cap_lo,
     ONLY_FLAGGED: tl.constexpr,  # the two-pass kernel's second launch: skip unflagged rows
     KP: tl.constexpr,  # top-k buffer size, a power of two > k
     BLOCK_V: tl.constexpr,
+    SOFTCAP: tl.constexpr = False,  # the options (module docstring); SOFTCAP: scratch_ptr holds acc values
+    SMOOTH: tl.constexpr = False,
+    ZLOSS: tl.constexpr = False,
 ):
     acc: tl.constexpr = loss_ptr.dtype.element_ty
     row = tl.program_id(0).to(tl.int64)
@@ -330,11 +421,18 @@ def _prsl_forward_exact_kernel(
     scratch_row = scratch_ptr + row * KP
     top = tl.full([KP], float("-inf"), acc)
     thr = tl.full([], float("-inf"), acc)
+    cap = tl.cast(cap_hi, acc) + tl.cast(cap_lo, acc)
+    z_sum = tl.full([], 0.0, acc)  # SMOOTH: sum of z
 
     for start in range(0, V, BLOCK_V):
         idx = start + cols
         raw = tl.load(row_ptr + idx, mask=idx < V, other=float("-inf"))
         x = raw.to(acc)
+        if SOFTCAP:
+            x = tl.where(idx < V, _softcap(x, cap), float("-inf"))
+            raw = x  # the scratch holds capped (acc) values
+        if SMOOTH:
+            z_sum += tl.sum(tl.where(idx < V, x, 0.0), axis=0)
         m_new = tl.maximum(m, tl.max(x, axis=0))
         shift = tl.where(m_new == float("-inf"), 0.0, m_new)
         s = s * tl.exp(m - shift) + tl.sum(tl.exp(x - shift), axis=0)
@@ -353,6 +451,9 @@ def _prsl_forward_exact_kernel(
     lse = m + tl.log(s)
     # Loaded last: held across the loop it is the one value ptxas spills.
     z_target = tl.load(row_ptr + target).to(acc)
+    if SOFTCAP:
+        z_target = _softcap(z_target, cap)
+    correct = ((z_target >= m) & (lse == lse)).to(acc)
     b = tl.cast(b_hi, acc) + tl.cast(b_lo, acc)
     # top is ascending: the k-th largest sits at KP - k.
     tau = tl.max(tl.where(slots == KP - k, top, float("-inf")), axis=0)
@@ -367,42 +468,57 @@ def _prsl_forward_exact_kernel(
         for start in range(0, V, BLOCK_V):
             idx = start + cols
             x = tl.load(row_ptr + idx, mask=idx < V, other=float("-inf")).to(acc)
+            if SOFTCAP:
+                x = _softcap(x, cap)
             ties += tl.sum(((x == tau) & (idx != target) & (idx < V)).to(tl.int32), axis=0)
     tie_count = ties.to(acc)
-    loss = lse - z_target + b * dist
+    ce = _row_loss(lse, z_target, z_sum, V, tl.cast(eps_hi, acc) + tl.cast(eps_lo, acc),
+                   tl.cast(lam_hi, acc) + tl.cast(lam_lo, acc), SMOOTH, ZLOSS)
+    loss = ce + b * dist
     tl.store(loss_ptr + row, loss)
-    stats = tl.where(stat_cols == _LSE, lse,
-                     tl.where(stat_cols == _TAU, tau,
-                              tl.where(stat_cols == _DIST, dist,
-                                       tl.where(stat_cols == _SPREAD, spread, tie_count))))
+    stats = _stats_vector(stat_cols, lse, tau, dist, spread, tie_count, correct)
     tl.store(stats_row + stat_cols, stats, mask=stat_cols < _NUM_STATS)
 
 
 @triton.jit
-def _grad_tile(raw, pos, target, lse, tau, p_min, c1, c3, c4, grad_row, acc: tl.constexpr,
-               USE_EXP2: tl.constexpr):
+def _grad_tile(raw, pos, target, lse, tau, p_min, c1, c3, c4, grad_row, cap, one_minus_eps, smooth,
+               acc: tl.constexpr, USE_EXP2: tl.constexpr, SOFTCAP: tl.constexpr, SMOOTH: tl.constexpr):
     # dz_j = p_j (1 - b D + b g_j) - [j == s], with b g_j = c3 (p_j - p_min) on A,
     # c4 on T and 0 elsewhere, never at the target: about 15 instructions a logit.
+    # Options: c1 holds 2 lam lse; SMOOTH: - (1 - eps) [j == s] - eps/V; SOFTCAP: on the
+    # capped z, times the cap's slope 1 - tanh^2.
     x = raw.to(acc)
+    if SOFTCAP:
+        t = _tanh(x / cap)
+        x = cap * t
     if USE_EXP2:
         p = tl.exp2(x * _LOG2E - lse * _LOG2E)
     else:
         p = tl.exp(x - lse)
     is_target = pos == target
     bg = tl.where(x > tau, (p - p_min) * c3, tl.where(x == tau, c4, 0.0))
-    dz = p * (c1 + tl.where(is_target, 0.0, bg)) - tl.where(is_target, 1.0, 0.0)
-    return dz * grad_row
+    if SMOOTH:
+        dz = p * (c1 + tl.where(is_target, 0.0, bg)) - tl.where(is_target, one_minus_eps, 0.0) - smooth
+    else:
+        dz = p * (c1 + tl.where(is_target, 0.0, bg)) - tl.where(is_target, 1.0, 0.0)
+    dz = dz * grad_row
+    if SOFTCAP:
+        dz = dz * (1.0 - t * t)
+    return dz
 
 
 @triton.jit
 def _prsl_backward_kernel(
     grad_rows_ptr, logits_ptr, target_ptr, stats_ptr, grad_ptr,
-    stride_row, V, b_hi, b_lo, ignore_index,
+    stride_row, V, b_hi, b_lo, ignore_index, eps_hi, eps_lo, lam_hi, lam_lo, cap_hi, cap_lo,
     TILE: tl.constexpr,
     TILES_PER_PROGRAM: tl.constexpr,  # the per-row setup (five stats, two divisions) is paid once per program
     ALIGNED: tl.constexpr,  # logits and gradient rows share their alignment: tiles start aligned
     VEC: tl.constexpr,
     USE_EXP2: tl.constexpr,  # float32 accumulation (float64 keeps exp)
+    SOFTCAP: tl.constexpr = False,  # the options (module docstring), all off by default
+    SMOOTH: tl.constexpr = False,
+    ZLOSS: tl.constexpr = False,
 ):
     acc: tl.constexpr = stats_ptr.dtype.element_ty
     out_dtype: tl.constexpr = grad_ptr.dtype.element_ty
@@ -445,19 +561,27 @@ def _prsl_backward_kernel(
     # nothing lies above tau and exp(+inf) would turn the unused branch into nan.
     p_min = tl.exp(tl.minimum(tau, lse) - lse)
     c1 = 1.0 - b * dist
+    if ZLOSS:
+        c1 += 2.0 * (tl.cast(lam_hi, acc) + tl.cast(lam_lo, acc)) * lse
     c3 = b * inv_dist
     c4 = b * g_tie
+    cap = tl.cast(cap_hi, acc) + tl.cast(cap_lo, acc)
+    eps = tl.cast(eps_hi, acc) + tl.cast(eps_lo, acc)
+    one_minus_eps = 1.0 - eps
+    smooth = eps / V
 
     for t in range(t_first, t_end):
         pos = t * TILE - lead + cols
         if (t == 0) | (t == n_tiles - 1):
             in_bounds = (pos >= 0) & (pos < V)
             raw = tl.load(in_row + t * TILE + cols, mask=in_bounds, other=float("-inf"))
-            dz = _grad_tile(raw, pos, target32, lse, tau, p_min, c1, c3, c4, grad_row, acc, USE_EXP2)
+            dz = _grad_tile(raw, pos, target32, lse, tau, p_min, c1, c3, c4, grad_row, cap, one_minus_eps, smooth,
+                            acc, USE_EXP2, SOFTCAP, SMOOTH)
             tl.store(out_row + t * TILE + cols, dz.to(out_dtype), mask=in_bounds)
         else:  # interior: unmasked 16-byte vector loads and stores
             raw = tl.load(in_row + t * TILE + cols)
-            dz = _grad_tile(raw, pos, target32, lse, tau, p_min, c1, c3, c4, grad_row, acc, USE_EXP2)
+            dz = _grad_tile(raw, pos, target32, lse, tau, p_min, c1, c3, c4, grad_row, cap, one_minus_eps, smooth,
+                            acc, USE_EXP2, SOFTCAP, SMOOTH)
             tl.store(out_row + t * TILE + cols, dz.to(out_dtype))
 
 
@@ -507,8 +631,14 @@ def _fast_tile(dtype, vocab, kp):
     return max(tile, vec * max(2 * kp, 32))
 
 
-def forward_config(dtype, vocab, k):
-    """The launch configuration of the forward for (dtype, V, k <= MAX_K)."""
+def _option_flags(options):
+    """The kernels' option constexprs for ``(label_smoothing, z_loss, softcap)`` (0 = off)."""
+    eps, lam, cap = options
+    return {"SOFTCAP": cap > 0, "SMOOTH": eps > 0, "ZLOSS": lam > 0}
+
+
+def forward_config(dtype, vocab, k, options=(0.0, 0.0, 0.0)):
+    """The launch configuration of the forward for (dtype, V, k <= MAX_K) and the options."""
     kp = _kp(k)
     if kp <= FAST_MAX_KP:
         tile = _fast_tile(dtype, vocab, kp)
@@ -518,11 +648,11 @@ def forward_config(dtype, vocab, k):
             "HAS_TOPK": k > 0, "KP": kp, "CAP": max(32, 2 * kp), "GCAP": 2 * max(32, 2 * kp),
             "ROWS": 32 * num_warps, "T_BLK": max(1, 32 * num_warps // max(16, kp)),
             "TILE": tile, "VEC": vec,
-            "ALIGNED": True, "USE_EXP2": dtype != torch.float64}, num_warps)
-    return exact_config(dtype, vocab, k, only_flagged=False)
+            "ALIGNED": True, "USE_EXP2": dtype != torch.float64, **_option_flags(options)}, num_warps)
+    return exact_config(dtype, vocab, k, only_flagged=False, options=options)
 
 
-def exact_config(dtype, vocab, k, only_flagged):
+def exact_config(dtype, vocab, k, only_flagged, options=(0.0, 0.0, 0.0)):
     kp = _kp(k)
     if FORCE_BLOCK_V is not None:
         block_v = FORCE_BLOCK_V
@@ -531,8 +661,8 @@ def exact_config(dtype, vocab, k, only_flagged):
     else:
         block_v = _BLOCK_V[dtype]
     num_warps = _NUM_WARPS_OVERRIDE.get((dtype, kp, block_v), max(4, min(16, block_v // 256)))
-    return LaunchConfig("forward_exact", dtype, {"ONLY_FLAGGED": only_flagged, "KP": kp, "BLOCK_V": block_v},
-                        num_warps)
+    return LaunchConfig("forward_exact", dtype, {"ONLY_FLAGGED": only_flagged, "KP": kp, "BLOCK_V": block_v,
+                                                 **_option_flags(options)}, num_warps)
 
 
 # Where ptxas spills at the default warp count (benchmarks/aot_report.py):
@@ -540,11 +670,11 @@ def exact_config(dtype, vocab, k, only_flagged):
 _NUM_WARPS_OVERRIDE = {(torch.float32, 32, 1024): 2}
 
 
-def backward_config(dtype, vocab):
+def backward_config(dtype, vocab, options=(0.0, 0.0, 0.0)):
     tile = FORCE_BLOCK_V if FORCE_BLOCK_V is not None else min(_BACKWARD_TILE, _pow2_at_least(vocab))
     return LaunchConfig("backward", dtype, {"TILE": tile, "TILES_PER_PROGRAM": _BACKWARD_TILES_PER_PROGRAM,
                                             "ALIGNED": True, "VEC": _VEC[dtype],
-                                            "USE_EXP2": dtype != torch.float64},
+                                            "USE_EXP2": dtype != torch.float64, **_option_flags(options)},
                         max(1, min(8, tile // 256)))
 
 
@@ -586,6 +716,7 @@ def aot_signature(config):
         sig = {"grad_rows_ptr": f"*{acc}", "logits_ptr": f"*{elem}", "target_ptr": "*i64",
                "stats_ptr": f"*{acc}", "grad_ptr": f"*{elem}", "stride_row": "i64", "V": "i32",
                "b_hi": "fp32", "b_lo": "fp32", "ignore_index": "i64"}
+    sig.update({name: "fp32" for name in _OPTION_ARGS})
     sig.update({name: "constexpr" for name in config.constexprs})
     return fn, sig, dict(config.constexprs)
 
@@ -593,6 +724,9 @@ def aot_signature(config):
 # ----------------------------------------------------------------------------
 # Launchers (the kernel contract of prsl_kernels.ops)
 # ----------------------------------------------------------------------------
+
+_OPTION_ARGS = ("eps_hi", "eps_lo", "lam_hi", "lam_lo", "cap_hi", "cap_lo")
+
 
 def _split_b(b):
     # Triton passes Python floats as float32; hi + lo carries b to ~48 bits for float64 rows.
@@ -608,13 +742,19 @@ def _aligned(*tensors):
     return all(t.data_ptr() % 16 == 0 for t in tensors)
 
 
-def forward(logits, target, k, b, ignore_index):
-    """``(loss_rows[N], row_stats[N, 5])`` in the stats dtype (see ``prsl_kernels.ops``)."""
-    loss_rows, row_stats, _ = forward_with_flags(logits, target, k, b, ignore_index)
+def _option_args(options):
+    # (eps, lam, c) as hi/lo float32 pairs, as b (float64 rows keep ~48 bits).
+    return tuple(x for value in options for x in _split_b(float(value)))
+
+
+def forward(logits, target, k, b, ignore_index, label_smoothing=0.0, z_loss=0.0, softcap=0.0):
+    """``(loss_rows[N], row_stats[N, NUM_ROW_STATS])`` in the stats dtype (see ``prsl_kernels.ops``)."""
+    loss_rows, row_stats, _ = forward_with_flags(logits, target, k, b, ignore_index, label_smoothing, z_loss,
+                                                 softcap)
     return loss_rows, row_stats
 
 
-def forward_with_flags(logits, target, k, b, ignore_index):
+def forward_with_flags(logits, target, k, b, ignore_index, label_smoothing=0.0, z_loss=0.0, softcap=0.0):
     """:func:`forward`, plus the per-row int8 flags of the two-pass kernel (1: the row
     was recomputed by the exact kernel; None where the two-pass kernel did not run)."""
     n_rows, vocab = logits.shape
@@ -626,14 +766,17 @@ def forward_with_flags(logits, target, k, b, ignore_index):
     row_stats = torch.empty(n_rows, NUM_ROW_STATS, dtype=acc, device=logits.device)
     if n_rows == 0:
         return loss_rows, row_stats, None
+    options = (label_smoothing, z_loss, softcap)
     if k > MAX_K:
-        return (*_forward_torch(logits, target, k, b, ignore_index), None)
-    config = forward_config(logits.dtype, vocab, k)
+        return (*_forward_torch(logits, target, k, b, ignore_index, options), None)
+    config = forward_config(logits.dtype, vocab, k, options)
     b_hi, b_lo = _split_b(b)
-    args = (logits.stride(0), vocab, k, b_hi, b_lo, ignore_index)
+    args = (logits.stride(0), vocab, k, b_hi, b_lo, ignore_index, *_option_args(options))
+    # The exact kernel's scratch holds the loaded values: capped ones are in the stats dtype.
+    scratch_dtype = acc if softcap > 0 else logits.dtype
     with _device_guard(logits):
         if config.kernel == "forward_exact":
-            scratch = torch.empty(n_rows, config.constexprs["KP"], dtype=logits.dtype, device=logits.device)
+            scratch = torch.empty(n_rows, config.constexprs["KP"], dtype=scratch_dtype, device=logits.device)
             _prsl_forward_exact_kernel[(n_rows,)](
                 logits, target, loss_rows, row_stats, scratch, loss_rows, *args,
                 **config.constexprs, num_warps=config.num_warps)
@@ -651,15 +794,15 @@ def forward_with_flags(logits, target, k, b, ignore_index):
             **constexprs, num_warps=config.num_warps)
         if not has_topk:
             return loss_rows, row_stats, None
-        exact = exact_config(logits.dtype, vocab, k, only_flagged=True)
-        scratch = torch.empty(n_rows, exact.constexprs["KP"], dtype=logits.dtype, device=logits.device)
+        exact = exact_config(logits.dtype, vocab, k, only_flagged=True, options=options)
+        scratch = torch.empty(n_rows, exact.constexprs["KP"], dtype=scratch_dtype, device=logits.device)
         _prsl_forward_exact_kernel[(n_rows,)](
             logits, target, loss_rows, row_stats, scratch, flags, *args,
             **exact.constexprs, num_warps=exact.num_warps)
     return loss_rows, row_stats, flags
 
 
-def backward(grad_rows, logits, target, row_stats, b, ignore_index):
+def backward(grad_rows, logits, target, row_stats, b, ignore_index, label_smoothing=0.0, z_loss=0.0, softcap=0.0):
     """``grad_logits[N, V]``, contiguous, in the logits' dtype (see ``prsl_kernels.ops``)."""
     n_rows, vocab = logits.shape
     if logits.stride(1) != 1:
@@ -667,7 +810,8 @@ def backward(grad_rows, logits, target, row_stats, b, ignore_index):
     grad_logits = torch.empty((n_rows, vocab), dtype=logits.dtype, device=logits.device)
     if n_rows == 0 or vocab == 0:
         return grad_logits
-    config = backward_config(logits.dtype, vocab)
+    options = (label_smoothing, z_loss, softcap)
+    config = backward_config(logits.dtype, vocab, options)
     # Aligned tiles need the logits rows and the gradient rows to share their offset mod VEC.
     aligned = _aligned(logits, grad_logits) and logits.stride(0) == vocab
     tile = config.constexprs["TILE"]
@@ -677,13 +821,14 @@ def backward(grad_rows, logits, target, row_stats, b, ignore_index):
         grid = (n_rows, triton.cdiv(max_tiles, config.constexprs["TILES_PER_PROGRAM"]))
         _prsl_backward_kernel[grid](
             grad_rows.contiguous(), logits, target.contiguous(), row_stats.contiguous(), grad_logits,
-            logits.stride(0), vocab, b_hi, b_lo, ignore_index,
+            logits.stride(0), vocab, b_hi, b_lo, ignore_index, *_option_args(options),
             **dict(config.constexprs, ALIGNED=aligned), num_warps=config.num_warps)
     return grad_logits
 
 
-def _forward_torch(logits, target, k, b, ignore_index, chunk_elems=1 << 24):
+def _forward_torch(logits, target, k, b, ignore_index, options=(0.0, 0.0, 0.0), chunk_elems=1 << 24):
     """Row statistics for k > MAX_K with torch ops, row-chunked (no host syncs)."""
+    eps, lam, cap = options
     n_rows, vocab = logits.shape
     acc = stats_dtype(logits.dtype)
     loss_rows = torch.empty(n_rows, dtype=acc, device=logits.device)
@@ -691,6 +836,8 @@ def _forward_torch(logits, target, k, b, ignore_index, chunk_elems=1 << 24):
     rows_per_chunk = max(1, chunk_elems // vocab)
     for first in range(0, n_rows, rows_per_chunk):
         z = logits[first:first + rows_per_chunk].to(acc)
+        if cap > 0:
+            z = cap * torch.tanh(z / cap)
         t = target[first:first + rows_per_chunk]
         counted = t != ignore_index
         # A target outside [0, V) is never gathered: its row becomes NaN.
@@ -712,8 +859,14 @@ def _forward_torch(logits, target, k, b, ignore_index, chunk_elems=1 << 24):
         spread = u.sum(-1)
         dist = (u * u).sum(-1).sqrt()
         ties = (z == tau[:, None]).sum(-1) - (z_target == tau).long()
-        stats = torch.stack([lse, tau, dist, spread, ties.to(acc)], dim=1)
-        loss = torch.where(in_range, lse - z_target + b * dist, torch.full_like(lse, float("nan")))
+        correct = ((z_target >= z.max(-1).values) & (lse == lse)).to(acc)
+        stats = torch.stack([lse, tau, dist, spread, ties.to(acc), correct], dim=1)
+        ce = lse - z_target
+        if eps > 0:
+            ce = (1 - eps) * ce + eps * (lse - z.mean(-1))
+        if lam > 0:
+            ce = ce + lam * lse * lse
+        loss = torch.where(in_range, ce + b * dist, torch.full_like(lse, float("nan")))
         stats = torch.where(in_range[:, None], stats, torch.full_like(stats, float("nan")))
         loss_rows[first:first + rows_per_chunk] = torch.where(counted, loss, torch.zeros_like(loss))
         row_stats[first:first + rows_per_chunk] = torch.where(counted[:, None], stats,

@@ -1,5 +1,6 @@
 """Input checks shared by every backend: clear errors before any kernel runs."""
 
+import math
 import numbers
 
 import torch
@@ -36,6 +37,25 @@ def check_inputs(logits, target, k, b, ignore_index, reduction, backend):
         raise ValueError(f"reduction must be one of {REDUCTIONS}, got {reduction!r}")
     if backend not in BACKENDS:
         raise ValueError(f"backend must be one of {BACKENDS}, got {backend!r}")
+
+
+def check_options(label_smoothing, z_loss, softcap):
+    """Validate the options (spec, "Options") and return them as the ops take them:
+    ``(eps, lam, c)`` floats, 0.0 meaning off (``softcap=None`` -> 0.0)."""
+    for name, value in (("label_smoothing", label_smoothing), ("z_loss", z_loss)):
+        if isinstance(value, bool) or not isinstance(value, numbers.Real):
+            raise TypeError(f"{name} must be a real number, got {type(value).__name__}")
+    if not 0.0 <= label_smoothing <= 1.0:
+        raise ValueError(f"label_smoothing must be in [0, 1], got label_smoothing={label_smoothing}")
+    if not z_loss >= 0.0 or not math.isfinite(z_loss):
+        raise ValueError(f"z_loss must be a finite number >= 0, got z_loss={z_loss}")
+    if softcap is None:
+        return float(label_smoothing), float(z_loss), 0.0
+    if isinstance(softcap, bool) or not isinstance(softcap, numbers.Real):
+        raise TypeError(f"softcap must be None or a real number > 0, got {type(softcap).__name__}")
+    if not softcap > 0.0 or not math.isfinite(softcap):
+        raise ValueError(f"softcap must be None (off) or a finite number > 0, got softcap={softcap}")
+    return float(label_smoothing), float(z_loss), float(softcap)
 
 
 def check_target_range(target, vocab, ignore_index):

@@ -11,27 +11,35 @@ import torch
 from prsl_kernels.spec import IGNORE_INDEX
 
 
-def _rows(logits, target):
+def _rows(logits, target, softcap=None):
+    """Flat rows in the accumulation dtype, soft-capped first when ``softcap`` is set."""
     vocab = logits.shape[-1]
     acc = torch.float64 if logits.dtype == torch.float64 else torch.float32
-    return logits.reshape(-1, vocab).to(acc), target.reshape(-1).long()
+    z = logits.reshape(-1, vocab).to(acc)
+    if softcap:
+        z = softcap * torch.tanh(z / softcap)
+    return z, target.reshape(-1).long()
 
 
-def row_stats_reference(logits, target, k, ignore_index=IGNORE_INDEX):
-    """Per-row ``(lse, tau, dist, spread_sum, tie_count, p, above, ties, z_target)``.
+def row_stats_reference(logits, target, k, ignore_index=IGNORE_INDEX, softcap=None):
+    """Per-row ``(lse, tau, dist, spread_sum, tie_count, p, above, ties, z_target, correct, z)``.
 
     ``above`` is A, ``ties`` is T (both exclude the target). With ``k == 0``
     A and T are empty, ``tau = +inf`` and ``dist = spread_sum = 0``.
     Works under autograd: ``p_min`` is the mean of ``p`` over T, which gives
-    the spec's symmetric sub-gradient through ties.
+    the spec's symmetric sub-gradient through ties. ``softcap`` (spec,
+    "Options") caps the logits first: everything is computed on the capped
+    ``z`` (returned last). ``correct`` is 1 where the target's (capped) logit
+    equals the row's maximum, ties included, 0 on NaN rows.
     """
-    z, t = _rows(logits, target)
+    z, t = _rows(logits, target, softcap)
     counted = t != ignore_index
     t_safe = torch.where(counted, t, torch.zeros_like(t))
     # torch.logsumexp returns +inf for a row holding +inf; the spec (like
     # F.cross_entropy) makes such a row NaN.
     lse = torch.logsumexp(z, dim=-1).masked_fill(torch.isposinf(z).any(-1), float("nan"))
     z_target = z.gather(1, t_safe[:, None]).squeeze(1)
+    correct = ((z_target.detach() >= z.detach().max(-1).values) & (lse.detach() == lse.detach())).to(z.dtype)
     p = torch.exp(z - lse[:, None])
     is_target = torch.zeros_like(z, dtype=torch.bool).scatter_(1, t_safe[:, None], True)
     if k == 0:
@@ -39,7 +47,7 @@ def row_stats_reference(logits, target, k, ignore_index=IGNORE_INDEX):
         above = torch.zeros_like(is_target)
         ties = torch.zeros_like(is_target)
         zero = torch.zeros_like(lse)
-        return lse, tau, zero, zero, zero.detach().clone(), p, above, ties, z_target
+        return lse, tau, zero, zero, zero.detach().clone(), p, above, ties, z_target, correct, z
     z_nt = z.detach().masked_fill(is_target, float("-inf"))
     tau = z_nt.topk(k, dim=-1).values[:, -1]
     above = (z_nt > tau[:, None]) & ~is_target
@@ -51,7 +59,7 @@ def row_stats_reference(logits, target, k, ignore_index=IGNORE_INDEX):
     sq = (u * u).sum(-1)
     # sqrt has an infinite slope at 0: the spec sets g = 0 when D == 0.
     dist = torch.where(sq > 0, torch.where(sq > 0, sq, torch.ones_like(sq)).sqrt(), torch.zeros_like(sq))
-    return lse, tau, dist, spread_sum, tie_count, p, above, ties, z_target
+    return lse, tau, dist, spread_sum, tie_count, p, above, ties, z_target, correct, z
 
 
 def _reduce(loss_rows, counted, reduction, shape):
@@ -64,30 +72,46 @@ def _reduce(loss_rows, counted, reduction, shape):
     raise ValueError(f"reduction must be 'none', 'mean' or 'sum', got {reduction!r}")
 
 
-def loss_rows_reference(logits, target, k, b, ignore_index=IGNORE_INDEX):
-    """Flat per-row ``CE + b * D`` (0 on ignored rows) and the five row statistics."""
-    lse, tau, dist, spread, ties, _, _, _, z_target = row_stats_reference(logits, target, k, ignore_index)
+def loss_rows_reference(logits, target, k, b, ignore_index=IGNORE_INDEX, *, label_smoothing=0.0, z_loss=0.0,
+                        softcap=None):
+    """Flat per-row loss (0 on ignored rows) and the six row statistics (spec.ROW_STATS order).
+
+    Without options the loss is ``CE + b * D``; with them (spec, "Options"), on the
+    soft-capped logits, ``(1 - eps) CE + eps (lse - mean_j z_j) + lam lse^2 + b * D``.
+    """
+    lse, tau, dist, spread, ties, _, _, _, z_target, correct, z = row_stats_reference(
+        logits, target, k, ignore_index, softcap)
     counted = target.reshape(-1) != ignore_index
-    loss_rows = torch.where(counted, lse - z_target + b * dist, torch.zeros_like(lse))
-    return loss_rows, (lse, tau, dist, spread, ties)
+    if label_smoothing or z_loss:
+        eps = label_smoothing
+        ce = (1 - eps) * (lse - z_target) + eps * (lse - z.mean(-1)) + z_loss * lse * lse
+    else:
+        ce = lse - z_target
+    loss_rows = torch.where(counted, ce + b * dist, torch.zeros_like(lse))
+    correct = torch.where(counted, correct, torch.zeros_like(correct))
+    return loss_rows, (lse, tau, dist, spread, ties, correct)
 
 
-def prsl_loss_reference(logits, target, k, b, ignore_index=IGNORE_INDEX, reduction="mean"):
-    """``CE + b * D`` per token (spec, "Per token"), reduced like F.cross_entropy."""
-    loss_rows, _ = loss_rows_reference(logits, target, k, b, ignore_index)
+def prsl_loss_reference(logits, target, k, b, ignore_index=IGNORE_INDEX, reduction="mean", *, label_smoothing=0.0,
+                        z_loss=0.0, softcap=None):
+    """``CE + b * D`` per token (spec, "Per token"; options: spec, "Options"), reduced like F.cross_entropy."""
+    loss_rows, _ = loss_rows_reference(logits, target, k, b, ignore_index, label_smoothing=label_smoothing,
+                                       z_loss=z_loss, softcap=softcap)
     return _reduce(loss_rows, target.reshape(-1) != ignore_index, reduction, target.shape)
 
 
-def grad_closed_form(logits, target, k, b, ignore_index=IGNORE_INDEX, grad_rows=None):
+def grad_closed_form(logits, target, k, b, ignore_index=IGNORE_INDEX, grad_rows=None, *, label_smoothing=0.0,
+                     z_loss=0.0, softcap=None):
     """The spec's closed-form ``dloss_row/dz`` times ``grad_rows`` (default 1), shaped like logits.
 
-    dloss/dz_j = p_j (1 - b D) - [j == s] + b p_j g_j, with g_j = u_j / D on A,
-    -(S / D) / |T| on T, 0 elsewhere, and g = 0 when D == 0.
+    dloss/dz_j = p_j (1 - b D + 2 lam lse) - (1 - eps) [j == s] - eps / V + b p_j g_j, with
+    g_j = u_j / D on A, -(S / D) / |T| on T, 0 elsewhere, and g = 0 when D == 0; times
+    ``1 - tanh(z_orig / c)^2`` when soft-capped.
     """
     with torch.no_grad():
-        lse, tau, dist, spread, tie_count, p, above, ties, _ = row_stats_reference(
-            logits, target, k, ignore_index)
-        z, t = _rows(logits, target)
+        lse, tau, dist, spread, tie_count, p, above, ties, _, _, z = row_stats_reference(
+            logits, target, k, ignore_index, softcap)
+        _, t = _rows(logits, target)
         counted = t != ignore_index
         t_safe = torch.where(counted, t, torch.zeros_like(t))
         has_d = dist > 0
@@ -97,7 +121,12 @@ def grad_closed_form(logits, target, k, b, ignore_index=IGNORE_INDEX, grad_rows=
         g = torch.where(ties, (-(spread / safe_d) / tie_count.clamp_min(1))[:, None], g)
         g = torch.where(has_d[:, None], g, torch.zeros_like(g))
         one_hot = torch.zeros_like(p).scatter_(1, t_safe[:, None], 1.0)
-        grad = p * (1 - b * dist)[:, None] - one_hot + b * p * g
+        eps, vocab = label_smoothing, z.shape[-1]
+        keep = 1 - b * dist + 2 * z_loss * lse if z_loss else 1 - b * dist
+        grad = p * keep[:, None] - (1 - eps) * one_hot - eps / vocab + b * p * g
+        if softcap:
+            z_orig, _ = _rows(logits, target)
+            grad = grad * (1 - torch.tanh(z_orig / softcap) ** 2)
         scale = counted.to(grad.dtype)
         if grad_rows is not None:
             scale = scale * grad_rows.reshape(-1).to(grad.dtype)

@@ -11,7 +11,7 @@ import torch
 import prsl_reference as ref
 from prsl_kernels import prsl_loss
 from prsl_kernels import triton_kernels as tk
-from prsl_kernels.spec import DIST, LSE, SPREAD_SUM, TAU, TIE_COUNT
+from prsl_kernels.spec import DIST, LSE, NUM_ROW_STATS, SPREAD_SUM, TAU, TIE_COUNT
 
 # Gradients in 16-bit may differ from the fp32 closed form by their output rounding only.
 GRAD_RTOL = {torch.float16: 2.0 ** -11, torch.bfloat16: 2.0 ** -8, torch.float32: 1e-5, torch.float64: 1e-10}
@@ -226,7 +226,7 @@ def test_row_stats_layout():
     """The raw launcher returns (N,) losses and (N, 5) stats in the documented column order."""
     logits, target, _ = make_rows(4, 40, torch.float32, seed=8)
     loss_rows, row_stats = tk.forward(logits, target, 6, 0.5, -100)
-    assert loss_rows.shape == (4,) and row_stats.shape == (4, 5)
+    assert loss_rows.shape == (4,) and row_stats.shape == (4, NUM_ROW_STATS)
     lse, tau, dist, spread, ties = ref.row_stats_reference(logits, target, 6)[:5]
     for column, want in ((LSE, lse), (TAU, tau), (DIST, dist), (SPREAD_SUM, spread), (TIE_COUNT, ties)):
         torch.testing.assert_close(row_stats[:3, column], want[:3], rtol=1e-5, atol=1e-7)
