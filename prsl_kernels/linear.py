@@ -35,8 +35,8 @@ import torch
 
 from . import backends
 from .loss import RowStats, prsl_loss
-from .spec import DIST, IGNORE_INDEX, LSE, SPREAD_SUM, TAU, TIE_COUNT, stats_dtype
-from .validation import check_inputs, check_target_range
+from .spec import IGNORE_INDEX, stats_dtype
+from .validation import check_inputs, check_options, check_target_range
 
 # Bytes of one C x V chunk buffer (two live at once: the logits and their gradient).
 # CPU: at most 32 MiB, glibc's largest mmap threshold, so that the gradient buffer the
@@ -67,7 +67,8 @@ def default_chunk_size(n_rows: int, vocab: int, dtype: torch.dtype, device: torc
 
 
 def linear_prsl_loss(hidden, weight, target, k, b, *, bias=None, ignore_index=IGNORE_INDEX, reduction="mean",
-                     backend="auto", chunk_size=None, check_target=True, return_stats=False):
+                     backend="auto", chunk_size=None, check_target=True, return_stats=False, label_smoothing=0.0,
+                     z_loss=0.0, softcap=None):
     """PRSL of ``F.linear(hidden, weight, bias)`` without materialising the logits.
 
     Args:
@@ -78,6 +79,8 @@ def linear_prsl_loss(hidden, weight, target, k, b, *, bias=None, ignore_index=IG
             plain fused linear cross-entropy).
         bias: optional ``(V,)``.
         ignore_index, reduction, backend, check_target, return_stats: as in :func:`prsl_loss`.
+        label_smoothing, z_loss, softcap: the options of :func:`prsl_loss` (spec, "Options"),
+            applied to the chunk's logits inside the same fused kernels.
         chunk_size: rows per chunk (default: :func:`default_chunk_size`); peak memory beyond
             inputs and gradients is about ``2 * chunk_size * V`` elements.
 
@@ -96,11 +99,13 @@ def linear_prsl_loss(hidden, weight, target, k, b, *, bias=None, ignore_index=IG
         with torch.autocast(device_type, enabled=False):
             return linear_prsl_loss(hidden, weight, target, k, b, bias=bias, ignore_index=ignore_index,
                                     reduction=reduction, backend=backend, chunk_size=chunk_size,
-                                    check_target=check_target, return_stats=return_stats)
+                                    check_target=check_target, return_stats=return_stats,
+                                    label_smoothing=label_smoothing, z_loss=z_loss, softcap=softcap)
     _check_linear_inputs(hidden, weight, bias, target, k)
     vocab = weight.shape[0]
     logits_like = hidden.new_zeros(()).expand(*hidden.shape[:-1], vocab)  # no memory: for the shared checks
     check_inputs(logits_like, target, k, b, ignore_index, reduction, backend)
+    options = check_options(label_smoothing, z_loss, softcap)
     if chunk_size is not None and (isinstance(chunk_size, bool) or not isinstance(chunk_size, int)
                                    or chunk_size < 1):
         raise ValueError(f"chunk_size must be a positive int or None, got {chunk_size!r}")
@@ -113,7 +118,8 @@ def linear_prsl_loss(hidden, weight, target, k, b, *, bias=None, ignore_index=IG
     if path == "reference" or n_rows == 0:
         return prsl_loss(torch.nn.functional.linear(hidden, weight, bias), target, k, b, ignore_index=ignore_index,
                          reduction=reduction, backend="reference" if path == "reference" else backend,
-                         check_target=False, return_stats=return_stats)
+                         check_target=False, return_stats=return_stats, label_smoothing=label_smoothing,
+                         z_loss=z_loss, softcap=softcap)
 
     target1d = target.reshape(-1).long()
     chunk = chunk_size or default_chunk_size(n_rows, vocab, hidden.dtype, hidden.device)
@@ -122,16 +128,16 @@ def linear_prsl_loss(hidden, weight, target, k, b, *, bias=None, ignore_index=IG
         t is not None and t.requires_grad for t in (hidden, weight, bias))
     if needs_grad:
         loss, row_stats = LinearPRSLFunction.apply(hidden2d, weight, bias, target1d, k_eff, b, ignore_index, path,
-                                                   chunk, reduction)
+                                                   chunk, reduction, options)
     else:
         loss_rows, row_stats = _forward_chunks(hidden2d, weight, bias, target1d, k_eff, b, ignore_index, path,
-                                               chunk, None)[:2]
+                                               chunk, None, options)[:2]
         loss = _reduce(loss_rows, target1d, ignore_index, reduction)
     if reduction == "none":
         loss = loss.reshape(target.shape)
     if not return_stats:
         return loss
-    return loss, RowStats(*(row_stats[:, i] for i in (LSE, TAU, DIST, SPREAD_SUM, TIE_COUNT)))
+    return loss, RowStats.from_columns(row_stats)
 
 
 def _reduce(loss_rows, target, ignore_index, reduction):
@@ -149,10 +155,12 @@ def _chunk_logits(hidden_c, weight, bias, out):
     return torch.addmm(bias, hidden_c, weight.t(), out=out)
 
 
-def _forward_chunks(hidden, weight, bias, target, k, b, ignore_index, path, chunk, grad_scale):
+def _forward_chunks(hidden, weight, bias, target, k, b, ignore_index, path, chunk, grad_scale,
+                    options=(0.0, 0.0, 0.0)):
     """Loss rows and row stats over all chunks; with ``grad_scale`` (a 0-d tensor, the
     gradient of every row's loss) also the gradients of hidden, weight and bias (each
-    None unless ``grad_scale`` is given and, for the parameters, ``needs[i]``)."""
+    None unless ``grad_scale`` is given and, for the parameters, ``needs[i]``).
+    ``options``: (label_smoothing, z_loss, softcap) as the ops take them."""
     forward_kernel, backward_kernel = backends.kernels(path)
     n_rows, vocab = hidden.shape[0], weight.shape[0]
     buffer = hidden.new_empty((min(chunk, n_rows), vocab))
@@ -168,13 +176,13 @@ def _forward_chunks(hidden, weight, bias, target, k, b, ignore_index, path, chun
         stop = min(start + chunk, n_rows)
         hidden_c, target_c = hidden[start:stop], target[start:stop]
         logits_c = _chunk_logits(hidden_c, weight, bias, buffer[:stop - start])
-        loss_c, stats_c = forward_kernel(logits_c, target_c, k, b, ignore_index)
+        loss_c, stats_c = forward_kernel(logits_c, target_c, k, b, ignore_index, *options)
         losses.append(loss_c)
         stats.append(stats_c)
         if not want:
             continue
         grad_rows = grad_scale.expand(stop - start).contiguous()
-        grad_c = backward_kernel(grad_rows, logits_c, target_c, stats_c, b, ignore_index)
+        grad_c = backward_kernel(grad_rows, logits_c, target_c, stats_c, b, ignore_index, *options)
         grad_hidden, grad_weight, grad_bias = _accumulate(grad_c, hidden_c, weight, start, stop, grad_hidden,
                                                           grad_weight, grad_bias, need_hidden, need_weight,
                                                           need_bias)
@@ -200,16 +208,18 @@ def _accumulate(grad_c, hidden_c, weight, start, stop, grad_hidden, grad_weight,
 
 class LinearPRSLFunction(torch.autograd.Function):
     """Autograd for the fused op: ``(hidden[N, H], weight[V, H], bias[V] | None, target[N])
-    -> (loss, row_stats[N, 5])``, loss a scalar for mean/sum, ``(N,)`` for ``"none"``."""
+    -> (loss, row_stats[N, NUM_ROW_STATS])``, loss a scalar for mean/sum, ``(N,)`` for ``"none"``."""
 
     @staticmethod
-    def forward(ctx, hidden, weight, bias, target, k, b, ignore_index, path, chunk, reduction):
+    def forward(ctx, hidden, weight, bias, target, k, b, ignore_index, path, chunk, reduction,
+                options=(0.0, 0.0, 0.0)):
         needs = ctx.needs_input_grad[:3]
         ctx.b, ctx.ignore_index, ctx.path, ctx.chunk, ctx.reduction = b, ignore_index, path, chunk, reduction
+        ctx.options = options
         ctx.grads = None
         if reduction == "none":
             loss_rows, row_stats, *_ = _forward_chunks(hidden, weight, bias, target, k, b, ignore_index, path,
-                                                       chunk, None)
+                                                       chunk, None, options)
             ctx.save_for_backward(hidden, weight, bias, target, row_stats, None)
             ctx.mark_non_differentiable(row_stats)
             return loss_rows, row_stats
@@ -219,7 +229,7 @@ class LinearPRSLFunction(torch.autograd.Function):
         if reduction == "mean":
             scale = scale / count
         loss_rows, row_stats, grad_hidden, grad_weight, grad_bias = _forward_chunks(
-            hidden, weight, bias, target, k, b, ignore_index, path, chunk, (scale, needs))
+            hidden, weight, bias, target, k, b, ignore_index, path, chunk, (scale, needs), options)
         loss = loss_rows.sum() if reduction == "sum" else loss_rows.sum() / count
         if grad_bias is not None:
             grad_bias = grad_bias.to(bias.dtype)  # accumulated in fp32
@@ -242,7 +252,7 @@ class LinearPRSLFunction(torch.autograd.Function):
             grad_rows = grad_loss if scale is None else (grad_loss * scale).expand(hidden.shape[0])
             grad_hidden, grad_weight, grad_bias = _backward_chunks(ctx, grad_rows, hidden, weight, bias, target,
                                                                    row_stats)
-        return grad_hidden, grad_weight, grad_bias, None, None, None, None, None, None, None
+        return grad_hidden, grad_weight, grad_bias, None, None, None, None, None, None, None, None
 
 
 def _backward_chunks(ctx, grad_rows, hidden, weight, bias, target, row_stats):
@@ -259,7 +269,7 @@ def _backward_chunks(ctx, grad_rows, hidden, weight, bias, target, row_stats):
         hidden_c, target_c = hidden[start:stop], target[start:stop]
         logits_c = _chunk_logits(hidden_c, weight, bias, buffer[:stop - start])
         grad_c = backward_kernel(grad_rows[start:stop], logits_c, target_c, row_stats[start:stop], ctx.b,
-                                 ctx.ignore_index)
+                                 ctx.ignore_index, *ctx.options)
         grad_hidden, grad_weight, grad_bias = _accumulate(grad_c, hidden_c, weight, start, stop, grad_hidden,
                                                           grad_weight, grad_bias, need_hidden, need_weight,
                                                           need_bias)
@@ -324,18 +334,25 @@ def _describe(x):
 class LinearPRSLLoss(torch.nn.Module):
     """``nn.Module`` form of :func:`linear_prsl_loss`; call as ``loss_fn(hidden, weight, target, bias=None)``."""
 
-    def __init__(self, k, b, ignore_index=IGNORE_INDEX, reduction="mean", backend="auto", chunk_size=None):
+    def __init__(self, k, b, ignore_index=IGNORE_INDEX, reduction="mean", backend="auto", chunk_size=None, *,
+                 label_smoothing=0.0, z_loss=0.0, softcap=None):
         super().__init__()
+        check_options(label_smoothing, z_loss, softcap)
         self.k, self.b = k, b
         self.ignore_index, self.reduction, self.backend, self.chunk_size = ignore_index, reduction, backend, chunk_size
+        self.label_smoothing, self.z_loss, self.softcap = label_smoothing, z_loss, softcap
 
     def forward(self, hidden, weight, target, bias=None):
         return linear_prsl_loss(hidden, weight, target, self.k, self.b, bias=bias, ignore_index=self.ignore_index,
-                                reduction=self.reduction, backend=self.backend, chunk_size=self.chunk_size)
+                                reduction=self.reduction, backend=self.backend, chunk_size=self.chunk_size,
+                                label_smoothing=self.label_smoothing, z_loss=self.z_loss, softcap=self.softcap)
 
     def extra_repr(self):
+        options = "".join(f", {name}={value}" for name, value, off in (
+            ("label_smoothing", self.label_smoothing, 0.0), ("z_loss", self.z_loss, 0.0),
+            ("softcap", self.softcap, None)) if value != off)
         return (f"k={self.k}, b={self.b}, ignore_index={self.ignore_index}, reduction={self.reduction!r}, "
-                f"chunk_size={self.chunk_size}")
+                f"chunk_size={self.chunk_size}{options}")
 
 
 __all__ = ["linear_prsl_loss", "LinearPRSLLoss", "LinearPRSLFunction", "default_chunk_size"]
