@@ -38,6 +38,7 @@ import torch
 from .linear import linear_prsl_loss
 from .loss import prsl_loss
 from .spec import IGNORE_INDEX, stats_dtype
+from .validation import check_options
 
 
 def align_labels(labels: torch.Tensor, shift: bool, ignore_index: int = IGNORE_INDEX) -> torch.Tensor:
@@ -63,16 +64,26 @@ class PRSLTokenLoss:
     ``k`` is then the window end, ``start`` its start). ``k == 0`` or ``b == 0``
     is plain cross-entropy.
 
-    The running sums (``ce_sum``, ``penalty_sum``, ``tokens``) are device tensors,
-    accumulated without host syncs; :meth:`pop_stats` reads and resets them.
+    The options ``label_smoothing``, ``z_loss`` and ``softcap`` are those of
+    :func:`prsl_loss` (fused kernels; "ce" is then the loss minus ``b * D``).
+
+    The running sums (``ce_sum``, ``penalty_sum``, ``tokens``, correct tokens) are
+    device tensors, accumulated without host syncs; :meth:`pop_stats` reads and
+    resets them.
     """
 
     def __init__(self, k: int, b: float, *, shift: bool, ignore_index: int = IGNORE_INDEX, backend: str = "auto",
-                 variant: str = "paper", start: int = 0, check_target: bool = False):
+                 variant: str = "paper", start: int = 0, check_target: bool = False, label_smoothing: float = 0.0,
+                 z_loss: float = 0.0, softcap: float | None = None):
         if variant not in ("paper", "released"):
             raise ValueError(f"variant must be 'paper' or 'released', got {variant!r}")
         if int(k) < 0:
             raise ValueError(f"k must be >= 0, got {k}")
+        check_options(label_smoothing, z_loss, softcap)
+        self.options = {"label_smoothing": label_smoothing, "z_loss": z_loss, "softcap": softcap}
+        self._has_options = bool(label_smoothing or z_loss or softcap is not None)
+        if variant == "released" and self._has_options:
+            raise ValueError("label_smoothing / z_loss / softcap are not available with variant='released'")
         self.k, self.b, self.shift, self.ignore_index = int(k), float(b), bool(shift), int(ignore_index)
         self.backend, self.variant, self.start, self.check_target = backend, variant, int(start), check_target
         self._sums = None
@@ -83,26 +94,37 @@ class PRSLTokenLoss:
         targets = labels.to(logits.device)
         if not aligned:
             targets = align_labels(targets, self.shift, self.ignore_index)
-        if self.k == 0 or self.b == 0:
+        if (self.k == 0 or self.b == 0) and not self._has_options:
             # Plain cross-entropy: torch's own kernel, the baseline a user would compare against.
             loss_sum = torch.nn.functional.cross_entropy(logits.reshape(-1, logits.shape[-1]), targets.reshape(-1),
                                                          ignore_index=self.ignore_index, reduction="sum")
             loss_sum = loss_sum.to(stats_dtype(logits.dtype))  # the loss dtype of prsl_loss
             count = (targets != self.ignore_index).sum()
-            self._record(loss_sum, loss_sum.new_zeros(()), count)
+            self._record(loss_sum, loss_sum.new_zeros(()), count, self._correct_sum(logits, targets))
             return _normalise(loss_sum, count, num_items_in_batch)
         if self.variant == "released":
             loss_sum, ce_sum, penalty_sum, count = self._released(logits, targets)
+            correct_sum = self._correct_sum(logits, targets)
         else:
             loss_sum, stats = prsl_loss(logits, targets, self.k, self.b, ignore_index=self.ignore_index,
                                         reduction="sum", backend=self.backend, check_target=self.check_target,
-                                        return_stats=True)
+                                        return_stats=True, **self.options)
             counted = (targets != self.ignore_index).reshape(-1)
             penalty_sum = self.b * (stats.dist * counted).sum()
             ce_sum = loss_sum.detach() - penalty_sum
             count = counted.sum()
-        self._record(ce_sum, penalty_sum, count)
+            correct_sum = stats.correct.sum()  # 0 on ignored rows
+        self._record(ce_sum, penalty_sum, count, correct_sum)
         return _normalise(loss_sum, count, num_items_in_batch)
+
+    def _correct_sum(self, logits, targets):
+        """Tokens whose target logit is the row maximum (ties count), as ``RowStats.correct``:
+        one extra max over the logits, for the paths that do not run the fused kernels."""
+        with torch.no_grad():
+            flat, t = logits.reshape(-1, logits.shape[-1]), targets.reshape(-1)
+            counted = t != self.ignore_index
+            z_s = flat.gather(1, torch.where(counted, t, 0)[:, None]).squeeze(1)
+            return ((z_s >= flat.max(-1).values) & counted).sum()
 
     def _released(self, logits, targets):
         from prsl_reference import prsl_released_loss_reference
@@ -121,30 +143,33 @@ class PRSLTokenLoss:
         loss_sum = ce_sum + penalty_batch * count
         return loss_sum, ce_sum.detach(), (penalty_batch * count).detach(), count
 
-    def _record(self, ce_sum, penalty_sum, count):
+    def _record(self, ce_sum, penalty_sum, count, correct_sum):
         vals = torch.stack([ce_sum.detach().float(), torch.as_tensor(penalty_sum).detach().float().to(ce_sum.device),
-                            count.detach().float().to(ce_sum.device)])
+                            count.detach().float().to(ce_sum.device), correct_sum.detach().float().to(ce_sum.device)])
         self._sums = vals if self._sums is None else self._sums + vals
 
     def pop_stats(self) -> dict | None:
-        """``{"ce": mean CE, "penalty": mean b*D, "tokens": n}`` since the last call (None if no call)."""
+        """``{"ce": mean CE, "penalty": mean b*D, "tokens": n, "accuracy": token accuracy}`` since
+        the last call (None if no call). Accuracy: the target's logit is the row maximum (ties count)."""
         if self._sums is None:
             return None
-        ce, pen, n = self._sums.tolist()
+        ce, pen, n, correct = self._sums.tolist()
         self._sums = None
         n = max(n, 1.0)
-        return {"ce": ce / n, "penalty": pen / n, "tokens": int(n)}
+        return {"ce": ce / n, "penalty": pen / n, "tokens": int(n), "accuracy": correct / n}
 
 
 def prsl_loss_function(k: int, b: float, *, shift: bool = True, ignore_index: int = IGNORE_INDEX,
-                       backend: str = "auto") -> PRSLTokenLoss:
+                       backend: str = "auto", label_smoothing: float = 0.0, z_loss: float = 0.0,
+                       softcap: float | None = None) -> PRSLTokenLoss:
     """A drop-in for a model's ``loss_function`` (signature of HF's ``ForCausalLMLoss``).
 
     ``model.loss_function = prsl_loss_function(k, b)`` makes ``model(..., labels=labels).loss``
     PRSL for any HF causal LM (``shift=True``, the default). ``shift_labels``, when HF passes it,
-    is used as the already aligned targets.
+    is used as the already aligned targets. The options are those of :func:`prsl_loss`.
     """
-    token_loss = PRSLTokenLoss(k, b, shift=shift, ignore_index=ignore_index, backend=backend)
+    token_loss = PRSLTokenLoss(k, b, shift=shift, ignore_index=ignore_index, backend=backend,
+                               label_smoothing=label_smoothing, z_loss=z_loss, softcap=softcap)
 
     class _LossFunction:
         def __call__(self, logits, labels=None, vocab_size=None, num_items_in_batch=None,
@@ -175,8 +200,9 @@ class PRSLComputeLoss(PRSLTokenLoss):
 class CEComputeLoss(PRSLComputeLoss):
     """Plain cross-entropy (``torch.nn.functional.cross_entropy``), logged like the PRSL runs."""
 
-    def __init__(self, *, shift: bool, ignore_index: int = IGNORE_INDEX, backend: str = "auto"):
-        super().__init__(0, 0.0, shift=shift, ignore_index=ignore_index, backend=backend)
+    def __init__(self, *, shift: bool, ignore_index: int = IGNORE_INDEX, backend: str = "auto", **options):
+        # options (label_smoothing, z_loss, softcap): then the fused kernels with k = 0, not torch's CE.
+        super().__init__(0, 0.0, shift=shift, ignore_index=ignore_index, backend=backend, **options)
 
 
 class PRSLLinearTokenLoss(PRSLTokenLoss):
@@ -187,8 +213,9 @@ class PRSLLinearTokenLoss(PRSLTokenLoss):
     """
 
     def __init__(self, k: int, b: float, *, shift: bool, ignore_index: int = IGNORE_INDEX, backend: str = "auto",
-                 chunk_size: int | None = None, check_target: bool = False):
-        super().__init__(k, b, shift=shift, ignore_index=ignore_index, backend=backend, check_target=check_target)
+                 chunk_size: int | None = None, check_target: bool = False, **options):
+        super().__init__(k, b, shift=shift, ignore_index=ignore_index, backend=backend, check_target=check_target,
+                         **options)
         self.chunk_size = chunk_size
 
     def __call__(self, hidden: torch.Tensor, weight: torch.Tensor, labels: torch.Tensor, num_items_in_batch=None, *,
@@ -200,11 +227,11 @@ class PRSLLinearTokenLoss(PRSLTokenLoss):
         loss_sum, stats = linear_prsl_loss(hidden, weight, targets, self.k, self.b, bias=bias,
                                            ignore_index=self.ignore_index, reduction="sum", backend=self.backend,
                                            chunk_size=self.chunk_size, check_target=self.check_target,
-                                           return_stats=True)
+                                           return_stats=True, **self.options)
         counted = (targets != self.ignore_index).reshape(-1)
         penalty_sum = self.b * (stats.dist * counted).sum() if self.k and self.b else loss_sum.new_zeros(())
         count = counted.sum()
-        self._record(loss_sum.detach() - penalty_sum, penalty_sum, count)
+        self._record(loss_sum.detach() - penalty_sum, penalty_sum, count, stats.correct.sum())
         return _normalise(loss_sum, count, num_items_in_batch)
 
 
@@ -224,7 +251,8 @@ _FUSED_ATTR = "_prsl_fused_linear"
 
 def apply_prsl_fused_linear(model: torch.nn.Module, k: int, b: float, *, shift: bool | None = None,
                             ignore_index: int = IGNORE_INDEX, backend: str = "auto",
-                            chunk_size: int | None = None) -> PRSLLinearTokenLoss:
+                            chunk_size: int | None = None, label_smoothing: float = 0.0, z_loss: float = 0.0,
+                            softcap: float | None = None) -> PRSLLinearTokenLoss:
     """Make ``model(..., labels=labels).loss`` the fused linear + PRSL loss (one call, like
     Liger's ``apply_liger_kernel_to_*``); returns the loss object (``pop_stats()`` for logging).
 
@@ -235,7 +263,7 @@ def apply_prsl_fused_linear(model: torch.nn.Module, k: int, b: float, *, shift: 
     ``shift_labels`` are honoured and are not passed on to the model. ``shift``: labels
     shifted for causal LMs (GPT-2, OPT, BLIP-2), not for ``VisionEncoderDecoderModel``
     (default: by model class). Only this instance is affected; :func:`remove_prsl_fused_linear`
-    undoes it.
+    undoes it. ``label_smoothing``, ``z_loss``, ``softcap``: the options of :func:`prsl_loss`.
     """
     name = type(model).__name__
     if name not in _FUSED_MODELS:
@@ -251,7 +279,8 @@ def apply_prsl_fused_linear(model: torch.nn.Module, k: int, b: float, *, shift: 
         raise TypeError(f"apply_prsl_fused_linear: the output embeddings of {name} must be an nn.Linear, "
                         f"got {type(head).__name__}")
     loss_fn = PRSLLinearTokenLoss(k, b, shift=default_shift if shift is None else shift, ignore_index=ignore_index,
-                                  backend=backend, chunk_size=chunk_size)
+                                  backend=backend, chunk_size=chunk_size, label_smoothing=label_smoothing,
+                                  z_loss=z_loss, softcap=softcap)
     _install_fused_forward(type(model))
     setattr(model, _FUSED_ATTR, loss_fn)
     return loss_fn

@@ -77,6 +77,7 @@ def test_tiny_vit_gpt2_trains_and_saves(tmp_path, loss):
     # Trainer's "loss" averages the steps' means; ce/penalty are token-weighted over the window.
     assert all(r["ce"] + r["penalty"] == pytest.approx(r["loss"], rel=1e-2) for r in rec)
     assert all((r["penalty"] > 0) == (loss == "prsl") for r in rec)
+    assert all(0.0 <= r["accuracy"] <= 1.0 for r in rec)  # token accuracy (RowStats.correct)
     info = json.loads((out / finetune.RUN_INFO).read_text())
     assert info["loss"] == {"name": loss, "k": 6 if loss == "prsl" else 0, "b": 1.0 if loss == "prsl" else 0.0,
                             "window_start": 0, "backend": "auto"}
@@ -317,3 +318,20 @@ def test_torchrun_two_processes(tmp_path):
     # 1e-5: two processes sum their halves in another order than one process sums the batch.
     assert ddp_log[0]["ce"] == pytest.approx(one_log[0]["ce"], rel=1e-5)
     assert ddp_log[0]["penalty"] == pytest.approx(one_log[0]["penalty"], rel=1e-4)
+
+
+def test_loss_option_flags(tmp_path):
+    """--label-smoothing / --z-loss / --softcap reach the loss (fused linear and logits paths); bad
+    values are refused by the parser; a short run with all three trains and logs accuracy."""
+    cfg = finetune.parse_args(["--output-dir", str(tmp_path), "--label-smoothing", "0.1", "--z-loss", "1e-4",
+                               "--softcap", "30"])
+    assert (cfg.label_smoothing, cfg.z_loss, cfg.softcap) == (0.1, 1e-4, 30.0)
+    assert finetune.parse_args(["--output-dir", str(tmp_path)]).softcap is None
+    for bad in (["--label-smoothing", "1.5"], ["--z-loss", "-1"], ["--softcap", "0"],
+                ["--loss", "prsl-released", "--k", "6", "--softcap", "30"]):
+        with pytest.raises(SystemExit):
+            finetune.parse_args(["--output-dir", str(tmp_path), *bad])
+    out = finetune.train(tiny(tmp_path / "opts", loss="prsl", k=6, b=1.0, max_steps=4, label_smoothing=0.1,
+                              z_loss=1e-4, softcap=30.0))
+    rec = [r for r in _log(out) if "accuracy" in r]
+    assert rec and all(r["penalty"] > 0 and 0.0 <= r["accuracy"] <= 1.0 for r in rec)

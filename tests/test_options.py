@@ -323,3 +323,43 @@ def test_linear_prsl_loss_with_options(block, backend, reduction):
     (want * upstream).sum().backward()
     for a, b in zip(leaves, refs):
         torch.testing.assert_close(a.grad, b.grad, rtol=1e-4, atol=1e-6)
+
+
+# ---------------------------------------------------------------- HF hooks (tests/test_hf.py is shared work in
+# progress; these cover only what the options add)
+
+def test_hf_token_losses_take_the_options_and_log_accuracy():
+    from prsl_kernels.hf import CEComputeLoss, PRSLLinearTokenLoss, PRSLTokenLoss, align_labels
+
+    gen = torch.Generator().manual_seed(13)
+    hidden = torch.randn(2, 6, 8, generator=gen)
+    weight = torch.randn(41, 8, generator=gen)
+    logits = F.linear(hidden, weight)
+    labels = torch.randint(0, 41, (2, 6), generator=gen)
+    labels[0, :2] = -100
+    kwargs = dict(label_smoothing=0.1, z_loss=1e-3, softcap=5.0)
+    targets = align_labels(labels, True)
+    counted = targets != -100
+    want = ref.prsl_loss_reference(logits, targets, 4, 0.5, **kwargs)
+    capped = 5.0 * torch.tanh(logits / 5.0)
+    want_accuracy = ((capped.gather(-1, targets.clamp_min(0)[..., None])[..., 0] >= capped.max(-1).values)
+                     & counted).sum().item() / counted.sum().item()
+    for fn, args in ((PRSLTokenLoss(4, 0.5, shift=True, backend="cpp", **kwargs), (logits, labels)),
+                     (PRSLLinearTokenLoss(4, 0.5, shift=True, backend="cpp", **kwargs), (hidden, weight, labels))):
+        torch.testing.assert_close(fn(*args), want, rtol=1e-5, atol=1e-6)
+        stats = fn.pop_stats()
+        assert stats["accuracy"] == pytest.approx(want_accuracy) and stats["tokens"] == counted.sum().item()
+    # Plain CE (torch's kernel) logs the same accuracy, of the uncapped logits; with an option
+    # the CE baseline runs the fused kernels (k = 0) instead.
+    plain = CEComputeLoss(shift=True)
+    plain({"logits": logits}, labels)
+    raw_accuracy = ((logits.gather(-1, targets.clamp_min(0)[..., None])[..., 0] >= logits.max(-1).values)
+                    & counted).sum().item() / counted.sum().item()
+    assert plain.pop_stats()["accuracy"] == pytest.approx(raw_accuracy)
+    smoothed = CEComputeLoss(shift=True, backend="cpp", label_smoothing=0.1)({"logits": logits}, labels)
+    torch.testing.assert_close(smoothed, F.cross_entropy(logits.reshape(-1, 41), targets.reshape(-1),
+                                                         label_smoothing=0.1), rtol=2e-6, atol=2e-6)
+    with pytest.raises(ValueError, match="z_loss must be a finite number >= 0"):
+        PRSLTokenLoss(4, 0.5, shift=True, z_loss=-1.0)
+    with pytest.raises(ValueError, match="not available with variant='released'"):
+        PRSLTokenLoss(4, 0.5, shift=True, variant="released", softcap=30.0)

@@ -66,6 +66,9 @@ class FinetuneConfig:
     window_start: int = 0
     backend: str = "auto"
     fused_linear: bool = True  # ce / prsl: loss from the hidden states (hf.apply_prsl_fused_linear), no logits
+    label_smoothing: float = 0.0  # the loss options (spec, "Options"); ce and prsl only
+    z_loss: float = 0.0
+    softcap: float | None = None
     # tiny preset dimensions (defaults: models.TinySize)
     hidden: int = models.TinySize.hidden
     layers: int = models.TinySize.encoder_layers
@@ -147,6 +150,11 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--no-fused-linear", dest="fused_linear", action="store_false",
                    help="build the logits and compute the loss from them, instead of the fused linear + PRSL "
                         "loss from the decoder's hidden states (ce and prsl; prsl-released is never fused)")
+    g.add_argument("--label-smoothing", type=float, default=d.label_smoothing,
+                   help="eps in [0, 1]: CE becomes (1-eps) CE + eps (lse - mean z), as torch's (ce and prsl)")
+    g.add_argument("--z-loss", type=float, default=d.z_loss, help="lam >= 0: adds lam * lse^2 per token")
+    g.add_argument("--softcap", type=float, default=d.softcap,
+                   help="c > 0: logits become c * tanh(z / c) before the loss (default: off)")
     g = p.add_argument_group("tiny preset size")
     for name in ("hidden", "layers", "heads", "patch", "num_query_tokens", "vocab_size"):
         g.add_argument("--" + name.replace("_", "-"), type=int, default=getattr(d, name))
@@ -203,6 +211,14 @@ def validate_config(cfg: FinetuneConfig) -> None:
         raise ValueError(f"--k must be >= 0, got {cfg.k}")
     if not math.isfinite(cfg.b):
         raise ValueError(f"--b must be finite, got {cfg.b}")
+    if not 0 <= cfg.label_smoothing <= 1:
+        raise ValueError(f"--label-smoothing must be in [0, 1], got {cfg.label_smoothing}")
+    if not cfg.z_loss >= 0 or not math.isfinite(cfg.z_loss):
+        raise ValueError(f"--z-loss must be a finite number >= 0, got {cfg.z_loss}")
+    if cfg.softcap is not None and (not cfg.softcap > 0 or not math.isfinite(cfg.softcap)):
+        raise ValueError(f"--softcap must be a finite number > 0, got {cfg.softcap}")
+    if cfg.loss == "prsl-released" and (cfg.label_smoothing or cfg.z_loss or cfg.softcap is not None):
+        raise ValueError("--label-smoothing / --z-loss / --softcap need --loss ce or prsl")
     if cfg.loss == "prsl-released" and not 0 <= cfg.window_start < cfg.k:
         raise ValueError(f"prsl-released needs 0 <= --window-start < --k, got {cfg.window_start} and {cfg.k}")
     if cfg.model not in models.PRESETS and not Path(cfg.model).is_dir():
@@ -300,7 +316,12 @@ def _fused_linear(cfg: FinetuneConfig, bundle: models.ModelBundle):
     if not cfg.fused_linear or cfg.loss not in ("ce", "prsl"):
         return None
     k, b = (0, 0.0) if cfg.loss == "ce" else (cfg.k, cfg.b)
-    return apply_prsl_fused_linear(bundle.model, k, b, shift=bundle.shift_labels, backend=cfg.backend)
+    return apply_prsl_fused_linear(bundle.model, k, b, shift=bundle.shift_labels, backend=cfg.backend,
+                                   **_loss_options(cfg))
+
+
+def _loss_options(cfg: FinetuneConfig) -> dict:
+    return {"label_smoothing": cfg.label_smoothing, "z_loss": cfg.z_loss, "softcap": cfg.softcap}
 
 
 def _loss_fn(cfg: FinetuneConfig, bundle: models.ModelBundle):
@@ -308,13 +329,13 @@ def _loss_fn(cfg: FinetuneConfig, bundle: models.ModelBundle):
 
     shift = bundle.shift_labels
     if cfg.loss == "ce":
-        return CEComputeLoss(shift=shift)
+        return CEComputeLoss(shift=shift, backend=cfg.backend, **_loss_options(cfg))
     vocab = bundle.model.config.get_text_config().vocab_size if bundle.kind == models.BLIP2 \
         else bundle.model.config.decoder.vocab_size
     if cfg.k > vocab - 1:
         raise ValueError(f"--k {cfg.k} exceeds the vocabulary: at most V-1 = {vocab - 1}")
     if cfg.loss == "prsl":
-        return PRSLComputeLoss(cfg.k, cfg.b, shift=shift, backend=cfg.backend)
+        return PRSLComputeLoss(cfg.k, cfg.b, shift=shift, backend=cfg.backend, **_loss_options(cfg))
     return PRSLComputeLoss(cfg.k, cfg.b, shift=shift, variant="released", start=cfg.window_start)
 
 
@@ -369,7 +390,7 @@ def _make_callbacks(cfg, bundle, loss_fn, eval_examples, log_path):
     from transformers import TrainerCallback
 
     class JsonlLogger(TrainerCallback):
-        """Adds CE and the penalty (b*D) to the Trainer's logs; writes JSONL (rank 0)."""
+        """Adds CE, the penalty (b*D) and the token accuracy to the Trainer's logs; writes JSONL (rank 0)."""
 
         def on_log(self, args, state, control, logs=None, **kw):
             # Every rank logs at the same steps (Trainer gathers the loss there), so the all-reduce
@@ -380,6 +401,7 @@ def _make_callbacks(cfg, bundle, loss_fn, eval_examples, log_path):
             # "train_loss": the end-of-training line, the only one when --logging-steps > --max-steps.
             if stats is not None and ("loss" in logs or "train_loss" in logs):
                 logs["ce"], logs["penalty"], logs["tokens"] = stats["ce"], stats["penalty"], stats["tokens"]
+                logs["accuracy"] = stats["accuracy"]
             with open(log_path, "a") as f:
                 f.write(json.dumps({"step": state.global_step, **logs}) + "\n")
 
@@ -418,14 +440,14 @@ def _global_stats(stats, device):
     dist = torch.distributed
     if not (dist.is_available() and dist.is_initialized()) or dist.get_world_size() == 1:
         return stats
-    s = stats or {"ce": 0.0, "penalty": 0.0, "tokens": 0}
-    sums = torch.tensor([s["ce"] * s["tokens"], s["penalty"] * s["tokens"], float(s["tokens"])],
-                        dtype=torch.float64, device=device)
+    s = stats or {"ce": 0.0, "penalty": 0.0, "tokens": 0, "accuracy": 0.0}
+    sums = torch.tensor([s["ce"] * s["tokens"], s["penalty"] * s["tokens"], float(s["tokens"]),
+                         s["accuracy"] * s["tokens"]], dtype=torch.float64, device=device)
     dist.all_reduce(sums)
-    ce, penalty, tokens = sums.tolist()
+    ce, penalty, tokens, correct = sums.tolist()
     if tokens == 0:
         return None
-    return {"ce": ce / tokens, "penalty": penalty / tokens, "tokens": int(round(tokens))}
+    return {"ce": ce / tokens, "penalty": penalty / tokens, "tokens": int(round(tokens)), "accuracy": correct / tokens}
 
 
 def _quiet_console(trainer, progress: bool) -> None:
