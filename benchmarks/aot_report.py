@@ -36,6 +36,7 @@ registers, warps and shared memory with the limits of the architecture
 """
 
 import argparse
+import importlib.util
 import hashlib
 import json
 import math
@@ -45,10 +46,12 @@ import subprocess
 import sys
 import tempfile
 from concurrent.futures import ProcessPoolExecutor
+from functools import lru_cache
 from pathlib import Path
 
 ARCHS = (80, 90)
-RESULTS = Path(__file__).resolve().parent / "results" / "aot_report.txt"
+ROOT = Path(__file__).resolve().parents[1]
+RESULTS = ROOT / "benchmarks" / "results" / "aot_report.txt"
 CACHE_DIR = Path(os.environ.get("PRSL_AOT_CACHE", os.path.join(tempfile.gettempdir(), "prsl-aot-cache")))
 
 # Row lengths that select each specialisation variant (stride_row == V, contiguous rows).
@@ -73,6 +76,47 @@ def tool(name):
 
 def have_tools():
     return all(os.access(tool(name), os.X_OK) for name in ("ptxas", "cuobjdump"))
+
+
+# ----------------------------------------------------------------------------
+# Kernels of another revision (git history)
+# ----------------------------------------------------------------------------
+
+class KernelsUnavailable(RuntimeError):
+    pass
+
+
+@lru_cache(maxsize=None)
+def kernels_at(commit):
+    """The kernels and launch configurations of ``commit``'s triton_kernels.py, importable
+    without registering anything (the launchers and registrations are cut off)."""
+    try:
+        source = subprocess.run(["git", "show", f"{commit}:prsl_kernels/triton_kernels.py"], cwd=ROOT,
+                                capture_output=True, text=True, check=True).stdout
+    except (OSError, subprocess.CalledProcessError) as error:
+        raise KernelsUnavailable(
+            f"kernels of commit {commit} are read from git history, which this checkout lacks "
+            f"({getattr(error, 'stderr', '') or error}); run from a full clone") from error
+    cut = source.index("# Launchers (the kernel contract")
+    source = source[:cut].replace("from . import ops\n", "").replace("from .", "from prsl_kernels.")
+    path = Path(tempfile.gettempdir()) / "prsl-aot-kernels" / f"kernels_{commit}.py"
+    path.parent.mkdir(parents=True, exist_ok=True)
+    text = f"# FROZEN COPY: prsl_kernels/triton_kernels.py at {commit}, kernels and configs only.\n" + source
+    if not path.exists() or path.read_text() != text:
+        path.write_text(text)
+    spec = importlib.util.spec_from_file_location(f"prsl_kernels_at_{commit}", path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+
+def kernels_module(rev=None):
+    """``prsl_kernels.triton_kernels`` (rev None: the working tree) or its copy at ``rev``."""
+    if rev is None:
+        from prsl_kernels import triton_kernels
+        return triton_kernels
+    return kernels_at(rev)
 
 
 # ----------------------------------------------------------------------------
@@ -275,16 +319,15 @@ def resources(compiled, arch, num_warps):
 # ----------------------------------------------------------------------------
 
 def _compile_one(args):
-    index, arch, variant = args
-    from prsl_kernels import triton_kernels
-
-    config = triton_kernels.launch_configs()[index]
+    index, arch, variant, rev = args
+    module = kernels_module(rev)
+    config = module.launch_configs()[index]
     constexprs = config.constexprs
     row = {"kernel": config.kernel, "dtype": str(config.dtype).replace("torch.", ""),
            "config": " ".join(f"{k}={int(v) if isinstance(v, bool) else v}" for k, v in constexprs.items()),
            "warps": config.num_warps, "arch": f"sm_{arch}", "variant": variant}
     try:
-        compiled = compile_runtime(config, arch, VARIANTS[variant])
+        compiled = compile_runtime(config, arch, VARIANTS[variant], module=module)
         row.update(resources(compiled, arch, config.num_warps))
     except Exception as error:  # reported as a row, --check fails on it
         row.update(error=f"{type(error).__name__}: {str(error).splitlines()[0][:200] if str(error) else ''}")
@@ -301,10 +344,8 @@ QUICK = (("forward", "bfloat16", lambda c: c.constexprs.get("KP") == 128),
          ("backward", "bfloat16", lambda c: True))
 
 
-def _selected(quick):
-    from prsl_kernels import triton_kernels
-
-    configs = triton_kernels.launch_configs()
+def _selected(quick, rev=None):
+    configs = kernels_module(rev).launch_configs()
     if not quick:
         return list(range(len(configs)))
     chosen = []
@@ -316,8 +357,8 @@ def _selected(quick):
     return chosen
 
 
-def collect(archs=ARCHS, jobs=None, quick=False, variants=tuple(VARIANTS)):
-    work = [(i, arch, v) for arch in archs for i in _selected(quick) for v in variants]
+def collect(archs=ARCHS, jobs=None, quick=False, variants=tuple(VARIANTS), rev=None):
+    work = [(i, arch, v, rev) for arch in archs for i in _selected(quick, rev) for v in variants]
     jobs = jobs or min(len(work), 2, os.cpu_count() or 1)
     with ProcessPoolExecutor(jobs) as pool:
         return list(pool.map(_compile_one, work))
@@ -366,18 +407,24 @@ def main(argv=None):
     parser.add_argument("--quick", action="store_true", help="only a cross-section of the configurations")
     parser.add_argument("--jobs", type=int, default=None, help="parallel compiles (default: 2)")
     parser.add_argument("--json", action="store_true", help="print the rows as JSON instead of the table")
+    parser.add_argument("--rev", default=None, help="compile the kernels of this git revision (default: the working tree)")
     args = parser.parse_args(argv)
     if os.environ.get("TRITON_INTERPRET", "0") == "1":
         sys.exit("aot_report.py: unset TRITON_INTERPRET (the interpreter cannot compile)")
     import triton
 
-    rows = collect(tuple(args.arch or ARCHS), args.jobs, args.quick, tuple(args.variant or VARIANTS))
+    rev = None
+    if args.rev:
+        rev = subprocess.run(["git", "rev-parse", "--short", args.rev], cwd=ROOT, capture_output=True, text=True,
+                             check=True).stdout.strip()
+    rows = collect(tuple(args.arch or ARCHS), args.jobs, args.quick, tuple(args.variant or VARIANTS), rev)
     if args.json:
         print(json.dumps(rows, indent=1))
     else:
         table = format_table(rows)
+        source = f"commit {rev}" if rev else "the working tree"
         title = (f"# prsl_kernels Triton AOT report: triton {triton.__version__}, {len(rows)} compiles: "
-                 "every configuration of triton_kernels.launch_configs(), as the runtime specialises it\n"
+                 f"every configuration of triton_kernels.launch_configs() ({source}), as the runtime specialises it\n"
                  "# variants: V%16=0 = row stride a multiple of 16 (e.g. 50272: divisibility hints, aligned rows); "
                  "V odd = e.g. 50257 (no hint)\n"
                  "# regs/stack from cuobjdump -res-usage; spills = STL/LDL instructions in the SASS; smem = dynamic "

@@ -56,7 +56,9 @@ def _count(stride):
             "elems": static_cost.loop_elems_per_thread(cfg, header, 4),
             "ldg": sorted(i.load_bytes() for i in ops if i.base == "LDG"),
             "stg": sum(i.base == "STG" for i in ops), "ex2": sum(i.op == "MUFU.EX2" for i in ops),
-            "hinted": sorted(_exp2_rows.arg_names[p[0]] for p, v in attrs.items() if v)}
+            "hinted": sorted(_exp2_rows.arg_names[p[0]] for p, v in attrs.items() if v),
+            "sched": static_cost.path_schedule(cfg, body.path, static_cost.LATENCY["dram"]),
+            "dram": static_cost.LATENCY["dram"], "mufu": static_cost.LATENCY["mufu"]}
 
 
 def _run_script(*args, timeout=900):
@@ -89,6 +91,11 @@ def test_counter_on_a_loop_counted_by_hand():
     assert c.get("bar", 0) == 0 and c.get("shfl", 0) == 0 and c.get("shared", 0) == 0
     assert (4 + 8) * u + 2 <= c["total"] <= (4 + 8 + 8 * 3) * u + 12
     assert aligned["same_both_ways"]
+    # One warp's in-order schedule of a trip: per source iteration the two loads go out
+    # together, the first exp2 waits for DRAM, the exp2s and stores follow; the next loads may
+    # alias those stores, so they wait their turn: u round trips, each a short chain.
+    dram, mufu = aligned["dram"], aligned["mufu"]
+    assert u * dram < aligned["sched"] < u * (dram + 2 * mufu + 50) + c["total"]
     # An odd stride: scalar 4-byte accesses, eight loads and eight stores per source iteration.
     u_odd = int(odd["elems"] / per_thread)
     assert odd["ldg"] == [4] * (8 * u_odd) and odd["stg"] == 8 * u_odd and odd["ex2"] == 8 * u_odd
