@@ -30,11 +30,19 @@ Floor: the bytes that must move (forward reads the logits once; backward reads
 them once and writes the gradient once) over a copy bandwidth measured here
 with one large tensor copy (bytes read + bytes written). "x floor" = measured / floor.
 
+Options (--options, a comma list of the named sets in OPTION_SETS, default
+"none"): each PRSL backend (reference, cpp, triton) is measured once per set,
+with prsl_loss's label_smoothing / z_loss / softcap (spec, "Options"), so the
+cost of each option is the difference to the "none" row of the same case.
+The cross-entropy backends run once, without options.
+
 The CSV goes to benchmarks/results/<device slug>.csv (or --out-dir), rewritten
 after every case so an interrupted run keeps what it measured.
 
     python3 benchmarks/bench_prsl.py                              # CPU defaults
     python3 benchmarks/bench_prsl.py --shapes 256x50257 --k 20 --dtypes fp32
+    python3 benchmarks/bench_prsl.py --backends cpp --k 20 --options none,smooth,zloss,softcap,all \
+        --csv-name options-cpu-amd-epyc-2t.csv                    # what each option costs
 """
 
 import argparse
@@ -64,8 +72,16 @@ DEFAULTS = {
     "cuda": dict(shapes="8192x50257,8192x50272,4096x128256", k="6,20,100", dtypes="fp32,bf16",
                  reps=20, warmup=3),
 }
+# Named option sets for --options (prsl_loss keywords): Gemma 2's cap, BLIP's smoothing, PaLM's z-loss.
+OPTION_SETS = {
+    "none": {},
+    "smooth": {"label_smoothing": 0.1},
+    "zloss": {"z_loss": 1e-4},
+    "softcap": {"softcap": 30.0},
+    "all": {"label_smoothing": 0.1, "z_loss": 1e-4, "softcap": 30.0},
+}
 CSV_FIELDS = ("device", "device_name", "threads", "backend", "status", "N", "V", "dtype", "k", "b",
-              "reps", "fwd_ms", "bwd_ms", "fwd_bwd_ms", "fwd_bwd_min_ms", "floor_fwd_ms",
+              "options", "reps", "fwd_ms", "bwd_ms", "fwd_bwd_ms", "fwd_bwd_min_ms", "floor_fwd_ms",
               "floor_bwd_ms", "floor_fwd_bwd_ms", "x_floor_fwd", "x_floor_bwd", "x_floor_fwd_bwd",
               "bandwidth_GBps", "peak_extra_MiB", "peak_extra_x_logits", "memory_method", "loss",
               "torch", "triton", "note")
@@ -310,8 +326,9 @@ def backend_unavailable(name, device, explicit):
     return None
 
 
-def make_loss_fn(name, k, b, check_target):
-    """A callable (logits, target) -> scalar mean loss for one backend and one k."""
+def make_loss_fn(name, k, b, check_target, options=None):
+    """A callable (logits, target) -> scalar mean loss for one backend, one k and one option set."""
+    options = options or {}
     import torch.nn.functional as F
     from prsl_kernels import prsl_loss
     from prsl_reference import prsl_loss_reference
@@ -322,15 +339,15 @@ def make_loss_fn(name, k, b, check_target):
         from liger_kernel.transformers.functional import liger_cross_entropy
         return lambda x, t: liger_cross_entropy(x, t)
     if name == "reference":
-        return lambda x, t: prsl_loss_reference(x, t, k, b)
+        return lambda x, t: prsl_loss_reference(x, t, k, b, **options)
     if name == "reference_compiled":
         # A fresh dynamo cache per case: each case is compiled for its static
         # shape, dtype and k, and the recompile limit never sends a case to eager.
         torch._dynamo.reset()
         compiled = torch.compile(prsl_loss_reference, fullgraph=True, dynamic=False)
-        return lambda x, t: compiled(x, t, k, b)
+        return lambda x, t: compiled(x, t, k, b, **options)
     if name in ("cpp", "triton"):
-        return lambda x, t: prsl_loss(x, t, k, b, backend=name, check_target=check_target)
+        return lambda x, t: prsl_loss(x, t, k, b, backend=name, check_target=check_target, **options)
     raise ValueError(f"unknown backend {name!r}")
 
 
@@ -357,8 +374,8 @@ def make_inputs(n, vocab, dtype, device, seed):
     return logits.requires_grad_(), target
 
 
-def measure(name, n, vocab, dtype_name, k, args, ctx):
-    """One CSV row for one backend and case; never raises."""
+def measure(name, n, vocab, dtype_name, k, args, ctx, option_set="none"):
+    """One CSV row for one backend, case and option set; never raises."""
     device = ctx["device"]
     dtype = getattr(torch, DTYPES[dtype_name])
     elt = torch.empty((), dtype=dtype).element_size()
@@ -367,7 +384,7 @@ def measure(name, n, vocab, dtype_name, k, args, ctx):
     floors = [m * logits_bytes / bw * 1e3 for m in (1, 2, 3)]  # ms: read; read + write; both
     row = dict(ctx["common"], backend=name, N=n, V=vocab, dtype=dtype_name,
                k=k if name not in CE_BACKENDS else "", b=args.b if name not in CE_BACKENDS else "",
-               reps=args.reps, bandwidth_GBps=f"{bw / 1e9:.1f}", memory_method=ctx["memory_method"],
+               options=option_set if name not in CE_BACKENDS else "", reps=args.reps, bandwidth_GBps=f"{bw / 1e9:.1f}", memory_method=ctx["memory_method"],
                floor_fwd_ms=f"{floors[0]:.4g}", floor_bwd_ms=f"{floors[1]:.4g}",
                floor_fwd_bwd_ms=f"{floors[2]:.4g}")
     x = target = None
@@ -375,7 +392,7 @@ def measure(name, n, vocab, dtype_name, k, args, ctx):
     row["reps"] = reps
     try:
         x, target = make_inputs(n, vocab, dtype, device, seed=args.seed)
-        fn = make_loss_fn(name, k, args.b, args.check_target)
+        fn = make_loss_fn(name, k, args.b, args.check_target, OPTION_SETS[option_set])
         fwd, bwd, both, both_min = time_case(fn, x, target, device, reps, args.warmup, ctx["flush"])
         # With grad enabled: a no_grad call would recompile the compiled reference.
         loss = float(fn(x, target).detach())
@@ -412,28 +429,30 @@ def write_csv(rows, paths):
 def format_table(rows):
     """Rows grouped by case, backends in a fixed order; skipped backends as one note each."""
     order = {name: i for i, name in enumerate(BACKENDS)}
-    head = ("backend", "N x V", "dtype", "k", "fwd ms", "bwd ms", "f+b ms", "floor f+b",
+    head = ("backend", "N x V", "dtype", "k", "options", "fwd ms", "bwd ms", "f+b ms", "floor f+b",
             "x floor f/b/f+b", "peak MiB (x logits)", "loss")
+    option_order = {name: i for i, name in enumerate(OPTION_SETS)}
     lines = []
     measured = [r for r in rows if r.get("status") in ("ok", "error")]
 
     def key(r):
         k = r["k"] if r["k"] != "" else -1
-        return (r["N"] * r["V"], r["N"], list(DTYPES).index(r["dtype"]), k, order[r["backend"]])
+        return (r["N"] * r["V"], r["N"], list(DTYPES).index(r["dtype"]), k, order[r["backend"]],
+                option_order.get(r.get("options") or "none", 0))
 
     table = [head]
     for r in sorted(measured, key=key):
         if r["status"] == "ok":
             table.append((r["backend"], f"{r['N']}x{r['V']}", r["dtype"], str(r["k"]) or "-",
-                          r["fwd_ms"], r["bwd_ms"], r["fwd_bwd_ms"], r["floor_fwd_bwd_ms"],
+                          r.get("options") or "-", r["fwd_ms"], r["bwd_ms"], r["fwd_bwd_ms"], r["floor_fwd_bwd_ms"],
                           f"{r['x_floor_fwd']}/{r['x_floor_bwd']}/{r['x_floor_fwd_bwd']}",
                           f"{r['peak_extra_MiB']} ({r['peak_extra_x_logits']})", r["loss"]))
         else:
             table.append((r["backend"], f"{r['N']}x{r['V']}", r["dtype"], str(r["k"]) or "-",
-                          "ERROR", r["note"][:60], "", "", "", "", ""))
+                          r.get("options") or "-", "ERROR", r["note"][:60], "", "", "", "", ""))
     widths = [max(len(str(row[i])) for row in table) for i in range(len(head))]
     for j, row in enumerate(table):
-        lines.append("  ".join(str(c).rjust(w) if i >= 4 else str(c).ljust(w)
+        lines.append("  ".join(str(c).rjust(w) if i >= 5 else str(c).ljust(w)
                                for i, (c, w) in enumerate(zip(row, widths))).rstrip())
         if j == 0:
             lines.append("  ".join("-" * w for w in widths))
@@ -456,6 +475,9 @@ def build_parser():
     p.add_argument("--dtypes", default=None, help="comma list of fp32,bf16,fp16,fp64")
     p.add_argument("--backends", default="all", help=f"comma list of {','.join(BACKENDS)} or 'all'")
     p.add_argument("--b", type=float, default=0.5, help="penalty weight (nonzero, so selection runs)")
+    p.add_argument("--options", default="none",
+                   help=f"comma list of option sets for the PRSL backends: {', '.join(OPTION_SETS)} "
+                        f"({'; '.join(f'{k}: {v}' for k, v in OPTION_SETS.items() if v)})")
     p.add_argument("--reps", type=int, default=None, help="timed runs per case (median reported)")
     p.add_argument("--reference-reps", type=int, default=None,
                    help="timed runs for the (slow, steady) reference backends (default: --reps)")
@@ -494,6 +516,10 @@ def run(argv=None, log=print):
     for d in dtypes:
         if d not in DTYPES:
             raise SystemExit(f"unknown dtype {d!r}; choose from {', '.join(DTYPES)}")
+    option_sets = args.options.split(",")
+    for o in option_sets:
+        if o not in OPTION_SETS:
+            raise SystemExit(f"unknown option set {o!r}; choose from {', '.join(OPTION_SETS)}")
     explicit = args.backends != "all"
     names = list(BACKENDS) if not explicit else args.backends.split(",")
     for name in names:
@@ -540,18 +566,20 @@ def run(argv=None, log=print):
                              dtype="", k=""))
             continue
         backend_ks = [None] if name in CE_BACKENDS else (compiled_ks if name == "reference_compiled" else ks)
-        plan += [(name, n, v, d, k) for (n, v) in shapes for d in dtypes for k in backend_ks
+        sets = ["none"] if name in CE_BACKENDS else option_sets
+        plan += [(name, n, v, d, k, o) for (n, v) in shapes for d in dtypes for k in backend_ks for o in sets
                  if k is None or k <= v - 1]
-    for name, n, v, d, k in plan:
+    for name, n, v, d, k, o in plan:
         elapsed = time.perf_counter() - start
         if args.time_budget is not None and elapsed > args.time_budget:
             rows.append(dict(ctx["common"], backend=name, status="skipped", N=n, V=v, dtype=d,
-                             k="" if k is None else k, note=f"time budget {args.time_budget:.0f} s spent"))
+                             k="" if k is None else k, options=o,
+                             note=f"time budget {args.time_budget:.0f} s spent"))
             log(f"# skip {name} {n}x{v} {d} k={'-' if k is None else k}: time budget spent")
             continue
-        row = measure(name, n, v, d, 0 if k is None else k, args, ctx)
+        row = measure(name, n, v, d, 0 if k is None else k, args, ctx, o)
         rows.append(row)
-        log(f"{name:18s} {n}x{v} {d} k={k if k is not None else '-'}: "
+        log(f"{name:18s} {n}x{v} {d} k={k if k is not None else '-'}{'' if o == 'none' else ' ' + o}: "
             + (f"fwd {row['fwd_ms']} ms, bwd {row['bwd_ms']} ms, fwd+bwd {row['fwd_bwd_ms']} ms "
                f"({row['x_floor_fwd_bwd']} x floor), peak +{row['peak_extra_MiB']} MiB"
                if row["status"] == "ok" else f"ERROR {row['note']}"))

@@ -3,14 +3,17 @@ dispatch by device (C++ on CPU, Triton on CUDA) and trace under
 ``torch.compile(fullgraph=True)`` through their fake implementations.
 
     prsl::forward(logits[N, V], target[N] int64, k, b, ignore_index,
-                  label_smoothing=0, z_loss=0, softcap=0)
+                  label_smoothing, z_loss, softcap)
         -> (loss_rows[N], row_stats[N, NUM_ROW_STATS])      (stats dtype)
     prsl::backward(grad_rows[N], logits, target, row_stats, b, ignore_index,
-                   label_smoothing=0, z_loss=0, softcap=0)
+                   label_smoothing, z_loss, softcap)
         -> grad_logits[N, V]                                 (logits dtype)
 
 The options (spec, "Options") are validated floats, 0.0 meaning off; with all
 three off the kernels run exactly the code they ran before the options existed.
+They have no defaults in the schemas on purpose: a traced graph then always
+names them, so a compiled graph cached before they existed (five arguments,
+five stats columns) is never mistaken for one of these ops.
 
 ``logits`` has unit stride along V (rows may be strided); ``k == 0`` is passed
 when ``b == 0`` as well, so that kernels skip the selection. Device kernels are
@@ -24,15 +27,15 @@ from .spec import NUM_ROW_STATS, stats_dtype
 
 
 @torch.library.custom_op("prsl::forward", mutates_args=())
-def forward(logits: Tensor, target: Tensor, k: int, b: float, ignore_index: int, label_smoothing: float = 0.0,
-            z_loss: float = 0.0, softcap: float = 0.0) -> tuple[Tensor, Tensor]:
+def forward(logits: Tensor, target: Tensor, k: int, b: float, ignore_index: int, label_smoothing: float,
+            z_loss: float, softcap: float) -> tuple[Tensor, Tensor]:
     raise NotImplementedError(
         f"prsl::forward has no kernel for device '{logits.device.type}' "
         "(CPU needs the C++ extension, CUDA needs triton); use backend='reference'")
 
 
 @forward.register_fake
-def _(logits, target, k, b, ignore_index, label_smoothing=0.0, z_loss=0.0, softcap=0.0):
+def _(logits, target, k, b, ignore_index, label_smoothing, z_loss, softcap):
     n = logits.shape[0]
     dtype = stats_dtype(logits.dtype)
     return logits.new_empty((n,), dtype=dtype), logits.new_empty((n, NUM_ROW_STATS), dtype=dtype)
@@ -40,11 +43,11 @@ def _(logits, target, k, b, ignore_index, label_smoothing=0.0, z_loss=0.0, softc
 
 @torch.library.custom_op("prsl::backward", mutates_args=())
 def backward(grad_rows: Tensor, logits: Tensor, target: Tensor, row_stats: Tensor, b: float,
-             ignore_index: int, label_smoothing: float = 0.0, z_loss: float = 0.0, softcap: float = 0.0) -> Tensor:
+             ignore_index: int, label_smoothing: float, z_loss: float, softcap: float) -> Tensor:
     raise NotImplementedError(
         f"prsl::backward has no kernel for device '{logits.device.type}'; use backend='reference'")
 
 
 @backward.register_fake
-def _(grad_rows, logits, target, row_stats, b, ignore_index, label_smoothing=0.0, z_loss=0.0, softcap=0.0):
+def _(grad_rows, logits, target, row_stats, b, ignore_index, label_smoothing, z_loss, softcap):
     return torch.empty_like(logits, memory_format=torch.contiguous_format)

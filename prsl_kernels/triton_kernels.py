@@ -169,12 +169,12 @@ def _row_loss(lse, z_target, z_sum, V, eps, lam, SMOOTH: tl.constexpr, ZLOSS: tl
 
 
 @triton.jit
-def _stats_vector(stat_cols, lse, tau, dist, spread, tie_count, correct):
+def _stats_vector(stat_cols, lse, tau, dist, spread, tie_count):
+    # The five statistics the backward reads, in their columns (correct is stored apart).
     return tl.where(stat_cols == _LSE, lse,
                     tl.where(stat_cols == _TAU, tau,
                              tl.where(stat_cols == _DIST, dist,
-                                      tl.where(stat_cols == _SPREAD, spread,
-                                               tl.where(stat_cols == _TIES, tie_count, correct)))))
+                                      tl.where(stat_cols == _SPREAD, spread, tie_count))))
 
 
 @triton.jit
@@ -282,9 +282,9 @@ def _prsl_forward_kernel(
     z_target = tl.load(logits_ptr + row_off + target).to(acc)
     if SOFTCAP:
         z_target = _softcap(z_target, cap)
-    correct = ((z_target >= m_row) & (lse == lse)).to(acc)
-    ce = _row_loss(lse, z_target, tl.sum(zs, axis=0), V, tl.cast(eps_hi, acc) + tl.cast(eps_lo, acc),
-                   tl.cast(lam_hi, acc) + tl.cast(lam_lo, acc), SMOOTH, ZLOSS)
+    # Stored now: nothing of it stays live across the selection below (register pressure).
+    tl.store(stats_row + _CORRECT, ((z_target >= m_row) & (lse == lse)).to(acc))
+    z_sum = tl.sum(zs, axis=0)  # SMOOTH only (dead code otherwise)
 
     if HAS_TOPK:
         b = tl.cast(b_hi, acc) + tl.cast(b_lo, acc)
@@ -342,7 +342,8 @@ def _prsl_forward_kernel(
         dist = tl.sqrt(tl.sum(u * u, axis=0))
         # Every logit equal to tau is >= thr, hence listed: the count is exact.
         tie_count = tl.sum((values == tau).to(tl.int32), axis=0).to(acc)
-        loss = ce + b * dist
+        loss = _row_loss(lse, z_target, z_sum, V, tl.cast(eps_hi, acc) + tl.cast(eps_lo, acc),
+                         tl.cast(lam_hi, acc) + tl.cast(lam_lo, acc), SMOOTH, ZLOSS) + b * dist
         # Flagged rows are rewritten by the exact kernel.
         tl.store(flag_ptr + row, (n_cand > CAP).to(tl.int8))
     else:
@@ -350,10 +351,11 @@ def _prsl_forward_kernel(
         spread = tl.full([], 0.0, acc)
         dist = spread
         tie_count = spread
-        loss = ce
+        loss = _row_loss(lse, z_target, z_sum, V, tl.cast(eps_hi, acc) + tl.cast(eps_lo, acc),
+                         tl.cast(lam_hi, acc) + tl.cast(lam_lo, acc), SMOOTH, ZLOSS)
     tl.store(loss_ptr + row, loss)
-    stats = _stats_vector(stat_cols, lse, tau, dist, spread, tie_count, correct)
-    tl.store(stats_row + stat_cols, stats, mask=stat_cols < _NUM_STATS)
+    stats = _stats_vector(stat_cols, lse, tau, dist, spread, tie_count)
+    tl.store(stats_row + stat_cols, stats, mask=stat_cols < _CORRECT)  # correct: stored above
 
 
 @triton.jit
@@ -453,7 +455,7 @@ def _prsl_forward_exact_kernel(
     z_target = tl.load(row_ptr + target).to(acc)
     if SOFTCAP:
         z_target = _softcap(z_target, cap)
-    correct = ((z_target >= m) & (lse == lse)).to(acc)
+    tl.store(stats_row + _CORRECT, ((z_target >= m) & (lse == lse)).to(acc))
     b = tl.cast(b_hi, acc) + tl.cast(b_lo, acc)
     # top is ascending: the k-th largest sits at KP - k.
     tau = tl.max(tl.where(slots == KP - k, top, float("-inf")), axis=0)
@@ -472,12 +474,11 @@ def _prsl_forward_exact_kernel(
                 x = _softcap(x, cap)
             ties += tl.sum(((x == tau) & (idx != target) & (idx < V)).to(tl.int32), axis=0)
     tie_count = ties.to(acc)
-    ce = _row_loss(lse, z_target, z_sum, V, tl.cast(eps_hi, acc) + tl.cast(eps_lo, acc),
-                   tl.cast(lam_hi, acc) + tl.cast(lam_lo, acc), SMOOTH, ZLOSS)
-    loss = ce + b * dist
+    loss = _row_loss(lse, z_target, z_sum, V, tl.cast(eps_hi, acc) + tl.cast(eps_lo, acc),
+                     tl.cast(lam_hi, acc) + tl.cast(lam_lo, acc), SMOOTH, ZLOSS) + b * dist
     tl.store(loss_ptr + row, loss)
-    stats = _stats_vector(stat_cols, lse, tau, dist, spread, tie_count, correct)
-    tl.store(stats_row + stat_cols, stats, mask=stat_cols < _NUM_STATS)
+    stats = _stats_vector(stat_cols, lse, tau, dist, spread, tie_count)
+    tl.store(stats_row + stat_cols, stats, mask=stat_cols < _CORRECT)  # correct: stored above
 
 
 @triton.jit

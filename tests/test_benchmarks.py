@@ -82,6 +82,31 @@ def test_bench_writes_csv_and_backends_agree(tmp_path):
                 assert float(r["loss"]) > ce
 
 
+def test_bench_options_rows(tmp_path, monkeypatch):
+    """--options measures each PRSL backend once per option set (CSV column "options"); the CE
+    backends once; the losses are the reference's with those options."""
+    monkeypatch.syspath_prepend(str(REPO / "benchmarks"))
+    import bench_prsl
+    from prsl_reference import prsl_loss_reference
+
+    proc = _run([BENCH, "--device", "cpu", "--shapes", "3x97", "--k", "5", "--dtypes", "fp32",
+                 "--backends", "cross_entropy,cpp", "--options", "none,softcap,all", "--reps", "1",
+                 "--warmup", "0", "--threads", "1", "--bandwidth-mib", "16", "--flush-mib", "8", "--no-memory",
+                 "--out-dir", tmp_path, "--csv-name", "opts.csv"], env_drop=("TRITON_INTERPRET",))
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    rows = [r for r in _rows(tmp_path / "opts.csv") if r["status"] == "ok"]
+    assert sorted((r["backend"], r["options"]) for r in rows) == [
+        ("cpp", "all"), ("cpp", "none"), ("cpp", "softcap"), ("cross_entropy", "")]
+    gen = torch.Generator().manual_seed(0)
+    logits = torch.randn(3, 97, generator=gen).mul_(2.0)
+    target = torch.randint(0, 97, (3,), generator=gen)
+    for r in rows:
+        if r["backend"] == "cpp":
+            expect = float(prsl_loss_reference(logits.double(), target, 5, 0.5, **bench_prsl.OPTION_SETS[r["options"]]))
+            assert float(r["loss"]) == pytest.approx(expect, rel=1e-5), r
+    assert "softcap" in proc.stdout  # the printed table names the option set
+
+
 def test_gpu_check_dry_run(tmp_path):
     proc = _run([GPU_CHECK, "--dry-run", "--out-dir", tmp_path])
     out = proc.stdout + proc.stderr

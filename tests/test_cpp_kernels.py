@@ -283,7 +283,7 @@ def test_kernel_rejects_out_of_range_target_when_check_is_skipped():
 def test_auto_on_cpu_uses_the_cpp_kernels():
     assert backends.resolve("auto", torch.device("cpu")) == "ops"
     z, t, _ = _data(5, 64, seed=81)
-    via_op = ops.forward(z, t, 6, 0.5, -100)
+    via_op = ops.forward(z, t, 6, 0.5, -100, 0.0, 0.0, 0.0)
     direct = cpp_kernels.forward(z, t, 6, 0.5, -100)
     assert all(torch.equal(a, b) for a, b in zip(via_op, direct))
     _, stats = prsl_loss(z, t, 6, 0.5, backend="auto", return_stats=True)
