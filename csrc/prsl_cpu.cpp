@@ -179,11 +179,10 @@ inline vdouble vexp(vdouble x) {
 // tanh for float lanes (Cephes tanhf, ~2 ulp): an odd polynomial below |x| = 0.625,
 // (1 - e) / (1 + e) with e = exp(-2|x|) above (e <= 0.29: no cancellation; e flushes
 // to 0 for |x| > 44, giving exactly +-1, as libm does long before). NaN stays NaN.
+// Logits divided by a cap of tens are mostly below 0.625: such vectors skip the exp and
+// the division (same result as the blend, lane for lane).
 PRSL_INLINE vfloat vtanh(vfloat x) {
-  const vint32 sign = (vint32)x & splat<vint32>(int32_t(0x80000000u));
   const vfloat ax = (vfloat)((vint32)x & splat<vint32>(0x7fffffff));
-  const vfloat e = vexp(ax * -2.0f);
-  const vfloat large = (vfloat)((vint32)((1.0f - e) / (1.0f + e)) | sign);
   const vfloat z = x * x;
   vfloat q = splat<vfloat>(-5.70498872745e-3f);
   q = q * z + 2.06390887954e-2f;
@@ -191,7 +190,12 @@ PRSL_INLINE vfloat vtanh(vfloat x) {
   q = q * z + 1.33314422036e-1f;
   q = q * z - 3.33332819422e-1f;
   const vfloat small = q * z * x + x;
-  return ax >= 0.625f ? large : small;
+  const vint32 is_large = ax >= 0.625f;
+  if (lane_bits(is_large) == 0) return small;
+  const vint32 sign = (vint32)x & splat<vint32>(int32_t(0x80000000u));
+  const vfloat e = vexp(ax * -2.0f);
+  const vfloat large = (vfloat)((vint32)((1.0f - e) / (1.0f + e)) | sign);
+  return is_large ? large : small;
 }
 
 inline vdouble vtanh(vdouble x) {
