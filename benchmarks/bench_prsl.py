@@ -34,7 +34,10 @@ Options (--options, a comma list of the named sets in OPTION_SETS, default
 "none"): each PRSL backend (reference, cpp, triton) is measured once per set,
 with prsl_loss's label_smoothing / z_loss / softcap (spec, "Options"), so the
 cost of each option is the difference to the "none" row of the same case.
-The cross-entropy backends run once, without options.
+The cross-entropy backends run once, without options. --interleave times the
+option sets of one case round-robin (one forward, backward and forward+backward
+of each set per round, medians over --reps rounds), so that the load of a shared
+machine drifts over all of them alike.
 
 The CSV goes to benchmarks/results/<device slug>.csv (or --out-dir), rewritten
 after every case so an interrupted run keeps what it measured.
@@ -374,7 +377,39 @@ def make_inputs(n, vocab, dtype, device, seed):
     return logits.requires_grad_(), target
 
 
-def measure(name, n, vocab, dtype_name, k, args, ctx, option_set="none"):
+def measure_interleaved(name, n, vocab, dtype_name, k, args, ctx, option_sets):
+    """One CSV row per option set for one backend and case, the sets timed round-robin."""
+    device = ctx["device"]
+    rows = {o: measure(name, n, vocab, dtype_name, k, args, ctx, o, timed=False) for o in option_sets}
+    x = target = None
+    try:
+        x, target = make_inputs(n, vocab, getattr(torch, DTYPES[dtype_name]), device, seed=args.seed)
+        fns = {o: make_loss_fn(name, k, args.b, args.check_target, OPTION_SETS[o]) for o in option_sets}
+        times = {o: [] for o in option_sets}
+        for o in option_sets:  # warm-up (compiles, caches), untimed
+            time_case(fns[o], x, target, device, 1, args.warmup, ctx["flush"])
+        for _ in range(args.reps):
+            for o in option_sets:
+                times[o].append(time_case(fns[o], x, target, device, 1, 0, ctx["flush"]))
+        for o in option_sets:
+            fwd, bwd, both = (statistics.median(t[i] for t in times[o]) for i in range(3))
+            floors = [float(rows[o][f"floor_{p}_ms"]) for p in ("fwd", "bwd", "fwd_bwd")]
+            rows[o].update(status="ok", fwd_ms=f"{fwd:.4g}", bwd_ms=f"{bwd:.4g}", fwd_bwd_ms=f"{both:.4g}",
+                           fwd_bwd_min_ms=f"{min(t[2] for t in times[o]):.4g}",
+                           x_floor_fwd=f"{fwd / floors[0]:.3g}", x_floor_bwd=f"{bwd / floors[1]:.3g}",
+                           x_floor_fwd_bwd=f"{both / floors[2]:.3g}", peak_extra_MiB="nan",
+                           peak_extra_x_logits="nan", memory_method="none",
+                           loss=f"{float(fns[o](x, target).detach()):.6f}", note="interleaved")
+    except Exception as exc:
+        for o in option_sets:
+            rows[o].update(status="error", note=f"{type(exc).__name__}: {str(exc).splitlines()[0][:200]}")
+    finally:
+        del x, target
+        gc.collect()
+    return [rows[o] for o in option_sets]
+
+
+def measure(name, n, vocab, dtype_name, k, args, ctx, option_set="none", timed=True):
     """One CSV row for one backend, case and option set; never raises."""
     device = ctx["device"]
     dtype = getattr(torch, DTYPES[dtype_name])
@@ -390,6 +425,8 @@ def measure(name, n, vocab, dtype_name, k, args, ctx, option_set="none"):
     x = target = None
     reps = args.reference_reps if name.startswith("reference") and args.reference_reps else args.reps
     row["reps"] = reps
+    if not timed:  # the frame of a row that measure_interleaved fills in
+        return row
     try:
         x, target = make_inputs(n, vocab, dtype, device, seed=args.seed)
         fn = make_loss_fn(name, k, args.b, args.check_target, OPTION_SETS[option_set])
@@ -478,6 +515,8 @@ def build_parser():
     p.add_argument("--options", default="none",
                    help=f"comma list of option sets for the PRSL backends: {', '.join(OPTION_SETS)} "
                         f"({'; '.join(f'{k}: {v}' for k, v in OPTION_SETS.items() if v)})")
+    p.add_argument("--interleave", action="store_true",
+                   help="time the --options sets of each case round-robin (no memory run)")
     p.add_argument("--reps", type=int, default=None, help="timed runs per case (median reported)")
     p.add_argument("--reference-reps", type=int, default=None,
                    help="timed runs for the (slow, steady) reference backends (default: --reps)")
@@ -569,20 +608,30 @@ def run(argv=None, log=print):
         sets = ["none"] if name in CE_BACKENDS else option_sets
         plan += [(name, n, v, d, k, o) for (n, v) in shapes for d in dtypes for k in backend_ks for o in sets
                  if k is None or k <= v - 1]
+    if args.interleave:  # one entry per case, holding all its option sets
+        grouped = {}
+        for name, n, v, d, k, o in plan:
+            grouped.setdefault((name, n, v, d, k), []).append(o)
+        plan = [(*case, tuple(sets)) for case, sets in grouped.items()]
     for name, n, v, d, k, o in plan:
         elapsed = time.perf_counter() - start
         if args.time_budget is not None and elapsed > args.time_budget:
             rows.append(dict(ctx["common"], backend=name, status="skipped", N=n, V=v, dtype=d,
-                             k="" if k is None else k, options=o,
+                             k="" if k is None else k, options=o if isinstance(o, str) else ",".join(o),
                              note=f"time budget {args.time_budget:.0f} s spent"))
             log(f"# skip {name} {n}x{v} {d} k={'-' if k is None else k}: time budget spent")
             continue
-        row = measure(name, n, v, d, 0 if k is None else k, args, ctx, o)
-        rows.append(row)
-        log(f"{name:18s} {n}x{v} {d} k={k if k is not None else '-'}{'' if o == 'none' else ' ' + o}: "
-            + (f"fwd {row['fwd_ms']} ms, bwd {row['bwd_ms']} ms, fwd+bwd {row['fwd_bwd_ms']} ms "
-               f"({row['x_floor_fwd_bwd']} x floor), peak +{row['peak_extra_MiB']} MiB"
-               if row["status"] == "ok" else f"ERROR {row['note']}"))
+        if isinstance(o, tuple):
+            new_rows = measure_interleaved(name, n, v, d, 0 if k is None else k, args, ctx, o)
+        else:
+            new_rows = [measure(name, n, v, d, 0 if k is None else k, args, ctx, o)]
+        for row in new_rows:
+            rows.append(row)
+            o = row.get("options") or "none"
+            log(f"{name:18s} {n}x{v} {d} k={k if k is not None else '-'}{'' if o == 'none' else ' ' + o}: "
+                + (f"fwd {row['fwd_ms']} ms, bwd {row['bwd_ms']} ms, fwd+bwd {row['fwd_bwd_ms']} ms "
+                   f"({row['x_floor_fwd_bwd']} x floor), peak +{row['peak_extra_MiB']} MiB"
+                   if row["status"] == "ok" else f"ERROR {row['note']}"))
         write_csv(rows, paths)
     write_csv(rows, paths)
     log("")
