@@ -11,19 +11,23 @@ Methods (per shape, dtype and k; each skipped with a note where it cannot run):
 Timing: median (and min) of --reps forward+backward runs after --warmup runs, the
 gradients of hidden and weight computed every time. Within a rep the methods of one case
 run back to back on the same inputs, and "x unfused" is the median of the per-rep ratios,
-so a change of load on a shared machine hits both sides of a ratio alike. CPU:
-time.perf_counter with torch.set_num_threads(--threads); CUDA: CUDA events.
+so a change of load on a shared machine hits both sides of a ratio alike. CPU: wall time
+(time.perf_counter) and the process's CPU time (time.process_time, all threads), with
+torch.set_num_threads(--threads); the CPU ratio uses CPU time, which other tenants' time
+slices do not inflate. CUDA: CUDA events (device time).
 
 Memory: the peak beyond what was allocated before one forward+backward, the inputs
 excluded and the gradients of hidden (N x H) and weight (V x H) included (every method
 produces them). "loss extra" subtracts those gradients: what the loss itself adds to the
 peak, given also as a multiple of the unfused logits' bytes (N x V).
   CUDA: torch.cuda.max_memory_allocated() after reset_peak_memory_stats().
-  CPU:  the growth of the peak resident set (VmHWM, reset through /proc/self/clear_refs),
-        with glibc told to mmap every block >= 64 KiB (bench_prsl.py's method). That
-        setting would also change the fused path's timing (its per-chunk gradient buffer
-        is otherwise recycled from the heap), so all timings run first, in the default
-        allocator mode, and all memory runs after them.
+  CPU:  the peak of live bytes in torch's allocation records (torch.profiler with
+        profile_memory: every allocation and free, in order), exact to the byte; or, with
+        --memory-method rss, the growth of the peak resident set (VmHWM, reset through
+        /proc/self/clear_refs) with glibc told to mmap every block >= 64 KiB (bench_prsl.py's
+        method: page-granular, and it also counts non-torch memory). That glibc setting would
+        change the fused path's timing (its per-chunk gradient buffer is otherwise recycled
+        from the heap), so all timings run first and all memory runs after them.
 
 Results: a table on stdout and benchmarks/results/linear-<device>.csv (+ .txt), rewritten
 after every case.
@@ -61,7 +65,7 @@ DEFAULTS = {
                  reps=10, warmup=2),
 }
 CSV_FIELDS = ("device", "device_name", "threads", "method", "status", "N", "H", "V", "dtype", "k", "b", "chunk",
-              "reps", "fwd_bwd_ms", "fwd_bwd_min_ms", "x_unfused_time", "peak_extra_MiB", "grads_MiB",
+              "reps", "fwd_bwd_ms", "fwd_bwd_min_ms", "cpu_ms", "x_unfused_time", "peak_extra_MiB", "grads_MiB",
               "loss_extra_MiB", "loss_extra_x_logits", "x_unfused_peak", "memory_method", "loss", "torch", "note")
 
 
@@ -113,21 +117,23 @@ def unavailable(method, k, device):
 def time_group(fns, h, w, t, device, reps, warmup):
     """Forward+backward times (ms) per method. The methods alternate within each rep, so that on a
     shared machine a change of load hits all of them alike (ratios are taken per rep)."""
-    clock, times = bp.Clock(device), {m: [] for m in fns}
+    clock, times, cpu_times = bp.Clock(device), {m: [] for m in fns}, {m: [] for m in fns}
     for i in range(warmup + reps):
         for m, fn in fns.items():
             h.grad = w.grad = None
+            cpu_start = time.process_time()
             start = clock.mark()
             fn(h, w, t).backward()
             end = clock.mark()
             clock.sync()
             if i >= warmup:
                 times[m].append(clock.ms(start, end))
+                cpu_times[m].append((time.process_time() - cpu_start) * 1e3)
     h.grad = w.grad = None
-    return times
+    return times, cpu_times
 
 
-def peak_extra_bytes(fn, h, w, t, device):
+def peak_extra_bytes(fn, h, w, t, device, method):
     h.grad = w.grad = None
     gc.collect()
     if device.type == "cuda":
@@ -137,6 +143,18 @@ def peak_extra_bytes(fn, h, w, t, device):
         fn(h, w, t).backward()
         torch.cuda.synchronize()
         peak = torch.cuda.max_memory_allocated(device) - base
+    elif method == "torch_profiler_allocations":
+        from torch.profiler import ProfilerActivity, profile
+
+        with profile(activities=[ProfilerActivity.CPU], profile_memory=True) as prof:
+            fn(h, w, t).backward()
+        # Every allocation and free of torch's CPU allocator, in order.
+        records = sorted((e.start_ns(), e.nbytes()) for e in prof.profiler.kineto_results.events()
+                         if e.name() == "[memory]")
+        live = peak = 0
+        for _, nbytes in records:
+            live += nbytes
+            peak = max(peak, live)
     else:
         with open("/proc/self/clear_refs", "w") as f:
             f.write("5")
@@ -148,16 +166,17 @@ def peak_extra_bytes(fn, h, w, t, device):
 
 
 def format_table(rows):
-    head = ("N x H x V", "dtype", "k", "method", "f+b ms (min)", "x unfused", "peak MiB", "loss extra MiB",
-            "extra x logits", "x unfused peak")
+    head = ("N x H x V", "dtype", "k", "method", "f+b ms (min)", "CPU-time ms", "x unfused", "peak MiB",
+            "loss extra MiB", "extra x logits", "x unfused peak")
     lines = [head]
     for r in rows:
         if r["status"] != "ok":
             lines.append((f"{r['N']}x{r['H']}x{r['V']}", r["dtype"], r["k"], r["method"], r["status"], "", "", "",
-                          "", r["note"]))
+                          "", "", r["note"]))
             continue
         lines.append((f"{r['N']}x{r['H']}x{r['V']}", r["dtype"], r["k"], r["method"],
-                      f"{r['fwd_bwd_ms']} ({r['fwd_bwd_min_ms']})", r.get("x_unfused_time", ""),
+                      f"{r['fwd_bwd_ms']} ({r['fwd_bwd_min_ms']})" if "fwd_bwd_ms" in r else "",
+                      r.get("cpu_ms", ""), r.get("x_unfused_time", ""),
                       r.get("peak_extra_MiB", ""), r.get("loss_extra_MiB", ""), r.get("loss_extra_x_logits", ""),
                       r.get("x_unfused_peak", "")))
     widths = [max(len(str(line[i])) for line in lines) for i in range(len(head))]
@@ -214,6 +233,9 @@ def build_parser():
     p.add_argument("--warmup", type=int)
     p.add_argument("--threads", type=int, default=os.cpu_count())
     p.add_argument("--no-memory", action="store_true")
+    p.add_argument("--no-time", action="store_true", help="measure peak memory only")
+    p.add_argument("--memory-method", choices=("profiler", "rss"), default="profiler",
+                   help="CPU: torch profiler's allocation records (exact, the default) or peak RSS")
     p.add_argument("--check", action="store_true",
                    help="first check the fused op against F.linear + the float64 reference on this device")
     p.add_argument("--out-dir", type=Path, default=bp.RESULTS_DIR)
@@ -271,17 +293,24 @@ def run(argv=None, log=print):
                 row.update(status="failed", note=str(err).splitlines()[0][:120])
                 fns.pop(m)
             group.append(row)
-        times = time_group(fns, h, w, t, device, reps, warmup)
+        times, cpu_times = time_group(fns, h, w, t, device, 0 if args.no_time else reps,
+                                      0 if args.no_time else warmup)
+        # CPU: process CPU time (all threads) is what the ratio uses; on a shared machine wall time
+        # also counts the other tenants' time slices. CUDA: device time from events.
+        basis = cpu_times if device.type == "cpu" else times
         for row in group:
             if row["status"] != "ok":
                 continue
-            ts = times[row["method"]]
-            row.update(fwd_bwd_ms=f"{statistics.median(ts):.1f}", fwd_bwd_min_ms=f"{min(ts):.1f}")
-            if "unfused" in times:  # paired: each rep ran every method back to back
-                ratio = statistics.median(a / u for a, u in zip(ts, times["unfused"]))
+            ts, cs = times[row["method"]], cpu_times[row["method"]]
+            if not ts:  # --no-time
+                continue
+            row.update(fwd_bwd_ms=f"{statistics.median(ts):.1f}", fwd_bwd_min_ms=f"{min(ts):.1f}",
+                       cpu_ms=f"{statistics.median(cs):.1f}")
+            if "unfused" in basis:  # paired: each rep ran every method back to back
+                ratio = statistics.median(a / u for a, u in zip(basis[row["method"]], basis["unfused"]))
                 row["x_unfused_time"] = f"{ratio:.2f}"
             log(f"  {n}x{hd}x{v} {dt} k={k} {row['method']}: f+b {row['fwd_bwd_ms']} ms "
-                f"(min {row['fwd_bwd_min_ms']})")
+                f"(min {row['fwd_bwd_min_ms']}), CPU time {row['cpu_ms']} ms")
         rows += group
         write_results(rows, args.out_dir, slug, header)
         del h, w, t, fns
@@ -291,6 +320,8 @@ def run(argv=None, log=print):
     if not args.no_memory:
         if device.type == "cuda":
             memory_method = "cuda_max_memory_allocated"
+        elif args.memory_method == "profiler":
+            memory_method = "torch_profiler_allocations"
         elif bp.serve_large_blocks_by_mmap() and bp.cpu_peak_supported():
             memory_method = "rss_peak_vmhwm"
     for row in rows:
@@ -301,13 +332,13 @@ def run(argv=None, log=print):
         dtype = getattr(torch, bp.DTYPES[dt])
         h, w, t = make_inputs(n, hd, v, dtype, device, seed=n + hd + v + row["k"])
         fn = make_loss_fn(row["method"], row["k"], args.b, device, row.get("chunk") or None)
-        peak = peak_extra_bytes(fn, h, w, t, device)
+        peak = peak_extra_bytes(fn, h, w, t, device, memory_method)
         elem = h.element_size()
         grads = (n * hd + v * hd) * elem
         logits = n * v * elem
-        row.update(peak_extra_MiB=f"{peak / 2**20:.0f}", grads_MiB=f"{grads / 2**20:.0f}",
-                   loss_extra_MiB=f"{(peak - grads) / 2**20:.0f}", loss_extra_x_logits=f"{(peak - grads) / logits:.3f}")
-        log(f"  {n}x{hd}x{v} {dt} k={row['k']} {row['method']}: peak +{peak / 2**20:.0f} MiB")
+        row.update(peak_extra_MiB=f"{peak / 2**20:.1f}", grads_MiB=f"{grads / 2**20:.1f}",
+                   loss_extra_MiB=f"{(peak - grads) / 2**20:.1f}", loss_extra_x_logits=f"{(peak - grads) / logits:.3f}")
+        log(f"  {n}x{hd}x{v} {dt} k={row['k']} {row['method']}: peak +{peak / 2**20:.1f} MiB")
         del h, w, t, fn
         gc.collect()
 
@@ -316,7 +347,7 @@ def run(argv=None, log=print):
                      (r["N"], r["H"], r["V"], r["dtype"], r["k"]) == (row["N"], row["H"], row["V"], row["dtype"],
                                                                      row["k"])), None)
         if row.get("peak_extra_MiB") and base is not None:
-            row["x_unfused_peak"] = f"{float(row['peak_extra_MiB']) / max(float(base['peak_extra_MiB']), 1):.2f}"
+            row["x_unfused_peak"] = f"{float(row['peak_extra_MiB']) / max(float(base['peak_extra_MiB']), 1e-9):.2f}"
     write_results(rows, args.out_dir, slug, header)
     log("")
     log(format_table(rows))
