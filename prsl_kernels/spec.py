@@ -27,9 +27,6 @@ ROW_STATS = ("lse", "tau", "dist", "spread_sum", "tie_count", "correct")
 NUM_ROW_STATS = len(ROW_STATS)
 LSE, TAU, DIST, SPREAD_SUM, TIE_COUNT, CORRECT = range(NUM_ROW_STATS)
 
-# The options (spec, "Options") as the ops take them: 0.0 means off for each.
-OPTION_DEFAULTS = {"label_smoothing": 0.0, "z_loss": 0.0, "softcap": 0.0}
-
 
 def stats_dtype(logits_dtype: torch.dtype) -> torch.dtype:
     """The accumulation / loss dtype: float64 for float64 logits, else float32."""
