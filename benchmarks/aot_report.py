@@ -344,10 +344,10 @@ QUICK = (("forward", "bfloat16", lambda c: c.constexprs.get("KP") == 128),
          ("backward", "bfloat16", lambda c: True))
 
 
-def _selected(quick, rev=None):
+def _selected(quick, rev=None, dtypes=None):
     configs = kernels_module(rev).launch_configs()
     if not quick:
-        return list(range(len(configs)))
+        return [i for i, c in enumerate(configs) if not dtypes or str(c.dtype).replace("torch.", "") in dtypes]
     chosen = []
     for kernel, dtype, pick in QUICK:
         matches = [i for i, c in enumerate(configs)
@@ -357,8 +357,8 @@ def _selected(quick, rev=None):
     return chosen
 
 
-def collect(archs=ARCHS, jobs=None, quick=False, variants=tuple(VARIANTS), rev=None):
-    work = [(i, arch, v, rev) for arch in archs for i in _selected(quick, rev) for v in variants]
+def collect(archs=ARCHS, jobs=None, quick=False, variants=tuple(VARIANTS), rev=None, dtypes=None):
+    work = [(i, arch, v, rev) for arch in archs for i in _selected(quick, rev, dtypes) for v in variants]
     jobs = jobs or min(len(work), 2, os.cpu_count() or 1)
     with ProcessPoolExecutor(jobs) as pool:
         return list(pool.map(_compile_one, work))
@@ -407,6 +407,7 @@ def main(argv=None):
     parser.add_argument("--quick", action="store_true", help="only a cross-section of the configurations")
     parser.add_argument("--jobs", type=int, default=None, help="parallel compiles (default: 2)")
     parser.add_argument("--json", action="store_true", help="print the rows as JSON instead of the table")
+    parser.add_argument("--dtype", action="append", help="only these logits dtypes (e.g. bfloat16; default: all)")
     parser.add_argument("--rev", default=None, help="compile the kernels of this git revision (default: the working tree)")
     args = parser.parse_args(argv)
     if os.environ.get("TRITON_INTERPRET", "0") == "1":
@@ -417,14 +418,15 @@ def main(argv=None):
     if args.rev:
         rev = subprocess.run(["git", "rev-parse", "--short", args.rev], cwd=ROOT, capture_output=True, text=True,
                              check=True).stdout.strip()
-    rows = collect(tuple(args.arch or ARCHS), args.jobs, args.quick, tuple(args.variant or VARIANTS), rev)
+    rows = collect(tuple(args.arch or ARCHS), args.jobs, args.quick, tuple(args.variant or VARIANTS), rev, args.dtype)
     if args.json:
         print(json.dumps(rows, indent=1))
     else:
         table = format_table(rows)
         source = f"commit {rev}" if rev else "the working tree"
+        which = "every configuration" if not args.dtype else f"the {'/'.join(args.dtype)} configurations"
         title = (f"# prsl_kernels Triton AOT report: triton {triton.__version__}, {len(rows)} compiles: "
-                 f"every configuration of triton_kernels.launch_configs() ({source}), as the runtime specialises it\n"
+                 f"{which} of triton_kernels.launch_configs() ({source}), as the runtime specialises it\n"
                  "# variants: V%16=0 = row stride a multiple of 16 (e.g. 50272: divisibility hints, aligned rows); "
                  "V odd = e.g. 50257 (no hint)\n"
                  "# regs/stack from cuobjdump -res-usage; spills = STL/LDL instructions in the SASS; smem = dynamic "
