@@ -199,19 +199,42 @@ def _gather_chunks(tile0, group_row, gl0, tb0, n_groups, n_tiles, thr, target, l
                    TILE: tl.constexpr, VEC: tl.constexpr, T_BLK: tl.constexpr, ROWS: tl.constexpr,
                    acc: tl.constexpr, SOFTCAP: tl.constexpr):
     # ROWS chunks at once, one per thread: the VEC lanes of listed group gl0 + r // T_BLK
-    # in tile tb0 + r % T_BLK. Returns the chunks (-inf off the candidates) and
+    # in tile tb0 + r % T_BLK. Only chunks wholly inside the row are read here (the
+    # mask is constant along VEC: 16-byte loads); the row's partial head and tail
+    # chunks are _edge_chunks'. Returns the chunks (-inf off the candidates) and
     # which of them hold a candidate (>= thr, not the target).
     rows = tl.arange(0, ROWS)
     gl = gl0 + rows // T_BLK
     tb = tb0 + rows % T_BLK
     row_ok = (gl < n_groups) & (tb < n_tiles)
     gid = tl.load(group_row + gl, mask=row_ok, other=0)
-    offs = (tb * TILE + gid * VEC)[:, None] + tl.arange(0, VEC)[None, :]
-    pos = offs - lead
-    x = tl.load(tile0 + offs, mask=row_ok[:, None] & (pos >= 0) & (pos < V), other=float("-inf")).to(acc)
+    first = tb * TILE + gid * VEC  # the chunk's offset from the aligned tile start
+    full = row_ok & (first - lead >= 0) & (first - lead + VEC <= V)
+    offs = first[:, None] + tl.arange(0, VEC)[None, :]
+    x = tl.load(tile0 + offs, mask=full[:, None], other=float("-inf")).to(acc)
     if SOFTCAP:
-        x = tl.where(row_ok[:, None] & (pos >= 0) & (pos < V), _softcap(x, cap), float("-inf"))
-    hit = (x >= thr) & (pos != target)
+        x = tl.where(full[:, None], _softcap(x, cap), float("-inf"))
+    hit = (x >= thr) & (offs - lead != target)
+    return tl.where(hit, x, float("-inf")), tl.max(hit.to(tl.int32), axis=1)
+
+
+@triton.jit
+def _edge_chunks(tile0, thr, target, lead, V, cap, VEC: tl.constexpr, acc: tl.constexpr,
+                 SOFTCAP: tl.constexpr):
+    # The row's first and last chunks when they straddle its ends (skipped by
+    # _gather_chunks), each once: as _gather_chunks, with masked 2-byte loads.
+    # Row 0 of the result is the head chunk, row 1 the tail chunk.
+    tail_first = ((V - 1 + lead) // VEC) * VEC
+    head_partial = (lead > 0) | (V < VEC)
+    tail_partial = (tail_first > 0) & (tail_first - lead + VEC > V)
+    edge = tl.arange(0, 2)[:, None]
+    offs = edge * tail_first + tl.arange(0, VEC)[None, :]
+    take = tl.where(edge == 0, head_partial.to(tl.int32), tail_partial.to(tl.int32))
+    inside = (take > 0) & (offs - lead >= 0) & (offs - lead < V)
+    x = tl.load(tile0 + offs, mask=inside, other=float("-inf")).to(acc)
+    if SOFTCAP:
+        x = tl.where(inside, _softcap(x, cap), float("-inf"))
+    hit = (x >= thr) & (offs - lead != target)
     return tl.where(hit, x, float("-inf")), tl.max(hit.to(tl.int32), axis=1)
 
 
@@ -321,6 +344,11 @@ def _prsl_forward_kernel(
                         tl.store(chunk_row + slot[:, None] * VEC + chunk_lanes, x,
                                  mask=(has[:, None] > 0) & (slot[:, None] < CAP))
                         n_chunks += tl.sum(has, axis=0)
+                edge_x, edge_has = _edge_chunks(tile0, thr, target, lead, V, cap, VEC, acc, SOFTCAP)
+                edge_slot = n_chunks + tl.cumsum(edge_has, axis=0) - edge_has
+                tl.store(chunk_row + edge_slot[:, None] * VEC + chunk_lanes, edge_x,
+                         mask=(edge_has[:, None] > 0) & (edge_slot[:, None] < CAP))
+                n_chunks += tl.sum(edge_has, axis=0)
                 if n_chunks <= CAP:
                     # Compact the candidates of the listed chunks into the row's list.
                     tl.debug_barrier()  # every thread sees every chunk
@@ -686,10 +714,14 @@ def launch_configs():
     the launchers pass False for a misaligned base pointer or, in the backward,
     strided rows."""
     configs = []
+    # Tiles follow the next power of two of V (short rows), so one V per power of two.
+    vocabs = {1 << i for i in range(1, 19)} | {_SMALL_BLOCK_V + 1, 50257}
     for dtype in _TRITON_DTYPE:
-        for vocab in sorted({_SMALL_BLOCK_V, _BLOCK_V[dtype], 50257}):
+        for vocab in sorted(vocabs):
             candidates = [forward_config(dtype, vocab, 0), backward_config(dtype, vocab)]
             for size in TOPK_BUFFER_SIZES:
+                if size - 1 > vocab - 1:
+                    break
                 candidates.append(forward_config(dtype, vocab, size - 1))
                 if size <= FAST_MAX_KP:
                     candidates.append(exact_config(dtype, vocab, size - 1, only_flagged=True))

@@ -304,3 +304,22 @@ def test_misaligned_rows_match_aligned_copy():
     torch.testing.assert_close(got[0], want[0], rtol=1e-6, atol=1e-6)
     torch.testing.assert_close(got[2].float(), want[2].float(), rtol=2.0 ** -8, atol=1e-7)
     assert_matches_reference(view, target, 20, 0.5)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_top_logits_at_the_row_ends(dtype):
+    """The largest logits sit in each row's first and last 8 positions, which straddle the aligned
+    chunks (odd V, so every row starts at a different offset): the two-pass kernel still finds them."""
+    gen = torch.Generator().manual_seed(23)
+    vocab, k = 3001, 20
+    logits = torch.randn(6, vocab, generator=gen)
+    logits[:, :8] += 6.0 + torch.rand(6, 8, generator=gen)
+    logits[:, -8:] += 6.0 + torch.rand(6, 8, generator=gen)
+    logits = logits.to(dtype)
+    target = torch.randint(8, vocab - 8, (6,), generator=gen)
+    loss, stats, flags = tk.forward_with_flags(logits, target, k, 0.5, -100)
+    assert flags.tolist() == [0] * 6
+    want = ref.prsl_loss_reference(logits, target, k, 0.5, reduction="none")
+    torch.testing.assert_close(loss, want, rtol=1e-5, atol=1e-5)
+    tau = ref.row_stats_reference(logits, target, k)[1]
+    assert torch.equal(stats[:, TAU], tau)
