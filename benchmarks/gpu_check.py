@@ -13,7 +13,10 @@
    torch.compile(fullgraph=True). Before every kernel call the CUDA caching
    allocator is poisoned (freed blocks filled with 0xFF, a NaN in every float
    dtype), so an output element the kernel fails to write shows up as NaN.
-2. The GPU benchmark (bench_prsl.py with its CUDA shapes), within a time budget.
+2. The GPU benchmark (bench_prsl.py with its CUDA shapes, beside F.cross_entropy and
+   Liger's cross-entropy where importable), within a time budget.
+3. The fused linear + PRSL benchmark (bench_linear.py --check at its CUDA shapes: the fused
+   op against F.linear + the float64 reference first); --skip-linear skips it.
 
 The CSV and a log go to $OUT (if set) and to benchmarks/results/. Needs only
 torch and triton (no pip install, no network): run from the repo root,
@@ -435,6 +438,7 @@ def main(argv=None):
     p.add_argument("--bench-args", default="",
                    help="extra bench_prsl.py arguments, e.g. \"--shapes 8192x50257 --dtypes bf16\"")
     p.add_argument("--skip-bench", action="store_true")
+    p.add_argument("--skip-linear", action="store_true", help="skip the fused linear + PRSL benchmark")
     p.add_argument("--seed", type=int, default=1234)
     args = p.parse_args(argv)
     start = time.perf_counter()
@@ -489,6 +493,21 @@ def main(argv=None):
         except Exception:
             log(traceback.format_exc().rstrip())
             bench_errors = 1
+
+    if not args.skip_bench and not args.skip_linear and not args.dry_run:
+        # Fused linear + PRSL (issue 10) against F.linear + prsl_loss / F.cross_entropy and,
+        # where importable, Liger's fused linear cross-entropy, at bench_linear's CUDA shapes.
+        try:
+            import bench_linear
+            linear_argv = ["--device", "cuda", "--check"]
+            if out_dirs:
+                linear_argv += ["--out-dir", str(out_dirs[0])]
+            bench_linear.run(linear_argv, log=log)
+        except SystemExit as exit_:
+            bench_errors += bool(exit_.code)
+        except Exception:
+            log(traceback.format_exc().rstrip())
+            bench_errors += 1
 
     if last:
         p2, f2 = run_checks(last, log, device, failures)
