@@ -299,7 +299,7 @@ def test_fused_linear_never_builds_logits_and_lowers_peak_memory(tiny_bundles):
     patched = copy.deepcopy(model)
     loss_fn = PRSLTokenLoss(6, 0.5, shift=False)
     # A chunk of 64 rows (of 8 x ~26): the automatic one would cover all rows at this size, as the
-    # chunk budget (32 MiB per buffer on CPU) exceeds these logits.
+    # chunk budget (64 MiB per buffer on CPU) exceeds these logits.
     apply_prsl_fused_linear(patched, 6, 0.5, chunk_size=64)
     logits_bytes = labels.numel() * vocab * 4
 
