@@ -377,6 +377,30 @@ def check_two_pass_paths(device, gen, backend):
     return ok, "; ".join(msgs)
 
 
+def measured_beside_predicted(rows, device_name, log):
+    """The Triton rows of the benchmark beside the static model's figures for this GPU
+    (benchmarks/results/static_cost.json: model predictions for the kernels it was made for)."""
+    import json
+
+    path = bench_prsl.RESULTS_DIR / "static_cost.json"
+    gpu = next((g for g in ("H200", "H100", "A100") if g in device_name), None)
+    if gpu is None or not path.exists():
+        log(f"# no static-model figures for {device_name!r} (static_cost.json covers H100, A100, H200)")
+        return
+    model = {(m["gpu"], m["dtype"], m["N"], m["V"], m["k"]): m for m in json.loads(path.read_text())}
+    log(f"\n# measured beside the static model ({gpu}; model figures are predictions, plain / latency-aware)")
+    log(f"{'N x V':>12} {'dtype':>5} {'k':>4} {'fwd meas':>9} {'fwd model':>15} {'bwd meas':>9} {'bwd model':>15}")
+    for r in rows:
+        if r.get("backend") != "triton" or r.get("status") != "ok":
+            continue
+        m = model.get((gpu, r["dtype"], int(r["N"]), int(r["V"]), int(r["k"])))
+        if m is None:
+            continue
+        log(f"{str(r['N']) + 'x' + str(r['V']):>12} {r['dtype']:>5} {r['k']:>4} {float(r['fwd_ms']):9.3f} "
+            f"{m['predicted_ms_fwd']:7.3f}/{m['latency_aware_ms_fwd']:<7.3f} {float(r['bwd_ms']):9.3f} "
+            f"{m['predicted_ms_bwd']:7.3f}/{m['latency_aware_ms_bwd']:<7.3f}")
+
+
 def run_checks(checks, log, device, failures):
     """Run (label, fn) checks; fn returns (ok, message). Returns (passed, failed); FAIL lines
     are appended to ``failures`` (repeated at the end, where the device tool's output tail is)."""
@@ -490,6 +514,8 @@ def main(argv=None):
         try:
             rows, _ = bench_prsl.run(bench_argv, log=log)
             bench_errors = sum(r.get("status") == "error" for r in rows)
+            if not args.dry_run:
+                measured_beside_predicted(rows, bench_prsl.device_name(device), log)
         except Exception:
             log(traceback.format_exc().rstrip())
             bench_errors = 1
