@@ -34,9 +34,9 @@ from __future__ import annotations
 import torch
 
 from . import backends
-from .loss import RowStats, prsl_loss
+from .loss import RowStats, prsl_loss, reduce_rows
 from .spec import IGNORE_INDEX, stats_dtype
-from .validation import check_inputs, check_options, check_target_range
+from .validation import check_inputs, check_linear_inputs, check_options, check_target_range
 
 # Bytes of one C x V chunk buffer (two live at once: the logits and their gradient).
 # CPU: 64 MiB for 32/64-bit logits, 32 MiB for 16-bit ones. Per chunk, grad_W +=
@@ -108,7 +108,7 @@ def linear_prsl_loss(hidden, weight, target, k, b, *, bias=None, ignore_index=IG
                                     reduction=reduction, backend=backend, chunk_size=chunk_size,
                                     check_target=check_target, return_stats=return_stats,
                                     label_smoothing=label_smoothing, z_loss=z_loss, softcap=softcap)
-    _check_linear_inputs(hidden, weight, bias, target, k)
+    check_linear_inputs(hidden, weight, bias, target, k)
     vocab = weight.shape[0]
     logits_like = hidden.new_zeros(()).expand(*hidden.shape[:-1], vocab)  # no memory: for the shared checks
     check_inputs(logits_like, target, k, b, ignore_index, reduction, backend)
@@ -139,20 +139,12 @@ def linear_prsl_loss(hidden, weight, target, k, b, *, bias=None, ignore_index=IG
     else:
         loss_rows, row_stats = _forward_chunks(hidden2d, weight, bias, target1d, k_eff, b, ignore_index, path,
                                                chunk, None, options)[:2]
-        loss = _reduce(loss_rows, target1d, ignore_index, reduction)
+        loss = reduce_rows(loss_rows, target1d, ignore_index, reduction)
     if reduction == "none":
         loss = loss.reshape(target.shape)
     if not return_stats:
         return loss
     return loss, RowStats.from_columns(row_stats)
-
-
-def _reduce(loss_rows, target, ignore_index, reduction):
-    if reduction == "none":
-        return loss_rows
-    if reduction == "sum":
-        return loss_rows.sum()
-    return loss_rows.sum() / (target != ignore_index).sum()  # as F.cross_entropy: all ignored -> nan
 
 
 def _chunk_logits(hidden_c, weight, bias, out):
@@ -285,57 +277,6 @@ def _backward_chunks(ctx, grad_rows, hidden, weight, bias, target, row_stats):
         grad_bias = grad_bias.to(bias.dtype)  # accumulated in fp32
     return grad_hidden, grad_weight, grad_bias
 
-
-def _check_linear_inputs(hidden, weight, bias, target, k):
-    """Clear errors naming the bad argument, before any kernel runs."""
-    if not isinstance(hidden, torch.Tensor) or not hidden.is_floating_point():
-        raise TypeError(f"hidden must be a floating-point tensor (..., H), got {_describe(hidden)}")
-    if hidden.dim() < 1:
-        raise ValueError("hidden must have at least 1 dimension (..., H), got a 0-d tensor")
-    if not isinstance(weight, torch.Tensor) or not weight.is_floating_point():
-        raise TypeError(f"weight must be a floating-point tensor (V, H), got {_describe(weight)}")
-    if weight.dim() != 2:
-        raise ValueError(f"weight must be 2-D (V, H), the nn.Linear layout of an LM head; got shape "
-                         f"{tuple(weight.shape)}")
-    if weight.shape[1] != hidden.shape[-1]:
-        raise ValueError(f"hidden.shape[-1] (H = {hidden.shape[-1]}) must equal weight.shape[1] = "
-                         f"{weight.shape[1]} (weight is (V, H)); got hidden {tuple(hidden.shape)} and weight "
-                         f"{tuple(weight.shape)}")
-    if weight.dtype != hidden.dtype:
-        raise TypeError(f"hidden and weight must have the same dtype, got hidden {hidden.dtype} and weight "
-                        f"{weight.dtype}")
-    if weight.device != hidden.device:
-        raise ValueError(f"hidden and weight must be on the same device, got {hidden.device} and {weight.device}")
-    vocab = weight.shape[0]
-    if vocab < 1:
-        raise ValueError("weight must have at least one row (V >= 1), got shape " f"{tuple(weight.shape)}")
-    if bias is not None:
-        if not isinstance(bias, torch.Tensor) or not bias.is_floating_point():
-            raise TypeError(f"bias must be None or a floating-point tensor (V,), got {_describe(bias)}")
-        if tuple(bias.shape) != (vocab,):
-            raise ValueError(f"bias must have shape (V,) = ({vocab},) (V = weight.shape[0]), got "
-                             f"{tuple(bias.shape)}")
-        if bias.dtype != weight.dtype:
-            raise TypeError(f"bias must have the weight's dtype {weight.dtype}, got {bias.dtype}")
-        if bias.device != weight.device:
-            raise ValueError(f"bias must be on the weight's device {weight.device}, got {bias.device}")
-    if not isinstance(target, torch.Tensor) or target.is_floating_point() or target.is_complex() \
-            or target.dtype == torch.bool:
-        raise TypeError(f"target must be an integer tensor, got {_describe(target)}")
-    if tuple(target.shape) != tuple(hidden.shape[:-1]):
-        raise ValueError(f"target must have shape hidden.shape[:-1] = {tuple(hidden.shape[:-1])}, got "
-                         f"{tuple(target.shape)}")
-    if target.device != hidden.device:
-        raise ValueError(f"hidden and target must be on the same device, got {hidden.device} and {target.device}")
-    if isinstance(k, int) and not isinstance(k, bool) and not 0 <= k <= vocab - 1:
-        raise ValueError(f"k must be in [0, V-1] = [0, {vocab - 1}] (V = weight.shape[0] = {vocab}: there are "
-                         f"only V-1 non-target classes), got k={k}")
-
-
-def _describe(x):
-    if isinstance(x, torch.Tensor):
-        return f"a tensor of dtype {x.dtype}"
-    return type(x).__name__
 
 
 class LinearPRSLLoss(torch.nn.Module):

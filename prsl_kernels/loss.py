@@ -78,13 +78,17 @@ def prsl_loss(logits, target, k, b, *, ignore_index=IGNORE_INDEX, reduction="mea
         stats = RowStats.from_columns(row_stats)
         loss_rows = loss_rows.reshape(target.shape)
 
-    if reduction == "none":
-        loss = loss_rows
-    elif reduction == "sum":
-        loss = loss_rows.sum()
-    else:  # mean over counted rows, as F.cross_entropy (all ignored -> nan)
-        loss = loss_rows.sum() / (target != ignore_index).sum()
+    loss = reduce_rows(loss_rows, target, ignore_index, reduction)
     return (loss, stats) if return_stats else loss
+
+
+def reduce_rows(loss_rows, target, ignore_index, reduction):
+    """The spec's reductions of per-row losses (shaped like ``target``)."""
+    if reduction == "none":
+        return loss_rows
+    if reduction == "sum":
+        return loss_rows.sum()
+    return loss_rows.sum() / (target != ignore_index).sum()  # as F.cross_entropy: all ignored -> nan
 
 
 def _reference_rows(logits, target, k, b, ignore_index, options=(0.0, 0.0, 0.0)):

@@ -75,6 +75,52 @@ def check_target_range(target, vocab, ignore_index):
                          f"{ignore_index}; found {first}")
 
 
+def check_linear_inputs(hidden, weight, bias, target, k):
+    """linear_prsl_loss: clear errors naming the bad argument, before any matmul or kernel runs."""
+    if not isinstance(hidden, torch.Tensor) or not hidden.is_floating_point():
+        raise TypeError(f"hidden must be a floating-point tensor (..., H), got {_describe(hidden)}")
+    if hidden.dim() < 1:
+        raise ValueError("hidden must have at least 1 dimension (..., H), got a 0-d tensor")
+    if not isinstance(weight, torch.Tensor) or not weight.is_floating_point():
+        raise TypeError(f"weight must be a floating-point tensor (V, H), got {_describe(weight)}")
+    if weight.dim() != 2:
+        raise ValueError(f"weight must be 2-D (V, H), the nn.Linear layout of an LM head; got shape "
+                         f"{tuple(weight.shape)}")
+    if weight.shape[1] != hidden.shape[-1]:
+        raise ValueError(f"hidden.shape[-1] (H = {hidden.shape[-1]}) must equal weight.shape[1] = "
+                         f"{weight.shape[1]} (weight is (V, H)); got hidden {tuple(hidden.shape)} and weight "
+                         f"{tuple(weight.shape)}")
+    if weight.dtype != hidden.dtype:
+        raise TypeError(f"hidden and weight must have the same dtype, got hidden {hidden.dtype} and weight "
+                        f"{weight.dtype}")
+    if weight.device != hidden.device:
+        raise ValueError(f"hidden and weight must be on the same device, got {hidden.device} and {weight.device}")
+    vocab = weight.shape[0]
+    if vocab < 1:
+        raise ValueError("weight must have at least one row (V >= 1), got shape " f"{tuple(weight.shape)}")
+    if bias is not None:
+        if not isinstance(bias, torch.Tensor) or not bias.is_floating_point():
+            raise TypeError(f"bias must be None or a floating-point tensor (V,), got {_describe(bias)}")
+        if tuple(bias.shape) != (vocab,):
+            raise ValueError(f"bias must have shape (V,) = ({vocab},) (V = weight.shape[0]), got "
+                             f"{tuple(bias.shape)}")
+        if bias.dtype != weight.dtype:
+            raise TypeError(f"bias must have the weight's dtype {weight.dtype}, got {bias.dtype}")
+        if bias.device != weight.device:
+            raise ValueError(f"bias must be on the weight's device {weight.device}, got {bias.device}")
+    if not isinstance(target, torch.Tensor) or target.is_floating_point() or target.is_complex() \
+            or target.dtype == torch.bool:
+        raise TypeError(f"target must be an integer tensor, got {_describe(target)}")
+    if tuple(target.shape) != tuple(hidden.shape[:-1]):
+        raise ValueError(f"target must have shape hidden.shape[:-1] = {tuple(hidden.shape[:-1])}, got "
+                         f"{tuple(target.shape)}")
+    if target.device != hidden.device:
+        raise ValueError(f"hidden and target must be on the same device, got {hidden.device} and {target.device}")
+    if isinstance(k, int) and not isinstance(k, bool) and not 0 <= k <= vocab - 1:
+        raise ValueError(f"k must be in [0, V-1] = [0, {vocab - 1}] (V = weight.shape[0] = {vocab}: there are "
+                         f"only V-1 non-target classes), got k={k}")
+
+
 def _describe(x):
     if isinstance(x, torch.Tensor):
         return f"a tensor of dtype {x.dtype}"
