@@ -253,23 +253,27 @@ def sass_of(compiled):
     return sass, usage
 
 
+def load_bits(modifiers):
+    """Bits per thread of an ``LDG`` with these opcode modifiers (``["E", "128", ...]``)."""
+    bits = 32
+    for mod in modifiers:
+        if mod in ("64", "128"):
+            bits = int(mod)
+        elif mod in ("U16", "S16"):
+            bits = 16
+        elif mod in ("U8", "S8"):
+            bits = 8
+    return bits
+
+
 def global_load_widths(sass):
     """``{bits: count}`` of the global loads (``LDG``) in a SASS listing."""
     widths = {}
     for line in sass.splitlines():
         m = re.search(r"\*/\s+(?:@!?U?P\w+\s+)?LDG((?:\.[\w]+)*)\s", line)
-        if not m:
-            continue
-        mods = m.group(1).split(".")
-        bits = 32
-        for mod in mods:
-            if mod in ("64", "128"):
-                bits = int(mod)
-            elif mod in ("U16", "S16"):
-                bits = 16
-            elif mod in ("U8", "S8"):
-                bits = 8
-        widths[bits] = widths.get(bits, 0) + 1
+        if m:
+            bits = load_bits(m.group(1).split("."))
+            widths[bits] = widths.get(bits, 0) + 1
     return widths
 
 

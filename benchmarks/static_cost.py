@@ -173,15 +173,7 @@ class Instr:
         """Bytes per thread of a global load (0 for anything else)."""
         if self.base != "LDG":
             return 0
-        bits = 32
-        for mod in self.op.split(".")[1:]:
-            if mod in ("64", "128"):
-                bits = int(mod)
-            elif mod in ("U16", "S16"):
-                bits = 16
-            elif mod in ("U8", "S8"):
-                bits = 8
-        return bits // 8
+        return aot_report.load_bits(self.op.split(".")[1:]) // 8
 
 
 def parse_sass(sass):

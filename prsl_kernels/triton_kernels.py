@@ -99,6 +99,15 @@ FORCE_BLOCK_V = None
 # ----------------------------------------------------------------------------
 
 @triton.jit
+def _store_filler_row(loss_row, stats_row, value: tl.constexpr, acc: tl.constexpr):
+    # An ignored row (0) or one with an out-of-range target (NaN, which the backward turns
+    # into a NaN gradient): its loss and every row statistic.
+    stat_cols = tl.arange(0, 8)
+    tl.store(loss_row, value)
+    tl.store(stats_row + stat_cols, tl.full([8], value, acc), mask=stat_cols < _NUM_STATS)
+
+
+@triton.jit
 def _load_tile(tile_ptr, pos, offs, V, MASKED: tl.constexpr):
     # Interior tiles are unmasked so that they compile to 16-byte vector loads.
     if MASKED:
@@ -264,15 +273,13 @@ def _prsl_forward_kernel(
     stat_cols = tl.arange(0, 8)
     stats_row = stats_ptr + row * _NUM_STATS
     if target == ignore_index:
-        tl.store(loss_ptr + row, 0.0)
-        tl.store(stats_row + stat_cols, tl.zeros([8], acc), mask=stat_cols < _NUM_STATS)
+        _store_filler_row(loss_ptr + row, stats_row, 0.0, acc)
         if HAS_TOPK:
             tl.store(flag_ptr + row, 0)
         return
     if (target < 0) | (target >= V):
         # Never dereferenced: a NaN loss and lse mark the row (the backward turns it into NaN).
-        tl.store(loss_ptr + row, float("nan"))
-        tl.store(stats_row + stat_cols, tl.full([8], float("nan"), acc), mask=stat_cols < _NUM_STATS)
+        _store_filler_row(loss_ptr + row, stats_row, float("nan"), acc)
         if HAS_TOPK:
             tl.store(flag_ptr + row, 0)
         return
@@ -435,12 +442,10 @@ def _prsl_forward_exact_kernel(
     stat_cols = tl.arange(0, 8)
     stats_row = stats_ptr + row * _NUM_STATS
     if target == ignore_index:
-        tl.store(loss_ptr + row, 0.0)
-        tl.store(stats_row + stat_cols, tl.zeros([8], acc), mask=stat_cols < _NUM_STATS)
+        _store_filler_row(loss_ptr + row, stats_row, 0.0, acc)
         return
     if (target < 0) | (target >= V):
-        tl.store(loss_ptr + row, float("nan"))
-        tl.store(stats_row + stat_cols, tl.full([8], float("nan"), acc), mask=stat_cols < _NUM_STATS)
+        _store_filler_row(loss_ptr + row, stats_row, float("nan"), acc)
         return
 
     row_ptr = logits_ptr + row * stride_row
