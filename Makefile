@@ -1,9 +1,11 @@
 PY ?= python3
 
-.PHONY: setup test demo
+.PHONY: setup test demo study
 setup:
 	bash scripts/setup.sh
 test: setup
 	$(PY) -m pytest -q
 demo: setup
 	$(PY) -m prsl_kernels.drivers.demo
+study: setup
+	$(PY) -m prsl_kernels.drivers.study
