@@ -87,8 +87,9 @@ def arm_config(base_dir, out, size, arm, loss_kw, base_index, seed):
 
     spec = SIZES[size]
     keep = {k: v for k, v in spec["base"].items() if k not in finetune.PRESET_ONLY and k != "max_steps"}
-    cfg = finetune.demo_config(Path(out) / "models" / arm / f"base{base_index}-s{seed}", model=str(Path(base_dir).resolve()),
-                               seed=100 + seed, **{**keep, "eval_samples": 0, **spec["finetune"]})
+    cfg = finetune.demo_config(Path(out) / "models" / arm / f"base{base_index}-s{seed}",
+                               model=str(Path(base_dir).resolve()), seed=100 + seed,
+                               **{**keep, "eval_samples": 0, **spec["finetune"]})
     return dataclasses.replace(cfg, **{"k": 6, "b": 0.0, "window_start": 0, **loss_kw})
 
 
@@ -205,7 +206,8 @@ def jpeg_round_trip(bundle, items, clean_outputs, scorer, *, max_new_tokens, bat
         pix = (x * std + mean).clamp(0, 1)
         mse = float(((pix - pix0) ** 2).mean())
         corpus, per = scorer.score(outputs, [[c] for c in clean_outputs])
-        out[variant] = {"linf_normalised": float((x - x0).abs().max()), "mean_abs_normalised": float((x - x0).abs().mean()),
+        out[variant] = {"linf_normalised": float((x - x0).abs().max()),
+                        "mean_abs_normalised": float((x - x0).abs().mean()),
                         "psnr_db": float(10 * np.log10(1.0 / mse)) if mse > 0 else float("inf"),
                         "bertscore_f1_vs_clean": float(np.mean([p["bertscore_f1"] for p in per])),
                         "unchanged": float(np.mean([p["exact_match"] for p in per]))}
@@ -250,9 +252,9 @@ def attack_model(job):
     cfg, spec = job["config"], SIZES[job["size"]]
     out = Path(job["attack"])
     items = attack_items(_attack_samples(job["size"]), "caption")
-    acfg = AttackConfig(task="caption", rounds=spec["attack"]["rounds"], max_new_tokens=spec["attack"]["max_new_tokens"],
-                        batch_size=spec["attack"]["batch_size"], device="cpu", num_beams=1,
-                        **{k: v for k, v in ATTACK.items()})
+    acfg = AttackConfig(task="caption", rounds=spec["attack"]["rounds"],
+                        max_new_tokens=spec["attack"]["max_new_tokens"], batch_size=spec["attack"]["batch_size"],
+                        device="cpu", num_beams=1, **ATTACK)
     bundle = load_bundle(cfg.output_dir)
 
     def attack():
@@ -331,7 +333,8 @@ def write_preregistration(path, size, spec):
     if path.is_file():
         return
     rounds = spec["endpoint_rounds"]
-    text = f"""# Pre-registered analysis (written {time.strftime('%Y-%m-%d %H:%M UTC', time.gmtime())}, commit {_git_commit()}, before any result)
+    when = time.strftime('%Y-%m-%d %H:%M UTC', time.gmtime())
+    text = f"""# Pre-registered analysis (written {when}, commit {_git_commit()}, before any result)
 
 - **Primary endpoint**: per model, the mean per-image BERTScore F1 (embedded MiniLM) of the attacked
   caption against the model's own clean caption, averaged over BIM rounds {rounds[0]}-{rounds[-1]}.
@@ -351,7 +354,8 @@ def write_preregistration(path, size, spec):
 - **Also reported, not tested**: the attack loss (teacher-forced CE of the clean caption) per round; the
   shares of images with BERTScore below the paper's thresholds 0.90/0.80/0.75/0.70 after round
   {spec['threshold_round']}, with the thresholds mapped onto the MiniLM scale; the JPEG round trip of the released code.
-- **Study size** `{size}`; gate: exact match and shape, colour and size accuracies each >= {spec['gate']} on the gate split.
+- **Study size** `{size}`; gate: exact match and shape, colour and size accuracies each >= {spec['gate']}
+  on the gate split.
 """
     path.write_text(text)
 

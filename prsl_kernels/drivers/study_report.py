@@ -53,7 +53,8 @@ def _model_rows(plan):
         row = dict(arm=m["arm"], pair=m["pair"], steps=m["steps"], train_loss=m["train_loss"],
                    clean_exact_match=run_value(run, 0, "reference", "exact_match"),
                    clean_bertscore_ref=run_value(run, 0, "reference", "bertscore_f1"),
-                   endpoint=float(np.mean([run_value(run, r, "clean", "bertscore_f1") for r in spec["endpoint_rounds"]])))
+                   endpoint=float(np.mean([run_value(run, r, "clean", "bertscore_f1")
+                                           for r in spec["endpoint_rounds"]])))
         for r in rounds:
             row[f"bertscore_clean_r{r}"] = run_value(run, r, "clean", "bertscore_f1")
             row[f"attack_loss_r{r}"] = attack_loss(run, r)
@@ -125,7 +126,8 @@ def write_study_report(plan, report_dir):
     below = {}
     for a in arms:
         for t in THRESHOLDS:
-            vals = [run_value(r["_run"], tr, "clean", "bertscore_f1", f"below@{mapped[t]}") for r in rows if r["arm"] == a]
+            vals = [run_value(r["_run"], tr, "clean", "bertscore_f1", f"below@{mapped[t]}")
+                    for r in rows if r["arm"] == a]
             raw = [run_value(r["_run"], tr, "clean", "bertscore_f1", f"below@{t}") for r in rows if r["arm"] == a]
             below[(a, t)] = (mean_ci(vals), mean_ci(raw))
 
@@ -135,12 +137,14 @@ def write_study_report(plan, report_dir):
     arm_summary = {}
     for a in arms:
         ms = [r for r in rows if r["arm"] == a]
-        arm_summary[a] = {"n_models": len(ms), "clean_exact_match_mean": float(np.mean([r["clean_exact_match"] for r in ms])),
+        arm_summary[a] = {"n_models": len(ms),
+                          "clean_exact_match_mean": float(np.mean([r["clean_exact_match"] for r in ms])),
                           "endpoint_mean": float(np.mean([r["endpoint"] for r in ms])), "loss": plan["arms"][a]}
     summary = {
         "size": plan["size"], "arms": arm_summary, "n_images": len(first_run["rounds"][0]["records"]),
         "rounds": max(rounds), "steps_per_round": plan["attack"]["steps_per_round"],
-        "endpoint": f"BERTScore F1 vs clean output, mean over rounds {spec['endpoint_rounds'][0]}-{spec['endpoint_rounds'][-1]}",
+        "endpoint": "BERTScore F1 vs clean output, mean over rounds "
+                    f"{spec['endpoint_rounds'][0]}-{spec['endpoint_rounds'][-1]}",
         "primary": {"arm": arm, "vs": vs, "diff": primary["diff"], "ci95": primary["ci95"], "p": primary["p"],
                     "n": primary["n"], "dz": primary["dz"]},
         "secondary": {a: {"diff": r["diff"], "ci95": r["ci95"], "p": r["p"], "p_holm": holm[a], "n": r["n"]}
@@ -214,7 +218,8 @@ def _figures(rows, arms, rounds, endpoint, vs, fig_dir, spec):
     axes[0].set_title(f"endpoint, arm minus {ARM_LABELS[vs]} per (base, seed); mean ± 95% CI")
     for a in arms:
         ms = [r for r in rows if r["arm"] == a]
-        axes[1].scatter([r["clean_exact_match"] for r in ms], [r["endpoint"] for r in ms], label=ARM_LABELS[a], alpha=0.7)
+        axes[1].scatter([r["clean_exact_match"] for r in ms], [r["endpoint"] for r in ms], label=ARM_LABELS[a],
+                        alpha=0.7)
     axes[1].set_xlabel("clean exact match (attacked images)")
     axes[1].set_ylabel("endpoint")
     axes[1].legend(fontsize=8)
@@ -250,8 +255,9 @@ def _markdown(plan, rows, arms, rounds, summary, below, mapped, figures, report_
           "process(es) (reused models and rounds are not re-timed).", "",
           "### Gate", "",
           _table(["base", "stage", "steps", "train s", "exact match", "shape", "colour", "size", "passed"],
-                 [[g["base"], g["stage"], g["steps"], f"{g['train_s']:.0f}", _fmt(g["exact_match"], 2), _fmt(g["shape"], 2),
-                   _fmt(g["colour"], 2), _fmt(g["size"], 2), "yes" if g["passed"] else "no"] for g in plan["gate"]]),
+                 [[g["base"], g["stage"], g["steps"], f"{g['train_s']:.0f}", _fmt(g["exact_match"], 2),
+                   _fmt(g["shape"], 2), _fmt(g["colour"], 2), _fmt(g["size"], 2), "yes" if g["passed"] else "no"]
+                  for g in plan["gate"]]),
           "", f"Gate: each of exact match, shape, colour and size accuracy >= {spec['gate']} on the gate split.", "",
           "### Calibration of b (base 0, seed 0, gate split)", "",
           _table(["k", "b", "clean exact match", "CE's", "chosen"],
@@ -296,7 +302,7 @@ def _markdown(plan, rows, arms, rounds, summary, below, mapped, figures, report_
     th = summary["thresholds"]
     L += [f"### Shares below the paper's BERTScore thresholds after round {spec['threshold_round']}", "",
           f"The paper's thresholds are on roberta-large BERTScore; this run scores with the embedded MiniLM, whose "
-          f"scale differs. Both are anchored at 1 (identical) and at the encoder's score for unrelated text, and mapped "
+          "scale differs. Both are anchored at 1 (identical) and at the encoder's score for unrelated text, and mapped "
           f"linearly (bert_score's rescaling): roberta-large's baseline {th['paper_baseline_roberta_large']:.3f} "
           f"(bert_score's file, from Common Crawl sentence pairs) and MiniLM's {th['minilm_baseline']:.3f} (measured "
           "here on the first references of different attacked images, which share templates: a different kind of "
