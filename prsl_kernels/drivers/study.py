@@ -63,6 +63,8 @@ SIZES = {
         threshold_round=2, equivalence_margin=0.03),
 }
 PRIMARY = ("prsl-k20", "ce")
+#: Marks a model that prsl-study trained itself (so its time is in the study's wall time).
+TRAINED_HERE = "study_trained.json"
 
 
 # --------------------------------------------------------------------------- plan
@@ -153,6 +155,7 @@ def train_model(cfg):
     if out.exists():
         shutil.rmtree(out)  # an interrupted or different run: start this model again
     finetune.train(dataclasses.replace(cfg, progress=False))
+    (out / TRAINED_HERE).write_text("{}")  # the study timed this training (see _add_wall_time)
     return read_run_info(out), False
 
 
@@ -221,7 +224,8 @@ def model_job(job):
     cfg = job["config"]
     info, reused = train_model(cfg)
     res = {"name": job["name"], "dir": cfg.output_dir, "reused": reused, "steps": info.get("steps"),
-           "train_loss": info.get("train_loss"), "wall_s": info.get("wall_s")}
+           "train_loss": info.get("train_loss"), "wall_s": info.get("wall_s"), "worked": not reused,
+           "outside": not (Path(cfg.output_dir) / TRAINED_HERE).is_file()}
     if job.get("quality"):
         path = Path(cfg.output_dir) / "study_quality.json"
         if path.is_file() and reused:
@@ -229,9 +233,11 @@ def model_job(job):
         else:
             q = clean_quality(cfg.output_dir, gate_samples(job["size"]))
             path.write_text(json.dumps(q, indent=1))
+            res["worked"] = True
         res["quality"] = q
     if job.get("attack"):
-        res["attack"] = attack_model(job)
+        res["attack"], attacked = attack_model(job)
+        res["worked"] |= attacked
     return res
 
 
@@ -255,6 +261,9 @@ def attack_model(job):
     acfg = AttackConfig(task="caption", rounds=spec["attack"]["rounds"],
                         max_new_tokens=spec["attack"]["max_new_tokens"], batch_size=spec["attack"]["batch_size"],
                         device="cpu", num_beams=1, **ATTACK)
+    jpeg_path = out / "jpeg_round_trip.json"
+    finished = jpeg_path.is_file() and all((out / "rounds" / f"round_{r:03d}.jsonl").is_file()
+                                           for r in range(acfg.rounds + 1))
     bundle = load_bundle(cfg.output_dir)
 
     def attack():
@@ -265,12 +274,11 @@ def attack_model(job):
     except SettingsMismatch:
         shutil.rmtree(out)
         attack()
-    jpeg_path = out / "jpeg_round_trip.json"
     if not jpeg_path.is_file():
         clean = [json.loads(line)["output"] for line in (out / "rounds" / "round_000.jsonl").open()]
         trip = jpeg_round_trip(bundle, items, clean, _scorer(), max_new_tokens=spec["attack"]["max_new_tokens"])
         jpeg_path.write_text(json.dumps(trip, indent=1))
-    return str(out)
+    return str(out), not finished
 
 
 # --------------------------------------------------------------------------- driver side
@@ -360,10 +368,11 @@ def write_preregistration(path, size, spec):
     path.write_text(text)
 
 
-def _add_wall_time(out, seconds):
-    """Seconds spent on this study over all its invocations (a resumed study adds up)."""
+def _add_wall_time(out, seconds, worked):
+    """Seconds spent on this study over the invocations that trained, measured or attacked
+    anything (a resumed study adds up; a rerun that only rebuilds the report does not count)."""
     path = out / "wall_time.json"
-    total = (json.loads(path.read_text())["seconds"] if path.is_file() else 0.0) + seconds
+    total = (json.loads(path.read_text())["seconds"] if path.is_file() else 0.0) + (seconds if worked else 0.0)
     path.write_text(json.dumps({"seconds": total}))
     return total
 
@@ -400,18 +409,19 @@ def run(args):
         f"-> {out} (log: {out / 'study.log'})")
     try:
         # 1. bases, trained longer until the gate holds
-        gate_log, bases = [], []
+        gate_log, bases, worked = [], [], False
         stage = {i: 0 for i in range(spec["bases"])}
         pending = list(range(spec["bases"]))
         while pending:
             jobs = [dict(name=f"base{i}-x{stage[i]}", config=base_config(out, args.size, i, stage[i]), quality=True,
                          size=args.size) for i in pending]
             results = runner.map(jobs, f"1/4 bases (stage {min(stage[i] for i in pending)})")
+            worked |= any(r["worked"] for r in results)
             nxt = []
             for i, res in zip(pending, results):
                 ok = _gate_ok(res["quality"], spec["gate"])
                 gate_log.append({"base": i, "stage": stage[i], "steps": res["steps"], "train_s": res["wall_s"],
-                                 "passed": ok, **res["quality"]})
+                                 "outside": res["outside"], "passed": ok, **res["quality"]})
                 say(f"  base{i} stage {stage[i]}: exact match {res['quality']['exact_match']:.2f} (shape "
                     f"{res['quality']['shape']:.2f}, colour {res['quality']['colour']:.2f}, size "
                     f"{res['quality']['size']:.2f}) -> {'gate passed' if ok else 'below the gate'}")
@@ -432,8 +442,9 @@ def run(args):
                 kw = {"loss": "prsl", "k": k, "b": b}
                 calib_jobs.append(dict(name=f"{arm_name(kw)}-calib", config=arm_config(base0, out, args.size,
                                    arm_name(kw), kw, 0, 0), quality=True, size=args.size))
-        calib = {job["name"]: r["quality"]["exact_match"]
-                 for job, r in zip(calib_jobs, runner.map(calib_jobs, "2/4 calibration of b"))}
+        calib_results = runner.map(calib_jobs, "2/4 calibration of b")
+        worked |= any(r["worked"] for r in calib_results)
+        calib = {job["name"]: r["quality"]["exact_match"] for job, r in zip(calib_jobs, calib_results)}
         ce_em = calib["ce-calib"]
         chosen, calib_rows = {}, []
         for k in (6, 20):
@@ -455,11 +466,12 @@ def run(args):
                     jobs.append(dict(name=f"{arm}-base{i}-s{s}", config=cfg, size=args.size,
                                      attack=str(out / "attack" / arm / f"base{i}-s{s}"), arm=arm, pair=f"base{i}-s{s}"))
         results = runner.map(jobs, "3/4 fine-tune, BIM, JPEG round trip")
+        worked |= any(r["worked"] for r in results)
     finally:
         runner.close()
         torch.set_num_threads(old_threads)
     say("4/4 report")
-    wall = _add_wall_time(out, time.time() - t0)
+    wall = _add_wall_time(out, time.time() - t0, worked)
     models = [dict(arm=j["arm"], pair=j["pair"], attack_dir=r["attack"], model_dir=r["dir"], steps=r["steps"],
                    train_loss=r["train_loss"]) for j, r in zip(jobs, results)]
     plan = dict(size=args.size, spec=spec, gate=gate_log, calibration=calib_rows, chosen_b=chosen, arms=arms,

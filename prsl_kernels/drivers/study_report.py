@@ -15,6 +15,7 @@ from .report import THRESHOLDS
 
 ARM_LABELS = {"ce": "CE", "prsl-k6": "PRSL k=6", "prsl-k20": "PRSL k=20", "prsl-released": "PRSL released"}
 SECONDARY = ("prsl-k6", "prsl-released")
+ARM_COLOURS = {"ce": "C0", "prsl-k6": "C1", "prsl-k20": "C2", "prsl-released": "C3"}
 
 
 def paper_bertscore_baseline():
@@ -187,7 +188,7 @@ def _figures(rows, arms, rounds, endpoint, vs, fig_dir, spec):
             stats = [mean_ci(vals[:, j]) for j in range(len(rounds))]
             m = np.array([s[0] for s in stats])
             h = np.nan_to_num(np.array([s[1] for s in stats]))
-            line, = ax.plot(rounds, m, marker="o", label=f"{ARM_LABELS[a]} (n={len(vals)})")
+            line, = ax.plot(rounds, m, marker="o", color=ARM_COLOURS[a], label=f"{ARM_LABELS[a]} (n={len(vals)})")
             ax.fill_between(rounds, m - h, m + h, color=line.get_color(), alpha=0.2)
     axes[0].set_title("BERTScore F1 (MiniLM) vs the clean caption")
     axes[1].set_title("attack loss (teacher-forced CE of the clean caption)")
@@ -206,7 +207,7 @@ def _figures(rows, arms, rounds, endpoint, vs, fig_dir, spec):
     for j, a in enumerate(others):
         pairs = sorted(set(endpoint.get(a, {})) & set(endpoint.get(vs, {})))
         d = [endpoint[a][p] - endpoint[vs][p] for p in pairs]
-        axes[0].scatter([j] * len(d), d, alpha=0.6)
+        axes[0].scatter([j] * len(d), d, alpha=0.6, color=ARM_COLOURS[a])
         r = st.paired(endpoint.get(a, {}), endpoint.get(vs, {}))
         if math.isfinite(r["ci95"][0]):
             axes[0].errorbar([j + 0.15], [r["diff"]], yerr=[[r["diff"] - r["ci95"][0]], [r["ci95"][1] - r["diff"]]],
@@ -219,7 +220,7 @@ def _figures(rows, arms, rounds, endpoint, vs, fig_dir, spec):
     for a in arms:
         ms = [r for r in rows if r["arm"] == a]
         axes[1].scatter([r["clean_exact_match"] for r in ms], [r["endpoint"] for r in ms], label=ARM_LABELS[a],
-                        alpha=0.7)
+                        alpha=0.7, color=ARM_COLOURS[a])
     axes[1].set_xlabel("clean exact match (attacked images)")
     axes[1].set_ylabel("endpoint")
     axes[1].legend(fontsize=8)
@@ -252,10 +253,14 @@ def _markdown(plan, rows, arms, rounds, summary, below, mapped, figures, report_
           f"{summary['steps_per_round']} step per round, {summary['rounds']} rounds, ascending the teacher-forced CE "
           "of the clean caption; greedy decoding.",
           f"- Wall time: {plan['wall_s'] / 60:.1f} min on {plan['cpus']} CPU core(s) with {plan['workers']} worker "
-          "process(es) (reused models and rounds are not re-timed).", "",
+          "process(es), summed over the invocations of `prsl-study` that trained or attacked anything"
+          + (" (plus the bases marked *outside* in the gate table: trained with the same configuration before the "
+             "study ran, in the `train s` shown, side by side)." if any(g.get("outside") for g in plan["gate"])
+             else "."), "",
           "### Gate", "",
           _table(["base", "stage", "steps", "train s", "exact match", "shape", "colour", "size", "passed"],
-                 [[g["base"], g["stage"], g["steps"], f"{g['train_s']:.0f}", _fmt(g["exact_match"], 2),
+                 [[g["base"], g["stage"], g["steps"],
+                   f"{g['train_s']:.0f}" + (" (*outside*)" if g.get("outside") else ""), _fmt(g["exact_match"], 2),
                    _fmt(g["shape"], 2), _fmt(g["colour"], 2), _fmt(g["size"], 2), "yes" if g["passed"] else "no"]
                   for g in plan["gate"]]),
           "", f"Gate: each of exact match, shape, colour and size accuracy >= {spec['gate']} on the gate split.", "",
