@@ -208,7 +208,7 @@ def jpeg_round_trip(bundle, items, clean_outputs, scorer, *, max_new_tokens, bat
             outputs += bundle.generate(x[i:i + batch_size], None, max_new_tokens=max_new_tokens, num_beams=1)
         pix = (x * std + mean).clamp(0, 1)
         mse = float(((pix - pix0) ** 2).mean())
-        corpus, per = scorer.score(outputs, [[c] for c in clean_outputs])
+        _, per = scorer.score(outputs, [[c] for c in clean_outputs])
         out[variant] = {"linf_normalised": float((x - x0).abs().max()),
                         "mean_abs_normalised": float((x - x0).abs().mean()),
                         "psnr_db": float(10 * np.log10(1.0 / mse)) if mse > 0 else float("inf"),

@@ -332,7 +332,7 @@ def _markdown(plan, rows, arms, rounds, summary, below, mapped, figures, report_
                       ["the model's own mean/std", avg("jpeg_model_stats_psnr_db"),
                        avg("jpeg_model_stats_linf_normalised"), avg("jpeg_model_stats_unchanged"),
                        avg("jpeg_model_stats_bertscore_f1_vs_clean")]]), "",
-              f"These models normalise with mean = std = 0.5 and the attack's budget is eps = 0.5 (normalised units). "
+              "These models normalise with mean = std = 0.5 and the attack's budget is eps = 0.5 (normalised units). "
               "Un-normalising with CLIP's statistics instead shifts the colour and contrast of every image, and JPEG "
               "adds block artefacts; whatever that does to the captions (the table) happens before any gradient "
               "step, and the released pipeline would count it as attack damage in every round. This package keeps "
