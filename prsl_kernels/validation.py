@@ -14,15 +14,7 @@ def check_inputs(logits, target, k, b, ignore_index, reduction, backend):
         raise TypeError(f"logits must be a floating-point tensor, got {_describe(logits)}")
     if logits.dim() < 1:
         raise ValueError("logits must have at least 1 dimension (..., V), got a 0-d tensor")
-    if not isinstance(target, torch.Tensor) or target.is_floating_point() or target.is_complex() \
-            or target.dtype == torch.bool:
-        raise TypeError(f"target must be an integer tensor, got {_describe(target)}")
-    if tuple(target.shape) != tuple(logits.shape[:-1]):
-        raise ValueError(f"target must have shape logits.shape[:-1] = {tuple(logits.shape[:-1])}, "
-                         f"got {tuple(target.shape)}")
-    if target.device != logits.device:
-        raise ValueError(f"logits and target must be on the same device, got {logits.device} "
-                         f"and {target.device}")
+    _check_target(target, logits, "logits")
     vocab = logits.shape[-1]
     if isinstance(k, bool) or not isinstance(k, numbers.Integral):
         raise TypeError(f"k must be an int, got {type(k).__name__}")
@@ -108,17 +100,22 @@ def check_linear_inputs(hidden, weight, bias, target, k):
             raise TypeError(f"bias must have the weight's dtype {weight.dtype}, got {bias.dtype}")
         if bias.device != weight.device:
             raise ValueError(f"bias must be on the weight's device {weight.device}, got {bias.device}")
-    if not isinstance(target, torch.Tensor) or target.is_floating_point() or target.is_complex() \
-            or target.dtype == torch.bool:
-        raise TypeError(f"target must be an integer tensor, got {_describe(target)}")
-    if tuple(target.shape) != tuple(hidden.shape[:-1]):
-        raise ValueError(f"target must have shape hidden.shape[:-1] = {tuple(hidden.shape[:-1])}, got "
-                         f"{tuple(target.shape)}")
-    if target.device != hidden.device:
-        raise ValueError(f"hidden and target must be on the same device, got {hidden.device} and {target.device}")
+    _check_target(target, hidden, "hidden")
     if isinstance(k, int) and not isinstance(k, bool) and not 0 <= k <= vocab - 1:
         raise ValueError(f"k must be in [0, V-1] = [0, {vocab - 1}] (V = weight.shape[0] = {vocab}: there are "
                          f"only V-1 non-target classes), got k={k}")
+
+
+def _check_target(target, rows, rows_name):
+    """``target``: integers, one per row of ``rows`` (``logits`` or ``hidden``), on its device."""
+    if not isinstance(target, torch.Tensor) or target.is_floating_point() or target.is_complex() \
+            or target.dtype == torch.bool:
+        raise TypeError(f"target must be an integer tensor, got {_describe(target)}")
+    if tuple(target.shape) != tuple(rows.shape[:-1]):
+        raise ValueError(f"target must have shape {rows_name}.shape[:-1] = {tuple(rows.shape[:-1])}, "
+                         f"got {tuple(target.shape)}")
+    if target.device != rows.device:
+        raise ValueError(f"{rows_name} and target must be on the same device, got {rows.device} and {target.device}")
 
 
 def _describe(x):
