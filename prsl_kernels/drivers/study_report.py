@@ -10,7 +10,8 @@ from pathlib import Path
 import numpy as np
 
 from . import study_stats as st
-from .report import _plt, _table, attack_loss, load_run, mean_ci, relative_path, run_value
+from .report import _fmt as _mean_half
+from .report import _group_curve, _plt, _table, attack_loss, load_run, mean_ci, relative_path, run_value
 from .report import THRESHOLDS
 
 ARM_LABELS = {"ce": "CE", "prsl-k6": "PRSL k=6", "prsl-k20": "PRSL k=20", "prsl-released": "PRSL released"}
@@ -130,7 +131,7 @@ def write_study_report(plan, report_dir):
             vals = [run_value(r["_run"], tr, "clean", "bertscore_f1", f"below@{mapped[t]}")
                     for r in rows if r["arm"] == a]
             raw = [run_value(r["_run"], tr, "clean", "bertscore_f1", f"below@{t}") for r in rows if r["arm"] == a]
-            below[(a, t)] = (mean_ci(vals), mean_ci(raw))
+            below[(a, t)] = (_mean_half(*mean_ci(vals), 2), _mean_half(*mean_ci(raw), 2))
 
     figures = _figures(rows, arms, rounds, endpoint, vs, fig_dir, spec)
 
@@ -183,12 +184,11 @@ def _figures(rows, arms, rounds, endpoint, vs, fig_dir, spec):
     out = {}
     fig, axes = plt.subplots(1, 2, figsize=(11, 4))
     for a in arms:
-        for ax, key in zip(axes, ("bertscore_clean_r", "attack_loss_r")):
-            vals = np.array([[r[f"{key}{rr}"] for rr in rounds] for r in rows if r["arm"] == a])
-            stats = [mean_ci(vals[:, j]) for j in range(len(rounds))]
-            m = np.array([s[0] for s in stats])
-            h = np.nan_to_num(np.array([s[1] for s in stats]))
-            line, = ax.plot(rounds, m, marker="o", color=ARM_COLOURS[a], label=f"{ARM_LABELS[a]} (n={len(vals)})")
+        runs = [r["_run"] for r in rows if r["arm"] == a]
+        for ax, fn in zip(axes, (lambda run, rr: run_value(run, rr, "clean", "bertscore_f1"), attack_loss)):
+            m, h = _group_curve(runs, rounds, fn)
+            h = np.nan_to_num(h)
+            line, = ax.plot(rounds, m, marker="o", color=ARM_COLOURS[a], label=f"{ARM_LABELS[a]} (n={len(runs)})")
             ax.fill_between(rounds, m - h, m + h, color=line.get_color(), alpha=0.2)
     axes[0].set_title("BERTScore F1 (MiniLM) vs the clean caption")
     axes[1].set_title("attack loss (teacher-forced CE of the clean caption)")
@@ -314,8 +314,8 @@ def _markdown(plan, rows, arms, rounds, summary, below, mapped, figures, report_
           "unrelated text, so the mapped thresholds are approximate).", "",
           _table(["arm"] + [f"< {t:.2f} -> {mapped[t]:.3f} (mapped)" for t in THRESHOLDS] +
                  [f"< {t:.2f} (raw)" for t in THRESHOLDS],
-                 [[ARM_LABELS[a]] + [_mc_pair(below[(a, t)][0]) for t in THRESHOLDS] +
-                  [_mc_pair(below[(a, t)][1]) for t in THRESHOLDS] for a in arms]), ""]
+                 [[ARM_LABELS[a]] + [below[(a, t)][0] for t in THRESHOLDS] +
+                  [below[(a, t)][1] for t in THRESHOLDS] for a in arms]), ""]
 
     jp = [r for r in rows if "jpeg_clip_stats_unchanged" in r]
     if jp:
@@ -348,10 +348,4 @@ def _markdown(plan, rows, arms, rounds, summary, below, mapped, figures, report_
 
 
 def _mc(vals, digits=3):
-    m, h = mean_ci([v for v in vals if math.isfinite(v)])
-    return _fmt(m, digits) if not math.isfinite(h) else f"{m:.{digits}f} ± {h:.{digits}f}"
-
-
-def _mc_pair(mh):
-    m, h = mh
-    return _fmt(m, 2) if not math.isfinite(h) else f"{m:.2f} ± {h:.2f}"
+    return _mean_half(*mean_ci([v for v in vals if math.isfinite(v)]), digits)
