@@ -11,13 +11,9 @@ Normalisation follows Hugging Face's ``ForCausalLMLoss``: with
 of one optimiser step) the loss is ``sum / num_items_in_batch``, so gradient
 accumulation is exact; without it, the mean over counted tokens.
 
-Fused linear + PRSL (issue 10): :func:`apply_prsl_fused_linear` patches a model
-so that ``model(..., labels=labels).loss`` is computed from the LM head's input
-(the last hidden states) by ``linear_prsl_loss``: the N x V logits are never
-built when labels are given (``.logits`` is then None); without labels the model
-is unchanged and returns its logits. Covered: ``GPT2LMHeadModel``,
-``OPTForCausalLM``, ``VisionEncoderDecoderModel`` with a GPT-2 decoder and
-``Blip2ForConditionalGeneration`` with an OPT language model (what the drivers train).
+The one call that makes a model's training loss PRSL, fused or not, on any HF causal LM or
+image-text-to-text model, is :func:`apply_prsl` (``hf_patch.py``, re-exported here); it guards
+against a forward that bypasses PRSL, which a bare ``model.loss_function = ...`` cannot.
 
 Only the public API (``prsl_loss``, ``linear_prsl_loss``) is used here.
 
@@ -25,20 +21,18 @@ Example (any HF causal LM)::
 
     model.loss_function = prsl_loss_function(k=20, b=0.5)          # model(..., labels=...) -> PRSL
     trainer = Trainer(model, args, compute_loss_func=PRSLComputeLoss(k=20, b=0.5, shift=True), ...)
-    loss_fn = apply_prsl_fused_linear(model, k=20, b=0.5)          # fused: no logits in training
+    loss_fn = apply_prsl(model, k=20, b=0.5)                       # fused: no logits in training
 """
 
 from __future__ import annotations
 
-import functools
-import inspect
 
 import torch
 
 from .linear import linear_prsl_loss
 from .loss import prsl_loss
 from .spec import IGNORE_INDEX, stats_dtype
-from .validation import check_options
+from .validation import check_b, check_options
 
 
 def align_labels(labels: torch.Tensor, shift: bool, ignore_index: int = IGNORE_INDEX) -> torch.Tensor:
@@ -79,6 +73,7 @@ class PRSLTokenLoss:
             raise ValueError(f"variant must be 'paper' or 'released', got {variant!r}")
         if int(k) < 0:
             raise ValueError(f"k must be >= 0, got {k}")
+        check_b(b)
         check_options(label_smoothing, z_loss, softcap)
         self.options = {"label_smoothing": label_smoothing, "z_loss": z_loss, "softcap": softcap}
         self._has_options = bool(label_smoothing or z_loss or softcap is not None)
@@ -219,15 +214,19 @@ class PRSLLinearTokenLoss(PRSLTokenLoss):
         self.chunk_size = chunk_size
 
     def __call__(self, hidden: torch.Tensor, weight: torch.Tensor, labels: torch.Tensor, num_items_in_batch=None, *,
-                 bias: torch.Tensor | None = None, aligned: bool = False) -> torch.Tensor:
-        """``hidden (..., T, H)``, ``weight (V, H)``; ``aligned=True``: ``labels`` already line up."""
+                 bias: torch.Tensor | None = None, aligned: bool = False,
+                 model_softcap: float | None = None) -> torch.Tensor:
+        """``hidden (..., T, H)``, ``weight (V, H)``; ``aligned=True``: ``labels`` already line up.
+        ``model_softcap``: the cap the model itself puts on its logits (Gemma 2's config), applied
+        by the kernel as the ``softcap`` option (never together with a user's ``softcap``)."""
         targets = labels.to(hidden.device)
         if not aligned:
             targets = align_labels(targets, self.shift, self.ignore_index)
+        options = self.options if model_softcap is None else {**self.options, "softcap": model_softcap}
         loss_sum, stats = linear_prsl_loss(hidden, weight, targets, self.k, self.b, bias=bias,
                                            ignore_index=self.ignore_index, reduction="sum", backend=self.backend,
                                            chunk_size=self.chunk_size, check_target=self.check_target,
-                                           return_stats=True, **self.options)
+                                           return_stats=True, **options)
         counted = (targets != self.ignore_index).reshape(-1)
         penalty_sum = self.b * (stats.dist * counted).sum() if self.k and self.b else loss_sum.new_zeros(())
         count = counted.sum()
@@ -235,140 +234,8 @@ class PRSLLinearTokenLoss(PRSLTokenLoss):
         return _normalise(loss_sum, count, num_items_in_batch)
 
 
-# --------------------------------------------------------------------------- fused linear patch
-
-# Model class -> (labels shifted for the loss?, attribute holding the inner causal LM or None).
-# Verified here: the head is an nn.Linear called once per forward on the last hidden states,
-# and the logits are used as they come out of it (no softcap, no scale).
-_FUSED_MODELS = {
-    "GPT2LMHeadModel": (True, None),
-    "OPTForCausalLM": (True, None),
-    "VisionEncoderDecoderModel": (False, "decoder"),
-    "Blip2ForConditionalGeneration": (True, "language_model"),
-}
-_FUSED_ATTR = "_prsl_fused_linear"
-
-
-def apply_prsl_fused_linear(model: torch.nn.Module, k: int, b: float, *, shift: bool | None = None,
-                            ignore_index: int = IGNORE_INDEX, backend: str = "auto",
-                            chunk_size: int | None = None, label_smoothing: float = 0.0, z_loss: float = 0.0,
-                            softcap: float | None = None) -> PRSLLinearTokenLoss:
-    """Make ``model(..., labels=labels).loss`` the fused linear + PRSL loss (one call, like
-    Liger's ``apply_liger_kernel_to_*``); returns the loss object (``pop_stats()`` for logging).
-
-    With labels, the LM head's matmul runs on zero rows and its input (the last hidden
-    states) goes to ``linear_prsl_loss`` with the head's weight and bias: the logits are never
-    built and ``.logits`` is None. Without labels (generation, inference) nothing changes.
-    ``num_items_in_batch`` (Trainer with ``model_accepts_loss_kwargs``) and HF's
-    ``shift_labels`` are honoured and are not passed on to the model. ``shift``: labels
-    shifted for causal LMs (GPT-2, OPT, BLIP-2), not for ``VisionEncoderDecoderModel``
-    (default: by model class). Only this instance is affected; :func:`remove_prsl_fused_linear`
-    undoes it. ``label_smoothing``, ``z_loss``, ``softcap``: the options of :func:`prsl_loss`.
-    """
-    name = type(model).__name__
-    if name not in _FUSED_MODELS:
-        raise NotImplementedError(f"apply_prsl_fused_linear supports {', '.join(_FUSED_MODELS)}; got {name}")
-    default_shift, inner = _FUSED_MODELS[name]
-    if inner is not None:
-        inner_name = type(getattr(model, inner)).__name__
-        if inner_name not in ("GPT2LMHeadModel", "OPTForCausalLM"):
-            raise NotImplementedError(f"apply_prsl_fused_linear: {name}.{inner} must be a GPT2LMHeadModel or "
-                                      f"OPTForCausalLM, got {inner_name}")
-    head = model.get_output_embeddings()
-    if not isinstance(head, torch.nn.Linear):
-        raise TypeError(f"apply_prsl_fused_linear: the output embeddings of {name} must be an nn.Linear, "
-                        f"got {type(head).__name__}")
-    loss_fn = PRSLLinearTokenLoss(k, b, shift=default_shift if shift is None else shift, ignore_index=ignore_index,
-                                  backend=backend, chunk_size=chunk_size, label_smoothing=label_smoothing,
-                                  z_loss=z_loss, softcap=softcap)
-    _install_fused_forward(type(model))
-    setattr(model, _FUSED_ATTR, loss_fn)
-    return loss_fn
-
-
-def remove_prsl_fused_linear(model: torch.nn.Module) -> None:
-    """Undo :func:`apply_prsl_fused_linear` on ``model`` (its class stays patched, inert)."""
-    model.__dict__.pop(_FUSED_ATTR, None)
-
-
-def _install_fused_forward(cls) -> None:
-    """Wrap ``cls.forward`` once: instances without the attribute run the original forward."""
-    if getattr(cls.forward, _FUSED_ATTR, False):
-        return
-    original = cls.forward
-    signature = inspect.signature(original)
-
-    @functools.wraps(original)
-    def forward(self, *args, **kwargs):
-        loss_fn = self.__dict__.get(_FUSED_ATTR)
-        if loss_fn is None:
-            return original(self, *args, **kwargs)
-        bound = signature.bind(self, *args, **kwargs)
-        arguments = {key: value for key, value in bound.arguments.items() if key != "self"}
-        for key, param in signature.parameters.items():  # flatten **kwargs
-            if param.kind is inspect.Parameter.VAR_KEYWORD:
-                arguments.update(arguments.pop(key, {}))
-        if arguments.get("labels") is None and arguments.get("shift_labels") is None:
-            arguments.pop("shift_labels", None)
-            arguments.pop("num_items_in_batch", None)  # a loss argument: not the model's business
-            return original(self, **arguments)
-        return _fused_forward(self, original, loss_fn, arguments)
-
-    setattr(forward, _FUSED_ATTR, True)
-    cls.forward = forward
-
-
-def _fused_forward(model, original, loss_fn, arguments):
-    from transformers.utils import ModelOutput
-
-    labels = arguments.pop("labels", None)
-    shift_labels = arguments.pop("shift_labels", None)
-    num_items_in_batch = arguments.pop("num_items_in_batch", None)
-    return_dict = arguments.pop("return_dict", None)
-    if type(model).__name__ == "VisionEncoderDecoderModel" and labels is not None \
-            and arguments.get("decoder_input_ids") is None and arguments.get("decoder_inputs_embeds") is None:
-        from transformers.models.vision_encoder_decoder.modeling_vision_encoder_decoder import shift_tokens_right
-        arguments["decoder_input_ids"] = shift_tokens_right(labels, model.config.pad_token_id,
-                                                            model.config.decoder_start_token_id)
-    head = model.get_output_embeddings()
-    seen = {"inputs": [], "outputs": []}
-
-    def take_hidden(module, inputs):  # the head then multiplies zero rows: no logits are built
-        seen["inputs"].append(inputs[0])
-        return (inputs[0].narrow(-2, 0, 0),) + tuple(inputs[1:])
-
-    def note_output(module, inputs, output):
-        seen["outputs"].append(output)
-
-    handles = [head.register_forward_pre_hook(take_hidden), head.register_forward_hook(note_output)]
-    try:
-        out = original(model, **arguments, return_dict=True)
-    finally:
-        for handle in handles:
-            handle.remove()
-    if len(seen["inputs"]) != 1:
-        raise RuntimeError(f"apply_prsl_fused_linear: expected one call of the LM head per forward, got "
-                           f"{len(seen['inputs'])}")
-    hidden = seen["inputs"][0]
-    targets = shift_labels if shift_labels is not None else labels
-    if hidden.shape[-2] > targets.shape[-1]:  # BLIP-2 scores the last labels.shape[1] positions
-        hidden = hidden[..., -targets.shape[-1]:, :]
-    loss = loss_fn(hidden, head.weight, targets, num_items_in_batch, bias=head.bias,
-                   aligned=shift_labels is not None)
-    out = _without(out, seen["outputs"][0], ModelOutput, loss=loss)
-    return out.to_tuple() if return_dict is False else out
-
-
-def _without(out, placeholder, model_output_cls, **extra):
-    """``out`` rebuilt (fields in their declared order) without the head's empty placeholder output."""
-    fields = {}
-    for key, value in out.items():
-        if value is placeholder:
-            continue
-        fields[key] = _without(value, placeholder, model_output_cls) if isinstance(value, model_output_cls) else value
-    fields.update(extra)
-    return type(out)(**fields)
-
+# The one-call model patch lives in hf_patch.py (it builds on the loss objects above).
+from .hf_patch import apply_prsl, apply_prsl_fused_linear, remove_prsl, remove_prsl_fused_linear  # noqa: E402
 
 __all__ = ["align_labels", "PRSLTokenLoss", "PRSLLinearTokenLoss", "PRSLComputeLoss", "CEComputeLoss",
-           "prsl_loss_function", "apply_prsl_fused_linear", "remove_prsl_fused_linear"]
+           "prsl_loss_function", "apply_prsl", "apply_prsl_fused_linear", "remove_prsl", "remove_prsl_fused_linear"]

@@ -219,14 +219,16 @@ class LinearPRSLFunction(torch.autograd.Function):
         if reduction == "none":
             loss_rows, row_stats, *_ = _forward_chunks(hidden, weight, bias, target, k, b, ignore_index, path,
                                                        chunk, None, options)
-            ctx.save_for_backward(hidden, weight, bias, target, row_stats, None)
+            ctx.save_for_backward(hidden, weight, bias, target, row_stats, None, None)
             ctx.mark_non_differentiable(row_stats)
             return loss_rows, row_stats
         count = (target != ignore_index).sum()
         # Row gradient of the reduced loss: 1 (sum) or 1 / count (mean), as prsl_loss's backward sees it.
+        # With every row ignored the mean is 0 / 0 = NaN (as F.cross_entropy) but every row's gradient
+        # is exactly zero: clamping keeps the forward's gradients finite zeros.
         scale = torch.ones((), dtype=stats_dtype(hidden.dtype), device=hidden.device)
         if reduction == "mean":
-            scale = scale / count
+            scale = scale / count.clamp_min(1)
         loss_rows, row_stats, grad_hidden, grad_weight, grad_bias = _forward_chunks(
             hidden, weight, bias, target, k, b, ignore_index, path, chunk, (scale, needs), options)
         loss = loss_rows.sum() if reduction == "sum" else loss_rows.sum() / count
@@ -236,16 +238,19 @@ class LinearPRSLFunction(torch.autograd.Function):
         # over, so autograd adopts them as .grad without a copy. The inputs are saved too
         # (references only) for a second backward through a retained graph, which recomputes.
         ctx.grads = [grad_hidden, grad_weight, grad_bias]
-        ctx.save_for_backward(hidden, weight, bias, target, row_stats, scale)
+        ctx.save_for_backward(hidden, weight, bias, target, row_stats, scale, count)
         ctx.mark_non_differentiable(row_stats)
         return loss, row_stats
 
     @staticmethod
     @torch.autograd.function.once_differentiable
     def backward(ctx, grad_loss, _grad_stats):
-        hidden, weight, bias, target, row_stats, scale = ctx.saved_tensors
+        hidden, weight, bias, target, row_stats, scale, count = ctx.saved_tensors
         if ctx.grads is not None:  # mean / sum, first backward: scale the forward's gradients
             grads, ctx.grads = ctx.grads, None  # drop our references: autograd can adopt the tensors
+            # All rows ignored: the gradients are exact zeros, and stay so even when the caller divided
+            # the loss by a zero token count (an inf or NaN upstream; 0 * inf would be NaN).
+            grad_loss = torch.where(count > 0, grad_loss, torch.zeros_like(grad_loss))
             grad_hidden, grad_weight, grad_bias = (None if g is None else g.mul_(grad_loss) for g in grads)
         else:  # reduction="none", or a second backward through a retained graph: recompute
             grad_rows = grad_loss if scale is None else (grad_loss * scale).expand(hidden.shape[0])

@@ -21,14 +21,21 @@ def check_inputs(logits, target, k, b, ignore_index, reduction, backend):
     if k < 0 or k > vocab - 1:
         raise ValueError(f"k must be in [0, V-1] = [0, {vocab - 1}] (V = logits.shape[-1] = {vocab}: "
                          f"there are only V-1 non-target classes), got k={k}")
-    if isinstance(b, bool) or not isinstance(b, numbers.Real):
-        raise TypeError(f"b must be a real number, got {type(b).__name__}")
+    check_b(b)
     if isinstance(ignore_index, bool) or not isinstance(ignore_index, numbers.Integral):
         raise TypeError(f"ignore_index must be an int, got {type(ignore_index).__name__}")
     if reduction not in REDUCTIONS:
         raise ValueError(f"reduction must be one of {REDUCTIONS}, got {reduction!r}")
     if backend not in BACKENDS:
         raise ValueError(f"backend must be one of {BACKENDS}, got {backend!r}")
+
+
+def check_b(b):
+    """``b``: a finite real number (NaN or inf would make every loss and gradient non-finite)."""
+    if isinstance(b, bool) or not isinstance(b, numbers.Real):
+        raise TypeError(f"b must be a real number, got {type(b).__name__}")
+    if not math.isfinite(b):
+        raise ValueError(f"b must be finite, got b={b}")
 
 
 def check_options(label_smoothing, z_loss, softcap):

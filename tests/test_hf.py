@@ -249,7 +249,7 @@ def test_fused_linear_patch_rejects_unverified_models():
 
     model = BertForMaskedLM(BertConfig(vocab_size=V, hidden_size=16, num_hidden_layers=1, num_attention_heads=2,
                                        intermediate_size=32))
-    with pytest.raises(NotImplementedError, match="apply_prsl_fused_linear supports"):
+    with pytest.raises(NotImplementedError, match="apply_prsl supports models whose training loss"):
         apply_prsl_fused_linear(model, 3, 0.5)
 
 

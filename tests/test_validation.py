@@ -27,6 +27,8 @@ def _ok():
     (lambda z, t: (z, t, V, 0.5, {}), ValueError, r"k must be in \[0, V-1\] = \[0, 9\]"),
     (lambda z, t: (z, t, 2.0, 0.5, {}), TypeError, "k must be an int"),
     (lambda z, t: (z, t, 2, "0.5", {}), TypeError, "b must be a real number"),
+    (lambda z, t: (z, t, 2, float("nan"), {}), ValueError, "b must be finite"),
+    (lambda z, t: (z, t, 2, float("-inf"), {}), ValueError, "b must be finite"),
     (lambda z, t: (z, t, 2, 0.5, {"reduction": "avg"}), ValueError, "reduction must be one of"),
     (lambda z, t: (z, t, 2, 0.5, {"backend": "cuda"}), ValueError, "backend must be one of"),
     (lambda z, t: (z, t, 2, 0.5, {"ignore_index": 1.0}), TypeError, "ignore_index must be an int"),
@@ -62,3 +64,27 @@ def test_ignore_index_is_not_out_of_range():
 def test_k_equal_v_minus_1_is_allowed():
     z, t = _ok()
     assert torch.isfinite(prsl_loss(z, t, V - 1, 0.5, backend="reference"))
+
+
+@pytest.mark.parametrize("backend", ["reference", "cpp", "triton"])
+@pytest.mark.parametrize("linear", [False, True])
+def test_all_ignored_rows_give_zero_gradients(backend, linear):
+    """Every target ignored (an answer truncated away): the mean is 0 / 0 = NaN as in
+    F.cross_entropy, the sum 0; the gradients are exact zeros, also when the caller divides the sum
+    by a zero token count (HF's num_items_in_batch = 0), never NaN."""
+    from prsl_kernels import linear_prsl_loss
+
+    g = torch.Generator().manual_seed(3)
+    hidden = torch.randn(6, 8, generator=g, requires_grad=True)
+    weight = torch.randn(V, 8, generator=g, requires_grad=True)
+    target = torch.full((6,), -100)
+    for reduction in ("mean", "sum"):
+        hidden.grad = weight.grad = None
+        if linear:
+            loss = linear_prsl_loss(hidden, weight, target, 3, 0.5, reduction=reduction, backend=backend)
+        else:
+            loss = prsl_loss(hidden @ weight.t(), target, 3, 0.5, reduction=reduction, backend=backend)
+        assert torch.isnan(loss) if reduction == "mean" else loss.item() == 0.0
+        (loss if reduction == "mean" else loss / (target != -100).sum()).backward()
+        for grad in (hidden.grad, weight.grad):
+            assert torch.equal(grad, torch.zeros_like(grad)), (reduction, grad)

@@ -1,0 +1,458 @@
+"""The one call that makes a Hugging Face model train on PRSL: :func:`apply_prsl`.
+
+``apply_prsl(model, k, b)`` makes ``model(..., labels=labels).loss`` PRSL for any HF causal LM or
+image-text-to-text model whose LM head is an ``nn.Linear`` on the final hidden states (Llama,
+Mistral, Qwen2/3, Gemma 2/3, Phi-3, Cohere, Granite, LLaVA, LLaVA-NeXT, Qwen2-VL, Qwen2.5-VL,
+Qwen3-VL, PaliGemma, Idefics3, SmolVLM, Mllama, InternVL, GPT-2, OPT, BLIP-2 and
+``VisionEncoderDecoderModel``), also wrapped in a PEFT ``PeftModel``.
+
+How, without knowing each architecture (``fused_linear=True``, the default):
+
+* During a forward with labels the LM head is called as usual (so FSDP2 / ZeRO-3 hooks gather
+  its weight) but returns a placeholder: its input sliced to zero columns, ``hidden[..., :0]``.
+  It costs nothing, and any slicing the model does to "the logits" (BLIP-2 keeps the last
+  ``labels.shape[1]`` positions) is slicing of a view of the hidden states, which the storage
+  offset and strides of what arrives at the loss map back to rows exactly.
+* The model's ``loss_function`` is swapped for the duration of the call: it receives exactly the
+  labels, ``shift_labels`` and ``num_items_in_batch`` the model would give HF's
+  ``ForCausalLMLoss``, so each model's own label rules hold (and labels of the wrong length raise).
+* A placeholder that comes back as a new tensor was transformed by the model after the head;
+  the transform is read from the config (Gemma 2 / PaliGemma 2 ``final_logit_softcapping`` ->
+  the kernel's ``softcap``; Cohere ``logit_scale``, Granite ``logits_scaling`` -> a scale of the
+  hidden states) or the call raises. A dtype cast alone (Mllama's ``.float()``) changes no value.
+* The loss is computed by calling the head module again with its ``forward`` replaced by
+  ``linear_prsl_loss``: FSDP2 (the head in the root unit or its own, with or without
+  ``reshard_after_forward``) and ZeRO-3 gather the weight around it and register their backward
+  hooks on the loss, so the sharded head is never read outside its own forward.
+
+``fused_linear=False`` leaves the head alone and computes PRSL on the model's own logits (its
+``loss_function`` swapped the same way). ``VisionEncoderDecoderModel`` computes its own CE
+instead of calling ``loss_function``: its adapter feeds the decoder ``[start] + labels`` and scores
+the labels unshifted.
+
+Never silently off: a forward with labels whose loss did not go through PRSL raises at that
+step (a model that computes its own loss, TRL's ``SFTTrainer`` calling its own fused head, any
+other forward replacement); use :class:`prsl_kernels.sft.PRSLSFTTrainer` with TRL.
+"""
+
+from __future__ import annotations
+
+import functools
+import inspect
+import math
+
+import torch
+
+from .hf import PRSLLinearTokenLoss, PRSLTokenLoss
+from .spec import IGNORE_INDEX
+
+_PATCH_ATTR = "_prsl_patch"  # on an instance: its _Patch; on a class's forward: the wrapper's marker
+
+# Models that never call ``self.loss_function``: their own CE is replaced by calling the model
+# without labels and scoring the head's input here. Value: the labels are shifted for the loss?
+_OWN_LOSS_MODELS = {"VisionEncoderDecoderModel": False}
+
+# Logit scales after the head, by model_type: (config attribute, multiply or divide).
+_LOGIT_SCALES = {
+    "cohere": ("logit_scale", "multiply"),
+    "cohere2": ("logit_scale", "multiply"),
+    "granite": ("logits_scaling", "divide"),
+    "granitemoe": ("logits_scaling", "divide"),
+    "granitemoeshared": ("logits_scaling", "divide"),
+    "granitemoehybrid": ("logits_scaling", "divide"),
+}
+# Config attributes that scale the logits in some architecture: unknown pairs are refused.
+_SCALE_ATTRIBUTES = ("logit_scale", "logits_scaling", "output_multiplier", "lm_head_multiplier")
+
+
+class _Patch:
+    """What one patched instance needs at each forward."""
+
+    def __init__(self, loss, fused, model_softcap, scale, own_loss_shift):
+        self.loss, self.fused = loss, fused
+        self.model_softcap, self.scale = model_softcap, scale
+        self.own_loss_shift = own_loss_shift  # None: the model calls loss_function
+        self.calls = 0  # losses computed by PRSL: the guard compares it around each forward
+        self.guard_handles = []
+        self.guard_depth = []
+
+    def post_processing(self, transformed: bool, recast: bool, model_name: str):
+        """(softcap, scale) the kernel applies, from whether the model transformed the head's output."""
+        if not transformed:
+            return None, 1.0
+        if self.model_softcap is None and self.scale == 1.0:
+            if recast:
+                return None, 1.0
+            raise NotImplementedError(
+                f"apply_prsl: {model_name} changes its logits after the LM head in a way its config does not "
+                f"describe (no final_logit_softcapping or known logit scale); the fused loss would not be "
+                f"exact. Use apply_prsl(..., fused_linear=False) to compute PRSL on the model's own logits.")
+        return self.model_softcap, self.scale
+
+
+def apply_prsl(model: torch.nn.Module, k: int, b: float, *, fused_linear: bool = True, shift: bool | None = None,
+               ignore_index: int = IGNORE_INDEX, backend: str = "auto", chunk_size: int | None = None,
+               label_smoothing: float = 0.0, z_loss: float = 0.0, softcap: float | None = None):
+    """Make ``model(..., labels=labels).loss`` PRSL (one call, like Liger's ``apply_liger_kernel_to_*``).
+
+    Returns the loss object (``pop_stats()`` gives CE, the penalty and token accuracy since the
+    last call). ``fused_linear=True``: the loss comes from the LM head's input by
+    :func:`prsl_kernels.linear_prsl_loss`, the N x V logits are never built and ``.logits`` is
+    None in training forwards; without labels (generation, inference) the model is unchanged.
+    ``fused_linear=False``: PRSL on the model's own logits. ``shift`` (optional) must agree with
+    the model's alignment (causal LMs shift, ``VisionEncoderDecoderModel`` does not).
+    ``softcap``: only for a model that does not cap its logits itself (one whose config has
+    ``final_logit_softcapping`` is capped by the model; giving it again raises).
+    Other options: those of :func:`prsl_kernels.prsl_loss`. A ``PeftModel`` is accepted (its
+    base model is patched). Only this instance is affected; :func:`remove_prsl` undoes it.
+    """
+    outer = model
+    model = _unwrap_peft(model)
+    name = type(model).__name__
+    head = model.get_output_embeddings() if hasattr(model, "get_output_embeddings") else None
+    if not isinstance(head, torch.nn.Linear):
+        raise TypeError(f"apply_prsl: the LM head (get_output_embeddings()) of {name} must be an nn.Linear, got "
+                        f"{type(head).__name__} (a LoRA adapter or modules_to_save on the head is not supported: "
+                        f"leave lm_head out of the PEFT target modules)")
+    own_loss_shift = _OWN_LOSS_MODELS.get(name)
+    if own_loss_shift is None:
+        _check_causal_lm_loss(model, name)
+        if name.startswith("Blip2") and not getattr(model.config, "use_decoder_only_language_model", True):
+            raise NotImplementedError(f"apply_prsl: {name} with an encoder-decoder language model computes its "
+                                      f"loss inside that model; only decoder-only (OPT) language models are supported")
+    model_shift = own_loss_shift if own_loss_shift is not None else True
+    if shift is not None and bool(shift) != model_shift:
+        raise ValueError(f"apply_prsl: shift={shift} contradicts {name}'s own label alignment (shift={model_shift})")
+    config = model.decoder.config if name == "VisionEncoderDecoderModel" else model.config.get_text_config()
+    model_softcap = getattr(config, "final_logit_softcapping", None)
+    if softcap is not None and model_softcap is not None:
+        raise ValueError(f"apply_prsl: {name} already caps its logits (config final_logit_softcapping="
+                         f"{model_softcap}); softcap={softcap} would cap them twice. Leave softcap=None: the "
+                         f"model's cap is applied exactly.")
+    scale = _logit_scale(config, name)
+    options = dict(label_smoothing=label_smoothing, z_loss=z_loss, softcap=softcap)
+    if fused_linear:
+        loss = PRSLLinearTokenLoss(k, b, shift=model_shift, ignore_index=ignore_index, backend=backend,
+                                   chunk_size=chunk_size, **options)
+    else:
+        loss = PRSLTokenLoss(k, b, shift=model_shift, ignore_index=ignore_index, backend=backend, **options)
+    remove_prsl(outer)
+    patch = _Patch(loss, bool(fused_linear), model_softcap, scale, own_loss_shift)
+    _install_forward(type(model))
+    model.__dict__[_PATCH_ATTR] = patch
+    for module in {id(m): m for m in (outer, model)}.values():
+        patch.guard_handles += [module.register_forward_pre_hook(functools.partial(_guard_enter, patch),
+                                                                 with_kwargs=True),
+                                module.register_forward_hook(functools.partial(_guard_exit, patch, name),
+                                                             with_kwargs=True, always_call=True)]
+    if outer is not model:
+        outer.__dict__[_PATCH_ATTR] = patch
+    return loss
+
+
+def apply_prsl_fused_linear(model: torch.nn.Module, k: int, b: float, **kwargs):
+    """:func:`apply_prsl` with ``fused_linear=True`` (the name of the first release)."""
+    return apply_prsl(model, k, b, fused_linear=True, **kwargs)
+
+
+def remove_prsl(model: torch.nn.Module) -> None:
+    """Undo :func:`apply_prsl` on ``model`` (its class stays patched, inert for other instances)."""
+    for module in {id(m): m for m in (model, _unwrap_peft(model))}.values():
+        patch = module.__dict__.pop(_PATCH_ATTR, None)
+        if patch is not None:
+            for handle in patch.guard_handles:
+                handle.remove()
+            patch.guard_handles = []
+
+
+remove_prsl_fused_linear = remove_prsl
+
+
+def _unwrap_peft(model):
+    """A PEFT ``PeftModel``'s underlying transformers model (patched in its place)."""
+    if type(model).__module__.split(".")[0] == "peft" and hasattr(model, "get_base_model"):
+        return model.get_base_model()
+    return model
+
+
+def _check_causal_lm_loss(model, name):
+    from transformers.loss.loss_utils import ForCausalLMLoss
+
+    loss_function = getattr(model, "loss_function", None)
+    if loss_function is not ForCausalLMLoss and not isinstance(getattr(loss_function, "token", None), PRSLTokenLoss):
+        raise NotImplementedError(
+            f"apply_prsl supports models whose training loss is Hugging Face's causal-LM loss (ForCausalLMLoss: "
+            f"causal LMs and image-text-to-text models) and VisionEncoderDecoderModel; {name}'s loss_function is "
+            f"{getattr(loss_function, '__name__', type(loss_function).__name__)}")
+
+
+def _logit_scale(config, name) -> float:
+    """The factor the model multiplies its logits by after the head (1.0: none)."""
+    rule = _LOGIT_SCALES.get(getattr(config, "model_type", None))
+    if rule is not None:
+        value = float(getattr(config, rule[0]))
+        if not math.isfinite(value) or value == 0.0:
+            raise ValueError(f"apply_prsl: {name}'s config {rule[0]}={value} is not a finite non-zero scale")
+        return value if rule[1] == "multiply" else 1.0 / value
+    for attribute in _SCALE_ATTRIBUTES:
+        value = getattr(config, attribute, None)
+        if value is not None and value != 1.0:
+            raise NotImplementedError(f"apply_prsl: {name}'s config sets {attribute}={value}, a logit scale this "
+                                      f"package has not verified for model_type {config.model_type!r}")
+    return 1.0
+
+
+# --------------------------------------------------------------------------- the guard
+
+
+def _has_labels(kwargs):
+    return kwargs.get("labels") is not None or kwargs.get("shift_labels") is not None
+
+
+def _guard_enter(patch, module, args, kwargs):
+    patch.guard_depth.append(patch.calls if _has_labels(kwargs) else None)  # popped by _guard_exit, always
+    if kwargs.get("fused_lm_head"):
+        raise RuntimeError(
+            "PRSL is applied to this model, but TRL's SFTTrainer computes its own loss from its fused LM head "
+            "(fused_lm_head=True), which would train plain cross-entropy. Use prsl_kernels.sft.PRSLSFTTrainer "
+            "(SFTTrainer with the loss taken from the model) instead.")
+
+
+def _guard_exit(patch, name, module, args, kwargs, output):
+    start = patch.guard_depth.pop() if patch.guard_depth else None
+    if start is not None and patch.calls == start and output is not None:
+        raise RuntimeError(
+            f"PRSL is applied to {name}, but this forward with labels computed its loss without it (its forward "
+            f"was replaced, or the model computes its own loss): the step would train another loss.")
+
+
+# --------------------------------------------------------------------------- the forward wrapper
+
+
+def _install_forward(cls) -> None:
+    """Wrap ``cls.forward`` once; instances without a patch run the original forward."""
+    if getattr(cls.forward, _PATCH_ATTR, False):
+        return
+    original = cls.forward
+    signature = inspect.signature(original)
+
+    @functools.wraps(original)
+    def forward(self, *args, **kwargs):
+        patch = self.__dict__.get(_PATCH_ATTR)
+        if patch is None:
+            return original(self, *args, **kwargs)
+        arguments = _bind(signature, self, args, kwargs)
+        if arguments.get("labels") is None and arguments.get("shift_labels") is None:
+            arguments.pop("shift_labels", None)
+            arguments.pop("num_items_in_batch", None)  # a loss argument: not the model's business
+            return original(self, **arguments)
+        if patch.own_loss_shift is not None:
+            return _own_loss_forward(self, original, patch, arguments)
+        return _loss_function_forward(self, original, patch, arguments)
+
+    setattr(forward, _PATCH_ATTR, True)
+    cls.forward = forward
+
+
+def _bind(signature, model, args, kwargs):
+    bound = signature.bind(model, *args, **kwargs)
+    arguments = {key: value for key, value in bound.arguments.items() if key != "self"}
+    for key, param in signature.parameters.items():  # flatten **kwargs
+        if param.kind is inspect.Parameter.VAR_KEYWORD:
+            arguments.update(arguments.pop(key, {}))
+    return arguments
+
+
+class _HeadCapture:
+    """The head's ``forward`` during a fused forward: keeps its input, returns a placeholder.
+
+    The placeholder has no elements (no logits are computed) but the input's leading shape,
+    strides and storage offset, in a storage of its own (``marker``): whatever views the model
+    takes of it (slices of positions) map back to rows of the input exactly. It is not a view of
+    the input and needs no gradient, so FSDP2 hooks no backward to it.
+    """
+
+    def __init__(self):
+        self.inputs, self.marker = [], None
+
+    def __call__(self, hidden):
+        self.inputs.append(hidden)
+        self.marker = torch.empty(1, dtype=hidden.dtype, device=hidden.device).untyped_storage()
+        return hidden.new_empty(0).set_(self.marker, hidden.storage_offset(), hidden.shape[:-1] + (0,),
+                                        hidden.stride()[:-1] + (1,))
+
+    def hidden(self, model_name):
+        if len(self.inputs) != 1:
+            raise RuntimeError(f"apply_prsl: expected one call of {model_name}'s LM head per forward, got "
+                               f"{len(self.inputs)}")
+        return self.inputs[0]
+
+
+class _ForwardOf:
+    """``module.forward`` replaced by ``fn`` for a ``with`` block (module hooks still run around it)."""
+
+    def __init__(self, module, fn):
+        self.module, self.fn = module, fn
+
+    def __enter__(self):
+        self.saved = self.module.__dict__.get("forward")
+        self.module.forward = self.fn
+
+    def __exit__(self, *exc):
+        if self.saved is None:
+            del self.module.forward
+        else:
+            self.module.forward = self.saved
+
+
+class _LossFunctionOf:
+    """``model.loss_function`` replaced by ``fn`` for a ``with`` block (restores a user's own)."""
+
+    _MISSING = object()
+
+    def __init__(self, model, fn):
+        self.model, self.fn = model, fn
+
+    def __enter__(self):
+        self.saved = self.model.__dict__.get("_loss_function", self._MISSING)
+        self.model.loss_function = self.fn
+
+    def __exit__(self, *exc):
+        if self.saved is self._MISSING:
+            self.model.__dict__.pop("_loss_function", None)
+        else:
+            self.model.loss_function = self.saved
+
+
+def _rows_of(placeholder, hidden, marker):
+    """The rows of ``hidden`` that ``placeholder`` (what the model made of the head's placeholder)
+    stands for, and whether the model transformed it (a new tensor rather than a view)."""
+    lead = tuple(placeholder.shape[:-1])
+    if placeholder.shape[-1] != 0:
+        raise RuntimeError("apply_prsl: the model's loss received logits with a vocabulary; the LM head "
+                           "placeholder was replaced (is another patch applied?)")
+    if placeholder.untyped_storage().data_ptr() == marker.data_ptr():
+        if (lead == tuple(hidden.shape[:-1]) and placeholder.storage_offset() == hidden.storage_offset()
+                and placeholder.stride()[:-1] == hidden.stride()[:-1]):
+            return hidden, False
+        # A view: the model sliced the logits (e.g. BLIP-2 keeps the last labels.shape[1] positions).
+        return hidden.as_strided(lead + (hidden.shape[-1],), placeholder.stride()[:-1] + (hidden.stride(-1),),
+                                 placeholder.storage_offset()), False
+    if lead != tuple(hidden.shape[:-1]):
+        raise NotImplementedError(f"apply_prsl: the model reshaped its logits {tuple(hidden.shape[:-1])} -> {lead} "
+                                  f"after transforming them; the fused loss cannot map them to hidden states")
+    return hidden, True
+
+
+def _check_targets(targets, lead, aligned, model_name):
+    if targets.dim() == len(lead) and tuple(targets.shape) == lead:
+        return
+    what = "shift_labels" if aligned else "labels"
+    raise ValueError(f"{model_name}: {what} of shape {tuple(targets.shape)} do not match the logits' positions "
+                     f"{lead} (Hugging Face's own loss raises on this too)")
+
+
+def _loss_function_forward(model, original, patch, arguments):
+    from transformers.utils import ModelOutput
+
+    name = type(model).__name__
+    return_dict = arguments.pop("return_dict", None)
+    if arguments.get("labels") is None:  # only shift_labels: the model computes a loss only given labels
+        arguments["labels"] = arguments["shift_labels"]
+    head = model.get_output_embeddings()
+    capture = _HeadCapture() if patch.fused else None
+
+    def loss_function(logits, labels=None, vocab_size=None, num_items_in_batch=None, ignore_index=IGNORE_INDEX,
+                      shift_labels=None, **kwargs):
+        if ignore_index != patch.loss.ignore_index:
+            raise ValueError(f"{name} passed ignore_index={ignore_index}; PRSL was applied with "
+                             f"ignore_index={patch.loss.ignore_index}")
+        aligned = shift_labels is not None
+        targets = shift_labels if aligned else labels
+        if not patch.fused:
+            _check_targets(targets, tuple(logits.shape[:-1]), aligned, name)
+            loss = patch.loss(logits, targets, num_items_in_batch, aligned=aligned)
+        else:
+            hidden = capture.hidden(name)
+            rows, transformed = _rows_of(logits, hidden, capture.marker)
+            softcap, scale = patch.post_processing(transformed, logits.dtype != hidden.dtype, name)
+            _check_targets(targets, tuple(rows.shape[:-1]), aligned, name)
+            if scale != 1.0:
+                rows = rows * scale  # (s h) W^T + s c == s (h W^T + c): the bias is scaled below too
+            loss = _loss_through_head(head, patch.loss, rows, targets, num_items_in_batch, aligned, softcap, scale)
+        patch.calls += 1
+        return loss
+
+    with _LossFunctionOf(model, loss_function):
+        if capture is None:
+            out = original(model, **arguments, return_dict=True)
+        else:
+            with _ForwardOf(head, capture):
+                out = original(model, **arguments, return_dict=True)
+    if getattr(out, "loss", None) is None:
+        raise RuntimeError(f"apply_prsl: {name} returned no loss for a forward with labels")
+    if patch.fused:
+        out = _without_logits(out, ModelOutput)
+    return out.to_tuple() if return_dict is False else out
+
+
+def _loss_through_head(head, loss, rows, targets, num_items_in_batch, aligned, softcap, scale):
+    """The fused loss computed as the head module's forward: FSDP2 / ZeRO-3 unshard its weight around
+    the call and hook the backward to the loss, as for the logits they would have made."""
+
+    def forward(hidden):
+        bias = head.bias if head.bias is None or scale == 1.0 else head.bias * scale
+        return loss(hidden, head.weight, targets, num_items_in_batch, bias=bias, aligned=aligned,
+                    model_softcap=softcap)
+
+    with _ForwardOf(head, forward):
+        return head(rows)
+
+
+def _own_loss_forward(model, original, patch, arguments):
+    """``VisionEncoderDecoderModel``: the decoder fed ``[start] + labels``, the labels scored unshifted."""
+    from transformers.utils import ModelOutput
+
+    name = type(model).__name__
+    labels = arguments.pop("labels", None)
+    shift_labels = arguments.pop("shift_labels", None)
+    num_items_in_batch = arguments.pop("num_items_in_batch", None)
+    return_dict = arguments.pop("return_dict", None)
+    if labels is not None and arguments.get("decoder_input_ids") is None \
+            and arguments.get("decoder_inputs_embeds") is None:
+        from transformers.models.vision_encoder_decoder.modeling_vision_encoder_decoder import shift_tokens_right
+        arguments["decoder_input_ids"] = shift_tokens_right(labels, model.config.pad_token_id,
+                                                            model.config.decoder_start_token_id)
+    aligned = shift_labels is not None
+    targets = shift_labels if aligned else labels
+    head = model.get_output_embeddings()
+    if patch.fused:
+        capture = _HeadCapture()
+        with _ForwardOf(head, capture):
+            out = original(model, **arguments, return_dict=True)
+        rows, transformed = _rows_of(out.logits, capture.hidden(name), capture.marker)
+        softcap, scale = patch.post_processing(transformed, out.logits.dtype != rows.dtype, name)
+        _check_targets(targets, tuple(rows.shape[:-1]), aligned, name)
+        loss = _loss_through_head(head, patch.loss, rows * scale if scale != 1.0 else rows, targets,
+                                  num_items_in_batch, aligned, softcap, scale)
+        out = _without_logits(out, ModelOutput)
+    else:
+        out = original(model, **arguments, return_dict=True)
+        _check_targets(targets, tuple(out.logits.shape[:-1]), aligned, name)
+        loss = patch.loss(out.logits, targets, num_items_in_batch, aligned=aligned)
+    patch.calls += 1
+    out = type(out)(loss=loss, **{key: value for key, value in out.items() if key != "loss"})
+    return out.to_tuple() if return_dict is False else out
+
+
+def _without_logits(out, model_output_cls):
+    """``out`` rebuilt (fields in their declared order) without the head's empty placeholder."""
+    fields = {}
+    for key, value in out.items():
+        if key == "logits":
+            continue
+        fields[key] = _without_logits(value, model_output_cls) if isinstance(value, model_output_cls) else value
+    return type(out)(**fields)
+
+
+__all__ = ["apply_prsl", "apply_prsl_fused_linear", "remove_prsl", "remove_prsl_fused_linear"]
