@@ -135,19 +135,26 @@ def time_group(fns, h, w, t, device, reps, warmup):
 
 def peak_extra_bytes(fn, h, w, t, device, method):
     h.grad = w.grad = None
+    peak = step_peak_bytes(lambda: fn(h, w, t).backward(), device, method)
+    h.grad = w.grad = None
+    return peak
+
+
+def step_peak_bytes(step, device, method="torch_profiler_allocations"):
+    """Peak bytes allocated while ``step()`` runs, beyond what was live before it."""
     gc.collect()
     if device.type == "cuda":
         torch.cuda.synchronize()
         torch.cuda.reset_peak_memory_stats(device)
         base = torch.cuda.memory_allocated(device)
-        fn(h, w, t).backward()
+        step()
         torch.cuda.synchronize()
-        peak = torch.cuda.max_memory_allocated(device) - base
-    elif method == "torch_profiler_allocations":
+        return torch.cuda.max_memory_allocated(device) - base
+    if method == "torch_profiler_allocations":
         from torch.profiler import ProfilerActivity, profile
 
         with profile(activities=[ProfilerActivity.CPU], profile_memory=True) as prof:
-            fn(h, w, t).backward()
+            step()
         # Every allocation and free of torch's CPU allocator, in order.
         records = sorted((e.start_ns(), e.nbytes()) for e in prof.profiler.kineto_results.events()
                          if e.name() == "[memory]")
@@ -155,14 +162,12 @@ def peak_extra_bytes(fn, h, w, t, device, method):
         for _, nbytes in records:
             live += nbytes
             peak = max(peak, live)
-    else:
-        with open("/proc/self/clear_refs", "w") as f:
-            f.write("5")
-        base = bp._proc_status_kib("VmRSS")
-        fn(h, w, t).backward()
-        peak = (bp._proc_status_kib("VmHWM") - base) * 1024
-    h.grad = w.grad = None
-    return peak
+        return peak
+    with open("/proc/self/clear_refs", "w") as f:
+        f.write("5")
+    base = bp._proc_status_kib("VmRSS")
+    step()
+    return (bp._proc_status_kib("VmHWM") - base) * 1024
 
 
 def format_table(rows):

@@ -17,6 +17,9 @@
    Liger's cross-entropy where importable), within a time budget.
 3. The fused linear + PRSL benchmark (bench_linear.py --check at its CUDA shapes: the fused
    op against F.linear + the float64 reference first); --skip-linear skips it.
+4. A LLaVA-shaped training step through apply_prsl (bench_hf_step.py: V = 32064, 4096 tokens,
+   hidden 4096, bf16): peak memory and time of HF's CE, unfused and fused PRSL;
+   --skip-hf-step skips it (it needs transformers).
 
 The CSV and a log go to $OUT (if set) and to benchmarks/results/. Needs only
 torch and triton (no pip install, no network): run from the repo root,
@@ -463,6 +466,7 @@ def main(argv=None):
                    help="extra bench_prsl.py arguments, e.g. \"--shapes 8192x50257 --dtypes bf16\"")
     p.add_argument("--skip-bench", action="store_true")
     p.add_argument("--skip-linear", action="store_true", help="skip the fused linear + PRSL benchmark")
+    p.add_argument("--skip-hf-step", action="store_true", help="skip the LLaVA-shaped apply_prsl step")
     p.add_argument("--seed", type=int, default=1234)
     args = p.parse_args(argv)
     start = time.perf_counter()
@@ -531,6 +535,15 @@ def main(argv=None):
             bench_linear.run(linear_argv, log=log)
         except SystemExit as exit_:
             bench_errors += bool(exit_.code)
+        except Exception:
+            log(traceback.format_exc().rstrip())
+            bench_errors += 1
+
+    if not args.skip_bench and not args.skip_hf_step and not args.dry_run:
+        try:
+            import bench_hf_step
+            hf_argv = ["--device", "cuda"] + (["--out-dir", str(out_dirs[0])] if out_dirs else [])
+            bench_hf_step.run(hf_argv, log=log)
         except Exception:
             log(traceback.format_exc().rstrip())
             bench_errors += 1

@@ -34,3 +34,19 @@ def test_bench_linear_writes_csv_and_methods_agree(tmp_path):
     assert float(ok[("linear_ce", "0")]["loss"]) == pytest.approx(float(ok[("fused", "0")]["loss"]), rel=1e-5)
     assert ok[("fused", "6")]["chunk"] == "16" and float(ok[("fused", "6")]["fwd_bwd_ms"]) > 0
     assert "| N x H x V" in proc.stdout
+
+
+def test_bench_hf_step_smoke(tmp_path):
+    """benchmarks/bench_hf_step.py at a tiny LLaVA shape: three methods, CSV and table written,
+    and the fused step's peak below HF CE's (the logits, 256 x 4000 x 4 B = 4 MiB, dominate)."""
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    proc = subprocess.run([sys.executable, str(REPO / "benchmarks" / "bench_hf_step.py"), "--vocab", "4000",
+                           "--tokens", "256", "--hidden", "32", "--reps", "1", "--threads", "1",
+                           "--out-dir", str(tmp_path)], cwd=REPO, env=env, capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    (csv_path,) = tmp_path.glob("hf-step-cpu-*.csv")
+    assert (tmp_path / csv_path.name.replace(".csv", ".txt")).read_text().startswith("# ")
+    with open(csv_path, newline="") as f:
+        peak = {r["method"]: float(r["peak_mib"]) for r in csv.DictReader(f)}
+    assert set(peak) == {"hf_ce", "prsl_unfused", "prsl_fused"}
+    assert peak["prsl_fused"] < peak["hf_ce"]
