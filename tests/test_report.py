@@ -151,3 +151,22 @@ def test_report_from_tiny_attack_run(tmp_path):
         path = out / "figures" / fig
         assert path.read_bytes()[:8] == PNG and path.stat().st_size > 5000, fig
         assert f"figures/{fig}" in text
+
+
+def test_report_without_threshold_metrics(tmp_path):
+    """Metrics with no threshold figure (exact match, the natural choice without BERTScore or
+    Java): the attack and its report finish; the threshold section and figure are left out."""
+    pytest.importorskip("transformers")
+    from prsl_kernels.drivers import data, models
+    from prsl_kernels.drivers.attack import main
+
+    texts = [c for s in data.synthetic_dataset(40, seed=1, image_size=32) for c in s.captions]
+    size = models.TinySize(hidden=32, encoder_layers=1, decoder_layers=1, heads=2, image_size=32, max_text=40)
+    ckpt = tmp_path / "ckpt"
+    models.tiny_bundle("tiny-vit-gpt2", texts, size=size, seed=0, vocab_size=300).save(ckpt)
+    out = tmp_path / "attack"
+    main(["--model", str(ckpt), "--num-samples", "2", "--rounds", "1", "--metrics", "exact_match",
+          "--max-new-tokens", "4", "--batch-size", "2", "--output-dir", str(out), "--no-progress"])
+    text = (out / "report.md").read_text()
+    assert "## Robustness" in text and "Exact match" in text
+    assert "## Proportion of outputs below" not in text and not (out / "figures" / "below_thresholds.png").exists()

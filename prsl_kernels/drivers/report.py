@@ -257,8 +257,12 @@ def plot_score_vs_round(runs, against, path):
 
 
 def plot_below_thresholds(runs, rnd, path, against="clean"):
-    plt = _plt()
+    """The threshold figure; False (nothing drawn) when no threshold metric was scored
+    (e.g. ``--metrics exact_match vqa_accuracy``)."""
     metrics = [m for m in THRESHOLD_METRICS if m in _metrics_present(runs)]
+    if not metrics:
+        return False
+    plt = _plt()
     groups = _groups(runs)
     fig, axes = plt.subplots(1, len(metrics), figsize=(4.2 * len(metrics), 3.4), squeeze=False)
     width = 0.8 / max(len(groups), 1)
@@ -280,6 +284,7 @@ def plot_below_thresholds(runs, rnd, path, against="clean"):
     fig.tight_layout()
     fig.savefig(path, dpi=110)
     plt.close(fig)
+    return True
 
 
 def plot_attack_loss(runs, path):
@@ -452,8 +457,9 @@ def write_markdown(runs, path, figures, *, title="BIM robustness report", baseli
                         [_fmt(*_group_stat(gr, lambda run, t=t, m=m: run_value(run, thr_round, "clean", m,
                                                                                  f"below@{t}")), digits=2)
                          for t in THRESHOLDS])
-    lines += [f"## Proportion of outputs below each threshold after round {thr_round} (against the clean output)",
-              "", _table(["model", "metric"] + [f"< {t:.2f}" for t in THRESHOLDS], rows), ""]
+    if thr_metrics:
+        lines += [f"## Proportion of outputs below each threshold after round {thr_round} (against the clean "
+                  f"output)", "", _table(["model", "metric"] + [f"< {t:.2f}" for t in THRESHOLDS], rows), ""]
 
     rows = [[group] + [_fmt(*_group_stat(gr, lambda run, r=r: attack_loss(run, r))) for r in rounds]
             for group, gr in groups.items()]
@@ -540,8 +546,8 @@ def write_report(model_dirs, out_dir, *, groups=None, baseline=None, title="BIM 
         figures.append((f"score vs round against the {'clean output' if against == 'clean' else 'references'}",
                         p.relative_to(out)))
     p = fig_dir / "below_thresholds.png"
-    plot_below_thresholds(runs, min(2, last), p)
-    figures.append((f"proportion below 0.90/0.80/0.75/0.70 after round {min(2, last)}", p.relative_to(out)))
+    if plot_below_thresholds(runs, min(2, last), p):
+        figures.append((f"proportion below 0.90/0.80/0.75/0.70 after round {min(2, last)}", p.relative_to(out)))
     p = fig_dir / "attack_loss.png"
     plot_attack_loss(runs, p)
     figures.append(("attacked CE vs round", p.relative_to(out)))
