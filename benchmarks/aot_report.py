@@ -98,7 +98,8 @@ def kernels_at(commit):
             f"kernels of commit {commit} are read from git history, which this checkout lacks "
             f"({getattr(error, 'stderr', '') or error}); run from a full clone") from error
     cut = source.index("# Launchers (the kernel contract")
-    source = source[:cut].replace("from . import ops\n", "").replace("from .", "from prsl_kernels.")
+    source = source[:cut].replace("from . import ops\n", "").replace("from .", "from prsl_kernels.") \
+        + _literal_constants(source[cut:])
     path = Path(tempfile.gettempdir()) / "prsl-aot-kernels" / f"kernels_{commit}.py"
     path.parent.mkdir(parents=True, exist_ok=True)
     text = f"# FROZEN COPY: prsl_kernels/triton_kernels.py at {commit}, kernels and configs only.\n" + source
@@ -109,6 +110,22 @@ def kernels_at(commit):
     spec.loader.exec_module(module)
     return module
 
+
+
+def _literal_constants(source):
+    """The top-level ``NAME = <literal>`` lines of ``source``: constants that some commits define
+    after the cut but use above it (413f114's ``_OPTION_ARGS``, read by ``aot_signature``)."""
+    import ast
+
+    lines = []
+    for node in ast.parse(source).body:
+        if isinstance(node, ast.Assign) and all(isinstance(t, ast.Name) for t in node.targets):
+            try:
+                ast.literal_eval(node.value)
+            except ValueError:
+                continue
+            lines.append(ast.get_source_segment(source, node))
+    return "\n# Literal constants from below the cut:\n" + "\n".join(lines) + "\n" if lines else ""
 
 
 def kernels_module(rev=None):

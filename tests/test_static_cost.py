@@ -132,3 +132,13 @@ def test_model_json_has_the_required_keys():
 if __name__ == "__main__":
     if sys.argv[1:] == ["count"]:
         print(json.dumps({"aligned": _count(4096), "odd": _count(4097)}))
+
+
+def test_history_kernels_keep_constants_defined_below_the_cut():
+    """A commit's kernels are imported without its launchers; 413f114 defines _OPTION_ARGS among
+    the launchers but reads it in aot_signature above them (the default --json run crashed)."""
+    try:
+        module = aot_report.kernels_at("413f114")
+    except aot_report.KernelsUnavailable as error:
+        pytest.skip(str(error))
+    assert module._OPTION_ARGS == ("eps_hi", "eps_lo", "lam_hi", "lam_lo", "cap_hi", "cap_lo")
