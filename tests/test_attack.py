@@ -417,3 +417,95 @@ def test_cli_on_a_checkpoint_of_a_visual_genome_run(tmp_path):
     rec = [json.loads(line) for line in (out / "checkpoint-2" / "samples.jsonl").read_text().splitlines()]
     assert {r["round"] for r in rec} == {0, 1} and all(r["scores"]["clean"]["exact_match"] == 1.0
                                                        for r in rec if r["round"] == 0)
+
+
+# --------------------------------------------------------------------------- pgd / apgd, targeted, worst case
+
+
+@pytest.mark.parametrize("attack", ["pgd", "apgd"])
+def test_pgd_and_apgd_keep_eps_exactly_on_the_saved_images(bundle, samples, tmp_path, attack):
+    """In pixel space (their default) the saved adversarial images are within eps = 4/255 of the
+    clean ones and in [0, 1], exactly (no tolerance, compared in float64), and the attacked loss
+    rises; the random start is drawn per image, so it does not depend on the batching."""
+    items = attack_items(samples[:3], "caption")
+    cfg = AttackConfig(attack=attack, rounds=2, steps_per_round=3, eps=4 / 255, max_new_tokens=6, batch_size=2)
+    out = tmp_path / attack
+    run = ModelAttack(bundle, items, out, cfg, NoScores(), progress=False)
+    assert run.cfg.space == "pixel"
+    run.run()
+    x, x0 = torch.load(out / "state.pt", weights_only=True)["x"], run._clean_inputs()
+    assert x.dtype == torch.float32
+    assert ((x.double() - x0.double()).abs() <= 4 / 255).all()
+    assert (x >= 0).all() and (x <= 1).all() and (x != x0).any()
+    losses = {}
+    for line in (out / "samples.jsonl").read_text().splitlines():
+        rec = json.loads(line)
+        losses.setdefault(rec["round"], []).append(rec["attack_loss"])
+    assert sum(losses[2]) > sum(losses[0])
+    start = run._random_start(x0)
+    assert torch.equal(run._random_start(x0[:2]), start[:2])
+    assert ((start.double() - x0.double()).abs() <= 4 / 255).all() and (start != x0).all(1).any()
+
+
+def test_targeted_attack_reports_success(bundle, samples, tmp_path):
+    items = attack_items(samples[:2], "caption")
+    target = "a big red circle"
+    cfg = AttackConfig(attack="pgd", rounds=2, steps_per_round=2, target_text=target, max_new_tokens=6,
+                       batch_size=2)
+    from prsl_kernels.drivers.metrics import CaptionScorer
+
+    with CaptionScorer(metrics=["exact_match"]) as scorer:  # no Java, no BERT model
+        ModelAttack(bundle, items, tmp_path / "t", cfg, scorer, progress=False).run()
+    recs = [json.loads(line) for line in (tmp_path / "t" / "samples.jsonl").read_text().splitlines()]
+    from prsl_kernels.drivers.data import normalize_text
+    for rec in recs:
+        assert rec["target_success"] == (normalize_text(rec["output"]) == normalize_text(target))
+    first, last = (json.loads((tmp_path / "t" / "rounds" / f"round_{r:03d}.json").read_text()) for r in (0, 2))
+    assert 0.0 <= last["target_success_rate"] <= 1.0
+    # Descending the target's CE: its loss falls.
+    assert last["attack_loss"] < first["attack_loss"]
+    from prsl_kernels.drivers.report import write_report
+
+    write_report([tmp_path / "t"], tmp_path / "report")
+    report = (tmp_path / "report" / "report.md").read_text()
+    assert "## Targeted attack: share of outputs equal to the target text" in report
+
+
+class LengthScores:
+    """A per-sample 'metric' known in advance: minus the output's length (shorter scores higher)."""
+
+    def score_sets(self, sets):
+        return [({}, [{"neg_length": -float(len(c))} for c in cands]) for cands, _ in sets]
+
+
+def test_worst_case_over_references_keeps_the_worst_candidate(bundle, samples, tmp_path):
+    """Round 1 of the worst case scores, per image, no better than attacking any single reference
+    (its candidate j is exactly the attack of reference j from the same start)."""
+    items = attack_items(samples[:2], "caption")
+    assert all(len(it.references) >= 2 for it in items)
+    common = dict(rounds=1, steps_per_round=2, max_new_tokens=6, batch_size=2, space="pixel", eps=0.05, alpha=0.02)
+    ModelAttack(bundle, items, tmp_path / "w", AttackConfig(worst_case=True, **common), LengthScores(),
+                progress=False).run()
+    worst = [json.loads(line) for line in (tmp_path / "w" / "rounds" / "round_001.jsonl").read_text().splitlines()]
+    single = ModelAttack(bundle, items, tmp_path / "s", AttackConfig(target="reference", **common), LengthScores(),
+                         progress=False)
+    single.run()
+    first_ref = [json.loads(line) for line in (tmp_path / "s" / "rounds" / "round_001.jsonl").read_text().splitlines()]
+    for w, s in zip(worst, first_ref):
+        assert w["scores"]["reference"]["neg_length"] <= s["scores"]["reference"]["neg_length"]
+
+
+def test_attack_cli_options(tmp_path):
+    from prsl_kernels.drivers.attack import fraction
+
+    assert fraction("4/255") == 4 / 255 and fraction("0.5") == 0.5
+    args = build_parser().parse_args(["--model", "m", "--attack", "apgd", "--steps", "100", "--eps", "2/255",
+                                      "--worst-case-over-references"])
+    assert (args.attack, args.steps_per_round, args.eps, args.worst_case, args.space) == ("apgd", 100, 2 / 255,
+                                                                                        True, None)
+    with pytest.raises(SystemExit):
+        build_parser().parse_args(["--model", "m", "--eps", "4/0"])
+    for bad in (dict(attack="cw"), dict(target_text="x", worst_case=True), dict(target_text=" "),
+                dict(attack="apgd", alpha=0.1)):
+        with pytest.raises(ValueError):
+            AttackConfig(**bad).validate()

@@ -1,4 +1,4 @@
-"""``prsl-attack``: multi-round untargeted BIM against fine-tuned vision-language models.
+"""``prsl-attack``: multi-round BIM, PGD and APGD against fine-tuned vision-language models.
 
 BIM (Kurakin et al., 2017), ascending the teacher-forced cross-entropy of a fixed
 target text (by default the model's own clean output; option: the first reference)::
@@ -11,6 +11,20 @@ step is also clamped to the valid image range (pixels in [0, 1], mapped through 
 processor's mean and std in normalised space), so every adversarial input is an image that
 exists; in pixel space this is torchattacks' ``BIM`` update exactly. The attacker always
 uses plain ``torch.nn.functional.cross_entropy``, whatever loss trained the model.
+
+``--attack pgd`` (Madry et al.: a random start in the eps-ball, then projected signed steps)
+and ``--attack apgd`` (Croce and Hein 2020, AutoAttack's APGD-CE schedule: step-size halving at
+the checkpoints, momentum 0.75, the best point kept; ``attack_steps.py``) run ``--steps`` steps
+per round, in ``[0, 1]`` pixel space by default: the perturbation is applied to the image before
+the processor's normalisation, ``|x - x0| <= eps`` and ``0 <= x <= 1`` hold exactly in floating
+point, and ``--eps`` / ``--alpha`` take fractions (``4/255``). The random start is drawn per
+image from ``--seed``, so it does not depend on the batch size. ``--target-text TEXT`` makes any
+attack targeted: it descends the teacher-forced CE of TEXT, and each round reports the success
+rate (the output equals TEXT after the exact-match normalisation).
+``--worst-case-over-references`` (the RobustVLM protocol): each round attacks the CE of every
+reference in turn, from the same point, and keeps per image the candidate whose output scores
+worst against the references (on CIDEr-D if scored, else the first metric). Only the pixels get
+gradients: the model's parameters are frozen.
 
 Decoding follows the checkpoint's generation config (``num_beams``, ``max_new_tokens``,
 and e.g. ``no_repeat_ngram_size``) unless ``--num-beams`` / ``--max-new-tokens`` are given;
@@ -53,16 +67,25 @@ TASK_DEFAULTS = {"caption": (0.5, 0.01), "vqa": (1.0, 0.5)}
 GRID_SAMPLES = 6
 
 
+ATTACKS = ("bim", "pgd", "apgd")
+#: pgd / apgd: RobustVLM's smaller radius in [0, 1] pixels when --eps is not given.
+PIXEL_EPS = 4 / 255
+
+
 @dataclass
 class AttackConfig:
-    """BIM and evaluation settings (CLI flags with ``-`` -> ``_``)."""
+    """Attack and evaluation settings (CLI flags with ``-`` -> ``_``)."""
     task: str = "caption"
     rounds: int = 3
-    eps: float | None = None            # None -> TASK_DEFAULTS (scaled by the std in pixel space)
-    alpha: float | None = None
+    eps: float | None = None            # None -> TASK_DEFAULTS (bim; scaled by the std in pixel space), 4/255
+    alpha: float | None = None          # None -> TASK_DEFAULTS (bim), 2.5 eps / steps (pgd); apgd sets its own
     steps_per_round: int = 1
-    space: str = "normalized"           # "normalized" | "pixel"
+    space: str | None = None            # "normalized" | "pixel"; None -> normalized for bim, pixel for pgd / apgd
     target: str = "clean"               # "clean" (own clean output) | "reference"
+    attack: str = "bim"                 # "bim" | "pgd" | "apgd"
+    target_text: str | None = None      # a targeted attack: descend the CE of this text
+    worst_case: bool = False            # attack every reference, keep the worst-scoring result per image
+    seed: int = 0                       # pgd / apgd random starts
     num_beams: int | None = None        # None -> the checkpoint's generation config, else 1
     max_new_tokens: int | None = None   # None -> the checkpoint's generation config, else 24
     batch_size: int = 16
@@ -71,6 +94,17 @@ class AttackConfig:
     def validate(self):
         if self.task not in TASK_DEFAULTS:
             raise ValueError(f"task must be one of {sorted(TASK_DEFAULTS)}, got {self.task!r}")
+        if self.attack not in ATTACKS:
+            raise ValueError(f"attack must be one of {ATTACKS}, got {self.attack!r}")
+        if self.space is None:
+            self.space = "normalized" if self.attack == "bim" else "pixel"
+        if self.target_text is not None and self.worst_case:
+            raise ValueError("--target-text and --worst-case-over-references exclude each other: a targeted "
+                             "attack descends one text, the worst case ascends every reference")
+        if self.target_text is not None and not self.target_text.strip():
+            raise ValueError("--target-text must not be empty")
+        if self.attack == "apgd" and self.alpha is not None:
+            raise ValueError("apgd chooses its own step sizes (2 eps, halved at its checkpoints): leave --alpha unset")
         if self.space not in ("normalized", "pixel"):
             raise ValueError(f"space must be 'normalized' or 'pixel', got {self.space!r}")
         if self.target not in ("clean", "reference"):
@@ -210,8 +244,15 @@ class ModelAttack:
         eps0, alpha0 = TASK_DEFAULTS[config.task]
         # In pixel space the task defaults keep the same step in image units: scale by the std.
         scale = float(self.std.mean()) if config.space == "pixel" else 1.0
-        self.eps = config.eps if config.eps is not None else eps0 * scale
-        self.alpha = config.alpha if config.alpha is not None else alpha0 * scale
+        if config.attack == "bim":
+            self.eps = config.eps if config.eps is not None else eps0 * scale
+            self.alpha = config.alpha if config.alpha is not None else alpha0 * scale
+        else:
+            self.eps = config.eps if config.eps is not None else PIXEL_EPS * (1.0 if config.space == "pixel"
+                                                                             else 1.0 / float(self.std.mean()))
+            # PGD: Madry et al.'s 2.5 eps / steps; APGD chooses its own step sizes (2 eps, halved).
+            self.alpha = None if config.attack == "apgd" else (
+                config.alpha if config.alpha is not None else 2.5 * self.eps / config.steps_per_round)
 
     # ---- spaces
     def _to_model(self, x):
@@ -249,7 +290,7 @@ class ModelAttack:
             old = json.loads(path.read_text())
             # Only the settings that change results must match; device and batch size do not.
             keys = ("eps", "alpha", "space", "target", "steps_per_round", "num_beams", "max_new_tokens", "task",
-                    "valid_range")
+                    "valid_range", "attack", "target_text", "worst_case", "seed")
             if old.get("ids") != mine["ids"] or any(old["attack"].get(k) != mine["attack"][k] for k in keys) \
                     or old.get("model_path") != mine["model_path"]:
                 raise SettingsMismatch(f"{self.out} holds an attack with other settings or data; use another "
@@ -275,9 +316,38 @@ class ModelAttack:
         return outs
 
     def _targets(self, clean):
+        if self.cfg.target_text is not None:
+            return [self.cfg.target_text] * len(self.items)
         if self.cfg.target == "clean":
             return clean
         return [it.references[0] for it in self.items]
+
+    def _random_start(self, x0):
+        """pgd / apgd: the first round's start, drawn per image from ``--seed`` (so it does not
+        depend on how images are batched)."""
+        from .attack_steps import random_start
+
+        starts = [random_start(x0[i:i + 1], self.eps, self.cfg.attack, bounds=self._bounds(),
+                               generator=torch.Generator().manual_seed(self.cfg.seed * 1_000_003 + i))
+                  for i in range(len(x0))]
+        return torch.cat(starts)
+
+    def _attack_batch(self, ce, x, x0):
+        """One round of the configured attack on one batch, from ``x``; ascends the CE of the
+        targets (descends it for ``--target-text``)."""
+        sign = -1.0 if self.cfg.target_text is not None else 1.0
+        if self.cfg.attack == "bim":
+            return bim(lambda z: sign * ce(z), x, x0, self.eps, self.alpha, self.cfg.steps_per_round,
+                       self._bounds())
+        from .attack_steps import apgd, pgd
+
+        def loss_fn(z):
+            return sign * ce.per_sample(z)
+        if self.cfg.attack == "pgd":
+            return pgd(loss_fn, x0, self.eps, self.alpha, self.cfg.steps_per_round, bounds=self._bounds(),
+                       random_start=False, start=x)
+        return apgd(loss_fn, x0, self.eps, self.cfg.steps_per_round, bounds=self._bounds(), random_start=False,
+                    start=x)
 
     def _step_all(self, x, x0, targets, bar):
         new, losses = [], []
@@ -285,13 +355,44 @@ class ModelAttack:
             sl = slice(i, i + self.cfg.batch_size)
             batch = self.items[sl]
             ce = TeacherForcedCE(self.bundle, [it.prompt for it in batch], targets[sl], self._to_model, self.device)
-            xb = bim(ce, x[sl], x0[sl], self.eps, self.alpha, self.cfg.steps_per_round, self._bounds())
+            xb = self._attack_batch(ce, x[sl], x0[sl])
             with torch.no_grad():
                 losses += ce.per_sample(xb).tolist()
             new.append(xb)
             if bar is not None:
                 bar.update(len(batch))
         return torch.cat(new), losses
+
+    def _worst_metric(self, per_sample):
+        names = list(per_sample[0]) if per_sample else []
+        for preferred in ("cider", "vqa_accuracy"):
+            if preferred in names:
+                return preferred
+        if not names:
+            raise ValueError("--worst-case-over-references needs at least one metric")
+        return names[0]
+
+    def _worst_case_round(self, x, x0, bar):
+        """Attack each reference's CE from ``x``; keep per image the candidate scoring worst."""
+        refs = [it.references for it in self.items]
+        best = None  # per image: (score, candidate index)
+        candidates = []
+        for j in range(max(len(r) for r in refs)):
+            targets = [r[min(j, len(r) - 1)] for r in refs]
+            xj, losses = self._step_all(x, x0, targets, bar)
+            outputs = self._generate(xj)
+            (_, per_ref), = self.scorer.score_sets([(outputs, refs)])
+            metric = self._worst_metric(per_ref)
+            scores = [p[metric] for p in per_ref]
+            candidates.append((xj, outputs, losses))
+            best = [(s, j) for s in scores] if best is None else \
+                [(s, j) if s < b[0] else b for s, b in zip(scores, best)]
+        pick = torch.tensor([j for _, j in best])
+        stacked = torch.stack([c[0] for c in candidates])  # (candidates, N, ...)
+        x_new = stacked[pick.to(stacked.device), torch.arange(len(pick), device=stacked.device)]
+        outputs = [candidates[j][1][i] for i, (_, j) in enumerate(best)]
+        losses = [candidates[j][2][i] for i, (_, j) in enumerate(best)]
+        return x_new, outputs, losses
 
     def _attack_loss(self, x, targets):
         losses = []
@@ -308,18 +409,33 @@ class ModelAttack:
         (corpus_ref, per_ref), (corpus_clean, per_clean) = self.scorer.score_sets(
             [(outputs, refs), (outputs, [[c] for c in clean])])
         lines = []
+        success = self._target_success(outputs)
         for i, it in enumerate(self.items):
             rec = {"model": self.name, "id": it.id, "round": rnd, "output": outputs[i],
                    "attack_loss": losses[i], "scores": {"reference": per_ref[i], "clean": per_clean[i]}}
             if it.prompt:
                 rec["prompt"] = it.prompt
+            if success is not None:
+                rec["target_success"] = success[i]
             lines.append(json.dumps(rec))
         rounds_dir = self.out / "rounds"
         _write_text(rounds_dir / f"round_{rnd:03d}.jsonl", "\n".join(lines) + "\n")
         summary = {"model": self.name, "round": rnd, "n": len(outputs),
                    "attack_loss": float(np.mean(losses)) if losses else float("nan"),
                    "corpus": {"reference": corpus_ref, "clean": corpus_clean}}
+        if success is not None:
+            summary["target_success_rate"] = float(np.mean(success))
         _write_text(rounds_dir / f"round_{rnd:03d}.json", json.dumps(summary, indent=1))
+
+    def _target_success(self, outputs):
+        """Per output: does it equal ``--target-text`` after the exact-match normalisation? (None
+        for an untargeted attack)."""
+        if self.cfg.target_text is None:
+            return None
+        from .data import normalize_text
+
+        want = normalize_text(self.cfg.target_text)
+        return [normalize_text(o) == want for o in outputs]
 
     def _save_state(self, rnd, x, clean):
         _atomic_write(self.out / "state.pt", lambda p: torch.save({"round": rnd, "x": x.cpu(), "clean": clean}, p))
@@ -354,12 +470,19 @@ class ModelAttack:
         if todo > 0 and self.progress:
             from tqdm.auto import tqdm
 
-            bar = tqdm(total=todo * len(self.items), desc=f"BIM {self.name}", unit="img", file=sys.stderr)
+            per_round = max(len(it.references) for it in self.items) if self.cfg.worst_case else 1
+            bar = tqdm(total=todo * per_round * len(self.items), desc=f"{self.cfg.attack.upper()} {self.name}",
+                       unit="img", file=sys.stderr)
         for rnd in range(done + 1, self.cfg.rounds + 1):
             if stop_after is not None and rnd > stop_after:
                 break
-            x, losses = self._step_all(x, x0, targets, bar)
-            outputs = self._generate(x)
+            if rnd == 1 and self.cfg.attack != "bim":
+                x = self._random_start(x0)
+            if self.cfg.worst_case:
+                x, outputs, losses = self._worst_case_round(x, x0, bar)
+            else:
+                x, losses = self._step_all(x, x0, targets, bar)
+                outputs = self._generate(x)
             self._score_and_write(rnd, outputs, clean, losses)
             self._save_state(rnd, x, clean)
             done = rnd
@@ -381,6 +504,16 @@ class ModelAttack:
 
 
 SUBSETS = ("held-out", "first")
+
+
+def fraction(text):
+    """A float written as a number or a fraction: ``0.5``, ``4/255``."""
+    num, slash, den = str(text).partition("/")
+    try:
+        value = float(num) / float(den) if slash else float(num)
+    except (ValueError, ZeroDivisionError):
+        raise argparse.ArgumentTypeError(f"expected a number or a fraction like 4/255, got {text!r}") from None
+    return value
 
 
 def show_defaults(parser):
@@ -420,12 +553,24 @@ def build_parser():
     p.add_argument("--num-samples", type=int, default=64, help="images attacked (the first N of the chosen subset)")
     p.add_argument("--questions-per-image", type=int, default=1, help="vqa: questions attacked per image")
     p.add_argument("--rounds", type=int, default=3)
-    p.add_argument("--steps-per-round", type=int, default=1, help="BIM steps between two evaluations")
-    p.add_argument("--eps", type=float, default=None, help="L-inf radius (default per task: caption 0.5, vqa 1.0, "
-                   "normalised space; times the processor std in pixel space)")
-    p.add_argument("--alpha", type=float, default=None, help="step size (default per task: caption 0.01, vqa 0.5)")
-    p.add_argument("--space", choices=("normalized", "pixel"), default="normalized",
-                   help="normalized: the paper's setting; pixel: [0,1] pixels. Both clamp every step to valid images")
+    p.add_argument("--attack", choices=ATTACKS, default="bim",
+                   help="bim: the paper's; pgd: random start + projected steps; apgd: AutoAttack's APGD-CE")
+    p.add_argument("--steps-per-round", "--steps", dest="steps_per_round", type=int, default=1,
+                   help="attack steps between two evaluations (RobustVLM: --attack apgd --steps 100 --rounds 1)")
+    p.add_argument("--eps", type=fraction, default=None,
+                   help="L-inf radius, e.g. 4/255 (default: bim per task, caption 0.5, vqa 1.0 in normalised space, "
+                        "times the processor std in pixel space; pgd / apgd 4/255 in pixel space)")
+    p.add_argument("--alpha", type=fraction, default=None,
+                   help="step size, e.g. 1/255 (default: bim per task, caption 0.01, vqa 0.5; pgd 2.5 eps / steps; "
+                        "apgd sets its own)")
+    p.add_argument("--space", choices=("normalized", "pixel"), default=None,
+                   help="normalized: the paper's setting (bim's default); pixel: [0,1] pixels before the processor's "
+                        "normalisation (pgd / apgd's default). Both clamp every step to valid images")
+    p.add_argument("--target-text", default=None,
+                   help="targeted attack: descend the teacher-forced CE of this text; reports the success rate")
+    p.add_argument("--worst-case-over-references", dest="worst_case", action="store_true",
+                   help="attack each reference's CE in turn and keep, per image, the result scoring worst (RobustVLM)")
+    p.add_argument("--seed", type=int, default=0, help="pgd / apgd random starts")
     p.add_argument("--target", choices=("clean", "reference"), default="clean",
                    help="text whose teacher-forced CE is ascended: the clean output or the first reference")
     p.add_argument("--num-beams", type=int, default=None,
@@ -543,8 +688,9 @@ def run(args):
     names = _names(args.model, args.name)
     config = AttackConfig(task=task, rounds=args.rounds, eps=args.eps, alpha=args.alpha,
                           steps_per_round=args.steps_per_round, space=args.space, target=args.target,
-                          num_beams=args.num_beams, max_new_tokens=args.max_new_tokens, batch_size=args.batch_size,
-                          device=args.device).validate()
+                          attack=args.attack, target_text=args.target_text, worst_case=args.worst_case,
+                          seed=args.seed, num_beams=args.num_beams, max_new_tokens=args.max_new_tokens,
+                          batch_size=args.batch_size, device=args.device).validate()
     if args.num_samples < 1:
         raise ValueError(f"--num-samples must be >= 1, got {args.num_samples}")
     metrics = args.metrics or (CAPTION_METRICS if task == "caption" else METRICS)

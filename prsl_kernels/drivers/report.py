@@ -173,6 +173,12 @@ def attack_loss(run, rnd):
     return float(run["rounds"][rnd]["summary"]["attack_loss"]) if rnd in run["rounds"] else float("nan")
 
 
+def target_success(run, rnd):
+    """A targeted attack's success rate at a round (NaN for an untargeted one)."""
+    summary = run["rounds"].get(rnd, {}).get("summary", {})
+    return float(summary.get("target_success_rate", float("nan")))
+
+
 def _groups(runs):
     out = {}
     for run in runs:
@@ -463,8 +469,13 @@ def write_markdown(runs, path, figures, *, title="BIM robustness report", baseli
 
     rows = [[group] + [_fmt(*_group_stat(gr, lambda run, r=r: attack_loss(run, r))) for r in rounds]
             for group, gr in groups.items()]
-    lines += ["## Attacked cross-entropy per token (what BIM ascends)", "",
+    lines += ["## Attacked cross-entropy per token (what the attack ascends; descends for a targeted one)", "",
               _table(["model"] + [f"round {r}" for r in rounds], rows), ""]
+    if any("target_success_rate" in rd["summary"] for run in runs for rd in run["rounds"].values()):
+        rows = [[group] + [_fmt(*_group_stat(gr, lambda run, r=r: target_success(run, r)), digits=2)
+                           for r in rounds] for group, gr in groups.items()]
+        lines += ["## Targeted attack: share of outputs equal to the target text (after normalisation)", "",
+                  _table(["model"] + [f"round {r}" for r in rounds], rows), ""]
 
     lines += _significance_section(runs, baseline, last, metrics)
     lines += ["## Figures", ""] + [f"- {desc}: `{p}`" for desc, p in figures] + [""]
