@@ -315,3 +315,19 @@ def test_disabled_extension_falls_back_with_one_warning():
     env = dict(os.environ, PRSL_DISABLE_CPP="1")
     done = subprocess.run([sys.executable, "-c", script], env=env, capture_output=True, text=True, timeout=120)
     assert done.returncode == 0 and "ok" in done.stdout, done.stderr
+
+
+@requires_cpp
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16, torch.float32])
+def test_rows_whose_threshold_is_negative(dtype):
+    """Issue 18: rows whose k-th largest non-target logit (tau) is negative, or whose every logit is."""
+    z, t, _ = _data(5, 3000, seed=77, dtype=torch.float64)
+    k = 20
+    z[0] -= 30.0
+    z[1] -= z[1].sort(descending=True).values[k // 2]
+    z[2] = -z[2].abs() - 0.5
+    z[3] *= 0.01
+    z = z.to(dtype)
+    _check_rows(z, t, k, 0.5)
+    tau = row_stats_reference(z, t, k)[1]
+    assert (tau[:3] < 0).all()

@@ -323,3 +323,24 @@ def test_top_logits_at_the_row_ends(dtype):
     torch.testing.assert_close(loss, want, rtol=1e-5, atol=1e-5)
     tau = ref.row_stats_reference(logits, target, k)[1]
     assert torch.equal(stats[:, TAU], tau)
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16, torch.float32])
+@pytest.mark.parametrize("k", [6, 20])
+def test_rows_whose_threshold_is_negative(dtype, k):
+    """Issue 18: rows whose k-th largest non-target logit (tau) is negative, or whose every logit
+    is negative, on the default launch (two-pass forward) in 16-bit and 32-bit: a selection that
+    treats values by their bit patterns or assumes tau >= 0 is wrong exactly here."""
+    gen = torch.Generator().manual_seed(40 + k)
+    vocab = 3000
+    logits = torch.randn(6, vocab, generator=gen, dtype=torch.float64) * 2
+    logits[0] -= 30.0                       # every logit negative
+    logits[1] -= logits[1].sort(descending=True).values[k // 2]  # tau well below 0, a few logits above 0
+    logits[2] = -logits[2].abs() - 0.5      # all negative, mixed magnitudes
+    logits[3] *= 0.01                       # tau near 0 from both sides
+    logits = logits.to(dtype)
+    target = torch.randint(0, vocab, (6,), generator=gen)
+    target[5] = -100
+    loss, stats, _ = assert_matches_reference(logits, target, k, 0.5)
+    assert (stats.tau[:3] < 0).all()
+    assert (stats.dist[:5] > 0).all()
