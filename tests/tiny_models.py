@@ -433,3 +433,41 @@ def build(name: str, *, seed: int = 0, dtype=torch.float64, tie_word_embeddings:
         if tied != tie_word_embeddings:
             raise ValueError(f"{name}: could not {'tie' if tie_word_embeddings else 'untie'} the word embeddings")
     return model, spec.batch(torch.Generator().manual_seed(seed), dtype)
+
+
+# --------------------------------------------------------------------------- checkpoint folders
+
+
+def save_llava_folder(path, texts, *, seed=0, image_size=32):
+    """A tiny random LLaVA checkpoint saved with its processor (a tokenizer trained on ``texts``
+    with an ``<image>`` token and a chat template, a CLIP image processor), as a user's local
+    LLaVA folder is laid out; nothing is downloaded."""
+    from transformers import (CLIPImageProcessor, CLIPVisionConfig, LlamaConfig, LlavaConfig,
+                              LlavaForConditionalGeneration, LlavaProcessor)
+
+    from prsl_kernels.drivers.models import train_tokenizer
+
+    tokenizer = train_tokenizer(list(texts) + ["Describe the image in one sentence. USER ASSISTANT"], vocab_size=300)
+    tokenizer.add_special_tokens({"additional_special_tokens": ["<image>"]})
+    template = ("{% for m in messages %}{{ m['role'].upper() }}: {% for c in m['content'] %}"
+                "{% if c['type'] == 'image' %}<image>\n{% else %}{{ c['text'] }}{% endif %}{% endfor %} "
+                "{% endfor %}{% if add_generation_prompt %}ASSISTANT:{% endif %}")
+    image_processor = CLIPImageProcessor(size={"shortest_edge": image_size},
+                                         crop_size={"height": image_size, "width": image_size})
+    processor = LlavaProcessor(image_processor=image_processor, tokenizer=tokenizer, patch_size=16,
+                               vision_feature_select_strategy="default", num_additional_image_tokens=1,
+                               chat_template=template)
+    text = LlamaConfig(vocab_size=len(tokenizer), hidden_size=H, intermediate_size=2 * H, num_hidden_layers=1,
+                       num_attention_heads=2, num_key_value_heads=1, pad_token_id=tokenizer.pad_token_id,
+                       bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id)
+    vision = CLIPVisionConfig(hidden_size=H, intermediate_size=2 * H, num_hidden_layers=1, num_attention_heads=2,
+                              image_size=image_size, patch_size=16)
+    config = LlavaConfig(vision_config=vision, text_config=text, vision_feature_select_strategy="default",
+                         image_token_index=tokenizer.convert_tokens_to_ids("<image>"))
+    config._attn_implementation = "eager"
+    torch.manual_seed(seed)
+    model = LlavaForConditionalGeneration(config)
+    model.generation_config.pad_token_id = tokenizer.pad_token_id
+    model.save_pretrained(path)
+    processor.save_pretrained(path)
+    return path

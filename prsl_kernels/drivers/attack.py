@@ -682,8 +682,9 @@ def run(args):
     from .models import load_bundle
 
     for m in args.model:
-        if not (Path(m) / "config.json").is_file():
-            raise SystemExit(f"prsl-attack: {m} is not a checkpoint directory (no config.json)")
+        if not any((Path(m) / f).is_file() for f in ("config.json", "adapter_config.json")):
+            raise SystemExit(f"prsl-attack: {m} is not a checkpoint directory (no config.json) nor a LoRA adapter "
+                             "(no adapter_config.json)")
     task = _task_for(args.model, args.task)
     names = _names(args.model, args.name)
     config = AttackConfig(task=task, rounds=args.rounds, eps=args.eps, alpha=args.alpha,

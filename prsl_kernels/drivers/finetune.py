@@ -66,6 +66,8 @@ class FinetuneConfig:
     window_start: int = 0
     backend: str = "auto"
     fused_linear: bool = True  # ce / prsl: loss from the hidden states (hf.apply_prsl_fused_linear), no logits
+    lora: int = 0               # > 0: train a LoRA adapter of this rank (peft) instead of every weight
+    lora_targets: list[str] | None = None  # None: the family's (chat_models.FAMILIES), else q_proj / v_proj
     label_smoothing: float = 0.0  # the loss options (spec, "Options"); ce and prsl only
     z_loss: float = 0.0
     softcap: float | None = None
@@ -147,6 +149,11 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--b", type=float, default=d.b, help="PRSL penalty weight")
     g.add_argument("--window-start", type=int, default=d.window_start, help="prsl-released: window start")
     g.add_argument("--backend", default=d.backend, choices=("auto", "triton", "cpp", "reference"))
+    g.add_argument("--lora", type=int, default=d.lora, metavar="R",
+                   help="train a LoRA adapter of rank R (peft) on a local checkpoint; the adapter is saved, and "
+                        "prsl-attack loads it onto its base model")
+    g.add_argument("--lora-targets", nargs="+", default=None,
+                   help="module names LoRA adapts (default: the model family's attention projections)")
     g.add_argument("--no-fused-linear", dest="fused_linear", action="store_false",
                    help="build the logits and compute the loss from them, instead of the fused linear + PRSL "
                         "loss from the decoder's hidden states (ce and prsl; prsl-released is never fused)")
@@ -239,6 +246,13 @@ def validate_config(cfg: FinetuneConfig) -> None:
         raise ValueError("give --max-steps > 0 or --epochs > 0")
     if cfg.bf16 and not torch.cuda.is_available():
         raise ValueError("--bf16 needs a CUDA GPU (none is visible)")
+    if cfg.lora < 0:
+        raise ValueError(f"--lora must be >= 0 (0: off), got {cfg.lora}")
+    if cfg.lora and cfg.resume:
+        raise ValueError("--resume with --lora is not supported yet (a checkpoint holds only the adapter): "
+                         "start a new run")
+    if cfg.lora and cfg.model in models.PRESETS:
+        raise ValueError("--lora adapts a saved checkpoint (the adapter records its base folder): give --model DIR")
     if cfg.schedule not in SCHEDULES:
         raise ValueError(f"--schedule must be one of {', '.join(SCHEDULES)}, got {cfg.schedule!r}")
 
@@ -295,9 +309,25 @@ def _build_bundle(cfg: FinetuneConfig, train_samples, resume_from: Path | None) 
                  else _texts(train_samples, cfg.task))
         bundle = models.tiny_bundle(cfg.model, texts, size=size, seed=cfg.seed, vocab_size=cfg.vocab_size)
     else:
-        bundle = models.load_bundle(cfg.model)
+        # Resolved: a LoRA adapter records where its base lives.
+        bundle = models.load_bundle(Path(cfg.model).resolve())
     _freeze_unused(bundle.model)
+    if cfg.lora and resume_from is None:
+        bundle.model = _with_lora(bundle, cfg)
     return bundle
+
+
+def _with_lora(bundle, cfg: FinetuneConfig):
+    """The model with a LoRA adapter of rank ``cfg.lora`` (peft) on the family's target modules;
+    every other weight frozen, the LM head included (no V x H gradient)."""
+    from peft import LoraConfig, get_peft_model
+
+    from .chat_models import FAMILIES, family_of
+
+    family = family_of(bundle.model.config.model_type)
+    targets = cfg.lora_targets or (list(FAMILIES[family].lora_targets) if family else ["q_proj", "v_proj"])
+    config = LoraConfig(r=cfg.lora, lora_alpha=2 * cfg.lora, lora_dropout=0.0, target_modules=targets)
+    return get_peft_model(bundle.model, config)
 
 
 def _freeze_unused(model) -> None:
@@ -330,8 +360,7 @@ def _loss_fn(cfg: FinetuneConfig, bundle: models.ModelBundle):
     shift = bundle.shift_labels
     if cfg.loss == "ce":
         return CEComputeLoss(shift=shift, backend=cfg.backend, **_loss_options(cfg))
-    vocab = bundle.model.config.get_text_config().vocab_size if bundle.kind == models.BLIP2 \
-        else bundle.model.config.decoder.vocab_size
+    vocab = bundle.model.get_output_embeddings().out_features
     if cfg.k > vocab - 1:
         raise ValueError(f"--k {cfg.k} exceeds the vocabulary: at most V-1 = {vocab - 1}")
     if cfg.loss == "prsl":
@@ -430,7 +459,7 @@ def _make_callbacks(cfg, bundle, loss_fn, eval_examples, log_path):
         def on_save(self, args, state, control, **kw):
             ckpt = Path(args.output_dir) / f"checkpoint-{state.global_step}"
             if state.is_world_process_zero and ckpt.is_dir():
-                bundle.image_processor.save_pretrained(ckpt)
+                bundle.save_processor(ckpt)
 
     return [JsonlLogger(), GenerativeEval(), StopAt(), SaveProcessor()]
 
@@ -540,8 +569,7 @@ def train(cfg: FinetuneConfig) -> Path:
     if rank0:
         # The image processor is not the Trainer's processing_class: keep it with the run (and so
         # with --resume) from the start.
-        bundle.image_processor.save_pretrained(out)
-        bundle.tokenizer.save_pretrained(out)
+        bundle.save_processor(out)
     result = trainer.train(resume_from_checkpoint=str(resume_from) if resume_from else None)
 
     interrupted = cfg.stop_at_step is not None and trainer.state.global_step < trainer.state.max_steps

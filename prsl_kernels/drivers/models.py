@@ -8,6 +8,9 @@ Two families, as in the paper:
     input is ``<image> * num_query_tokens + [bos] + prompt + target + [eos]``
     and the logits are causal (``logits[:, t]`` predicts ``labels[:, t + 1]``).
 
+Image-text-to-text checkpoints (LLaVA, ...) are a third kind, one adapter per family:
+``chat_models.py``.
+
 A :class:`ModelBundle` holds a model with its tokenizer and image processor
 and knows how to batch examples, align logits with labels, and generate.
 Tiny presets are built from the same classes with random weights and a
@@ -245,19 +248,7 @@ class ModelBundle:
                 lab = [-100] * (len(image) + 1 + len(p)) + t
             rows.append(ids)
             label_rows.append(lab)
-        width = max(map(len, rows))
-        # Generation prompts are left-padded (new tokens follow every row's prompt);
-        # training rows are right-padded.
-        left = targets is None
-        ids = torch.full((len(rows), width), pad, dtype=torch.long)
-        mask = torch.zeros((len(rows), width), dtype=torch.long)
-        labels = torch.full((len(rows), width), -100, dtype=torch.long)
-        for i, (r, lab) in enumerate(zip(rows, label_rows)):
-            sl = slice(width - len(r), width) if left else slice(0, len(r))
-            ids[i, sl] = torch.tensor(r)
-            mask[i, sl] = 1
-            if targets is not None:
-                labels[i, : len(lab)] = torch.tensor(lab)
+        ids, mask, labels = pad_rows(rows, label_rows, pad, left=targets is None)
         if self.kind == ENCODER_DECODER:
             out = {"decoder_input_ids": ids, "decoder_attention_mask": mask}
         else:
@@ -341,12 +332,32 @@ class ModelBundle:
         return [t.strip() for t in self.tokenizer.batch_decode(seqs, skip_special_tokens=True)]
 
     # ---- persistence
+    def save_processor(self, path):
+        """The tokenizer and image processor, what :func:`load_bundle` reads beside a model."""
+        self.tokenizer.save_pretrained(path)
+        self.image_processor.save_pretrained(path)
+
     def save(self, path):
         path = Path(path)
         path.mkdir(parents=True, exist_ok=True)
         self.model.save_pretrained(path)
-        self.tokenizer.save_pretrained(path)
-        self.image_processor.save_pretrained(path)
+        self.save_processor(path)
+
+
+def pad_rows(rows, label_rows, pad, *, left):
+    """``(input_ids, attention_mask, labels)`` of token rows: generation prompts left-padded (new
+    tokens follow every row's prompt), training rows right-padded; labels ``-100`` on padding."""
+    width = max(map(len, rows))
+    ids = torch.full((len(rows), width), pad, dtype=torch.long)
+    mask = torch.zeros((len(rows), width), dtype=torch.long)
+    labels = torch.full((len(rows), width), -100, dtype=torch.long)
+    for i, (r, lab) in enumerate(zip(rows, label_rows)):
+        sl = slice(width - len(r), width) if left else slice(0, len(r))
+        ids[i, sl] = torch.tensor(r)
+        mask[i, sl] = 1
+        if lab:
+            labels[i, sl.start:sl.start + len(lab)] = torch.tensor(lab)
+    return ids, mask, labels
 
 
 class _quiet_generation_logger:
@@ -427,16 +438,23 @@ def load_bundle(path, *, max_target_tokens: int | None = None, processor_path=No
     from transformers import AutoConfig, AutoImageProcessor, AutoTokenizer, Blip2ForConditionalGeneration
     from transformers import VisionEncoderDecoderModel
 
+    from .chat_models import FAMILIES, family_of, load_chat_bundle
+
     path = Path(path)
+    if (path / "adapter_config.json").is_file() and not (path / "config.json").is_file():
+        return _load_adapter(path, max_target_tokens, processor_path)
     if not (path / "config.json").is_file():
         raise FileNotFoundError(f"{path} is not a model checkpoint directory (no config.json); "
                                 f"use a local HF checkpoint or a preset: {', '.join(PRESETS)}")
     config = AutoConfig.from_pretrained(path, local_files_only=True)
+    family = family_of(config.model_type)
+    if family is not None:
+        return load_chat_bundle(path, family, processor_path=processor_path, max_target_tokens=max_target_tokens)
     cls = {"vision-encoder-decoder": VisionEncoderDecoderModel, "blip-2": Blip2ForConditionalGeneration}.get(
         config.model_type)
     if cls is None:
-        raise ValueError(f"{path}: unsupported model type {config.model_type!r} "
-                         "(expected vision-encoder-decoder or blip-2)")
+        raise ValueError(f"{path}: unsupported model type {config.model_type!r} (expected vision-encoder-decoder, "
+                         f"blip-2 or an image-text-to-text family: {', '.join(FAMILIES)})")
     proc = processor_dir(path, processor_path)
     tokenizer = AutoTokenizer.from_pretrained(proc, local_files_only=True)
     if config.model_type == "blip-2":
@@ -445,6 +463,21 @@ def load_bundle(path, *, max_target_tokens: int | None = None, processor_path=No
     image_processor = AutoImageProcessor.from_pretrained(proc, local_files_only=True)
     _ensure_special_tokens(model, tokenizer)
     return ModelBundle(model, tokenizer, image_processor, model_kind(model), max_target_tokens)
+
+
+def _load_adapter(path, max_target_tokens, processor_path):
+    """A PEFT (LoRA) adapter saved by ``prsl-finetune --lora``: its base checkpoint (recorded in
+    ``adapter_config.json``) with the adapter merged in, and the processor saved beside the adapter."""
+    from peft import PeftModel
+
+    base = json.loads((Path(path) / "adapter_config.json").read_text()).get("base_model_name_or_path")
+    if not base or not (Path(base) / "config.json").is_file():
+        raise FileNotFoundError(f"{path}: the adapter's base checkpoint {base!r} is not a local folder")
+    has_processor = any((Path(path) / f).is_file() for f in ("processor_config.json", "preprocessor_config.json"))
+    bundle = load_bundle(base, max_target_tokens=max_target_tokens,
+                         processor_path=processor_path or (path if has_processor else None))
+    bundle.model = PeftModel.from_pretrained(bundle.model, path).merge_and_unload()
+    return bundle
 
 
 def checkpoint_task(path) -> str | None:

@@ -173,6 +173,20 @@ def attack_loss(run, rnd):
     return float(run["rounds"][rnd]["summary"]["attack_loss"]) if rnd in run["rounds"] else float("nan")
 
 
+def _attack_words(cfg):
+    name = {"bim": "BIM", "pgd": "PGD", "apgd": "APGD"}[cfg.get("attack", "bim")]
+    return f"{'targeted' if cfg.get('target_text') is not None else 'untargeted'} {name}"
+
+
+def _objective_words(cfg):
+    if cfg.get("target_text") is not None:
+        return f"descending the teacher-forced CE of the target text {cfg['target_text']!r}"
+    if cfg.get("worst_case"):
+        return "ascending the teacher-forced CE of each reference in turn, the worst-scoring result kept per input"
+    return (f"ascending the teacher-forced CE of the "
+            f"{'clean output' if cfg['target'] == 'clean' else 'first reference'}")
+
+
 def target_success(run, rnd):
     """A targeted attack's success rate at a round (NaN for an untargeted one)."""
     summary = run["rounds"].get(rnd, {}).get("summary", {})
@@ -426,10 +440,10 @@ def write_markdown(runs, path, figures, *, title="BIM robustness report", baseli
     lines = [f"# {title}", ""]
     if notes:
         lines += [notes, ""]
-    lines += [f"Attack: untargeted BIM, task `{cfg['task']}`, {cfg['space']} pixel space (adversarial images "
+    lines += [f"Attack: {_attack_words(cfg)}, task `{cfg['task']}`, {'[0, 1]' if cfg['space'] == 'pixel' else 'normalised'} pixel space (adversarial images "
               f"clamped to the valid pixel range), eps={cfg['eps']:g}, "
-              f"alpha={cfg['alpha']:g}, {cfg['steps_per_round']} step(s) per round, {last} round(s), ascending "
-              f"the teacher-forced CE of the {'clean output' if cfg['target'] == 'clean' else 'first reference'}; "
+              + (f"alpha={cfg['alpha']:g}, " if cfg.get("alpha") is not None else "step size by APGD's schedule, ")
+              + f"{cfg['steps_per_round']} step(s) per round, {last} round(s), {_objective_words(cfg)}; "
               f"{'greedy decoding' if cfg['num_beams'] == 1 else str(cfg['num_beams']) + '-beam search'}"
               + (f", at most {cfg['max_new_tokens']} new tokens" if cfg.get("max_new_tokens") else "")
               + f"; {runs[0]['rounds'][0]['summary']['n']} inputs per model.",
