@@ -1,9 +1,11 @@
-"""The drivers on a local image-text-to-text checkpoint (issue 17): a tiny random LLaVA folder saved
-with its processor by the test (nothing downloaded) is fine-tuned (all weights, and LoRA) and
-attacked with BIM, PGD and APGD; the chat prompt, the label mask and the decoding of new tokens."""
+"""The drivers on local image-text-to-text checkpoints (issue 17): tiny random LLaVA and Qwen2-VL
+folders saved with their processors by the test (nothing downloaded) are fine-tuned (all weights,
+and LoRA) and attacked with BIM, PGD and APGD; the chat prompt, the label mask, the decoding of
+new tokens and Qwen's patch layout."""
 
 import json
 
+import numpy as np
 import pytest
 import torch
 
@@ -13,40 +15,72 @@ from prsl_kernels.drivers import chat_models, data, models
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
-@pytest.fixture(scope="module")
-def llava_dir(tmp_path_factory):
+FOLDERS = {"llava": (tiny_models.save_llava_folder, 32), "qwen2_vl": (tiny_models.save_qwen2_vl_folder, 16),
+           "qwen2_5_vl": (tiny_models.save_qwen2_5_vl_folder, 16)}
+
+
+@pytest.fixture(scope="module", params=sorted(FOLDERS))
+def folder(request, tmp_path_factory):
+    """(family, checkpoint folder, the side its images are resized to)."""
+    save, side = FOLDERS[request.param]
     texts = [c for s in data.synthetic_dataset(40, seed=1, image_size=32) for c in s.captions]
-    return tiny_models.save_llava_folder(tmp_path_factory.mktemp("ckpt") / "llava", texts)
+    return request.param, save(tmp_path_factory.mktemp("ckpt") / request.param, texts), side
 
 
-def test_llava_folder_loads_as_a_chat_bundle(llava_dir):
-    bundle = models.load_bundle(llava_dir)
+def test_folder_loads_as_a_chat_bundle(folder):
+    family, path, side = folder
+    bundle = models.load_bundle(path)
     assert isinstance(bundle, chat_models.ChatBundle) and bundle.kind == chat_models.CHAT and bundle.shift_labels
-    assert models.checkpoint_task(llava_dir) is None  # no run info, no architecture default: --task says
+    assert bundle.family is chat_models.FAMILIES[chat_models.family_of(family)]
+    assert models.checkpoint_task(path) is None  # no run info, no architecture default: --task says
     target = "a red circle on the left"
     text = bundle.text_inputs(["", "Question: what colour is it? Answer:"], [target, "red"])
     labels, ids = text["labels"], text["input_ids"]
-    image_token = bundle.model.config.image_token_index
+    config = bundle.model.config
+    image_token = getattr(config, "image_token_id", None) or config.image_token_index
     for row in range(2):
         counted = labels[row] != -100
         # Only the answer and eos are labels: never the prompt, an image token or padding.
         assert not (ids[row][counted] == image_token).any()
         want = bundle.tokenizer(target if row == 0 else "red", add_special_tokens=False)["input_ids"]
         assert labels[row][counted].tolist() == want + [bundle.tokenizer.eos_token_id]
-        assert (ids[row] == image_token).sum() == 4  # 32 px / 16 px patches, CLS dropped
+        # LLaVA: 32 px / 16 px patches, CLS dropped; Qwen2-VL: 16 px / 4 px patches merged 2 x 2.
+        assert (ids[row] == image_token).sum() == 4
     # Generation: left-padded prompts, and only the new tokens come back.
     pixels = bundle.pixel_values([s.image for s in data.synthetic_dataset(2, seed=3, image_size=32)])
-    assert pixels.shape == (2, 3, 32, 32)
+    assert pixels.shape == (2, 3, side, side)
     outs = bundle.generate(pixels, ["", ""], max_new_tokens=3)
     assert len(outs) == 2 and all("ASSISTANT" not in o and "Describe" not in o for o in outs)
 
 
+def test_qwen_patch_layout_is_the_processors():
+    """The attacks work on (B, 3, S, S) images; patchified here for Qwen2-VL, they are bit for bit
+    what Qwen's image processor makes of the same resized images."""
+    from PIL import Image
+
+    from transformers.models.qwen2_vl.image_processing_pil_qwen2_vl import Qwen2VLImageProcessorPil
+
+    ip = Qwen2VLImageProcessorPil(min_pixels=64 ** 2, max_pixels=64 ** 2, patch_size=8, merge_size=2,
+                                  temporal_patch_size=2)
+    g = np.random.default_rng(0)
+    images = [Image.fromarray(g.integers(0, 256, (64, 64, 3), dtype=np.uint8)) for _ in range(3)]
+    want = ip(images=images, return_tensors="pt")
+    layout = chat_models.QwenPatches
+    x = layout.unpatchify(want["pixel_values"], 3, 64, 8, 2, 2)
+    assert x.shape == (3, 3, 64, 64)
+    assert torch.equal(layout.patchify(x, 8, 2, 2), want["pixel_values"])
+    # Channel 0 of image 0 is the processor's normalised red channel of that image.
+    red = (torch.tensor(np.asarray(images[0]))[..., 0].float() / 255 - ip.image_mean[0]) / ip.image_std[0]
+    torch.testing.assert_close(x[0, 0], red, rtol=0, atol=1e-5)
+
+
 @pytest.mark.parametrize("lora", [0, 4])
-def test_finetune_then_attack_with_each_attack(llava_dir, tmp_path, lora):
+def test_finetune_then_attack_with_each_attack(folder, tmp_path, lora):
     from prsl_kernels.drivers import finetune
     from prsl_kernels.drivers.attack import main as attack
 
-    cfg = finetune.FinetuneConfig(output_dir=str(tmp_path / "ft"), model=str(llava_dir), train_images=12,
+    _, path, _ = folder
+    cfg = finetune.FinetuneConfig(output_dir=str(tmp_path / "ft"), model=str(path), train_images=12,
                                   eval_images=4, eval_samples=2, batch_size=4, max_steps=3, lr=0.01,
                                   logging_steps=1, progress=False, max_new_tokens=3, loss="prsl", k=5, b=1.0,
                                   lora=lora)
@@ -58,11 +92,11 @@ def test_finetune_then_attack_with_each_attack(llava_dir, tmp_path, lora):
     if lora:
         assert (out / "adapter_config.json").is_file() and not (out / "config.json").exists()
         merged = models.load_bundle(out).model
-        base = models.load_bundle(llava_dir).model
+        base = models.load_bundle(path).model
         # The adapter changed the attention projections, never the (frozen) LM head.
         assert torch.equal(merged.get_output_embeddings().weight, base.get_output_embeddings().weight)
-        assert not torch.equal(merged.model.language_model.layers[0].self_attn.q_proj.weight,
-                               base.model.language_model.layers[0].self_attn.q_proj.weight)
+        assert not torch.equal(merged.get_decoder().layers[0].self_attn.q_proj.weight,
+                               base.get_decoder().layers[0].self_attn.q_proj.weight)
     for attack_name in ("bim", "pgd", "apgd"):
         adv = tmp_path / f"attack-{attack_name}"
         attack(["--model", str(out), "--num-samples", "2", "--rounds", "1", "--attack", attack_name, "--steps", "2",

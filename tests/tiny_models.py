@@ -471,3 +471,51 @@ def save_llava_folder(path, texts, *, seed=0, image_size=32):
     model.save_pretrained(path)
     processor.save_pretrained(path)
     return path
+
+
+def save_qwen2_5_vl_folder(path, texts, *, seed=0, image_size=16):
+    """:func:`save_qwen2_vl_folder` with a Qwen2.5-VL model (windowed vision attention)."""
+    return save_qwen2_vl_folder(path, texts, seed=seed, image_size=image_size, version="2.5")
+
+
+def save_qwen2_vl_folder(path, texts, *, seed=0, image_size=16, version="2"):
+    """A tiny random Qwen2-VL checkpoint saved with a tokenizer (Qwen's vision tokens and a chat
+    template) and Qwen's image processor (4-pixel patches merged 2 x 2, images of at most
+    ``image_size``^2 pixels). Qwen2VLProcessor itself needs torchvision (its video processor), so
+    the two parts are saved on their own, as the drivers load them without it."""
+    from transformers.models.qwen2_vl.image_processing_pil_qwen2_vl import Qwen2VLImageProcessorPil
+
+    from prsl_kernels.drivers.models import train_tokenizer
+
+    tokenizer = train_tokenizer(list(texts) + ["Describe the image in one sentence. user assistant"], vocab_size=300)
+    vision_tokens = ["<|vision_start|>", "<|image_pad|>", "<|vision_end|>", "<|video_pad|>"]
+    tokenizer.add_special_tokens({"additional_special_tokens": vision_tokens + ["<|im_start|>", "<|im_end|>"]})
+    tokenizer.chat_template = (
+        "{% for m in messages %}<|im_start|>{{ m['role'] }}\n{% for c in m['content'] %}"
+        "{% if c['type'] == 'image' %}<|vision_start|><|image_pad|><|vision_end|>{% else %}{{ c['text'] }}"
+        "{% endif %}{% endfor %}<|im_end|>\n{% endfor %}{% if add_generation_prompt %}<|im_start|>assistant\n"
+        "{% endif %}")
+    image_processor = Qwen2VLImageProcessorPil(min_pixels=image_size ** 2, max_pixels=image_size ** 2, patch_size=4,
+                                               merge_size=2, temporal_patch_size=2)
+    ids = tokenizer.convert_tokens_to_ids(vision_tokens)
+    if version == "2":
+        config_cls, model_cls = transformers.Qwen2VLConfig, transformers.Qwen2VLForConditionalGeneration
+        vision = dict(depth=1, embed_dim=H, hidden_size=H, num_heads=2, mlp_ratio=2, patch_size=4)
+    else:
+        config_cls, model_cls = transformers.Qwen2_5_VLConfig, transformers.Qwen2_5_VLForConditionalGeneration
+        vision = dict(depth=2, hidden_size=H, intermediate_size=2 * H, out_hidden_size=H, num_heads=2, patch_size=4,
+                      window_size=8, fullatt_block_indexes=[1])
+    config = config_cls(
+        vision_config=vision,
+        text_config=_decoder(vocab_size=len(tokenizer), pad_token_id=tokenizer.pad_token_id,
+                             bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id,
+                             rope_parameters=dict(rope_type="default", mrope_section=[2, 3, 3])),
+        vision_start_token_id=ids[0], image_token_id=ids[1], vision_end_token_id=ids[2], video_token_id=ids[3])
+    config._attn_implementation = "eager"
+    torch.manual_seed(seed)
+    model = model_cls(config)
+    model.generation_config.pad_token_id = tokenizer.pad_token_id
+    model.save_pretrained(path)
+    tokenizer.save_pretrained(path)
+    image_processor.save_pretrained(path)
+    return path

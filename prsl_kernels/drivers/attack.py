@@ -190,7 +190,7 @@ class TeacherForcedCE:
         self.text = {k: v.to(device) for k, v in text.items()}
 
     def per_sample(self, x):
-        logits = self.bundle.model(pixel_values=self.to_model(x), **self.text).logits
+        logits = self.bundle.model(**self.bundle.image_inputs(self.to_model(x)), **self.text).logits
         logits, targets = self.bundle.align(logits, self.labels)
         ce = F.cross_entropy(logits.flatten(0, 1).float(), targets.flatten(), ignore_index=IGNORE_INDEX,
                              reduction="none").view(targets.shape)

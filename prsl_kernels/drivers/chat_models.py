@@ -11,10 +11,9 @@ becomes a :class:`ChatBundle`, the drivers' :class:`models.ModelBundle` for chat
 
 What differs between families is one :class:`Family` entry of :data:`FAMILIES` (adding a family is
 adding an entry): its captioning instruction, its LoRA target modules, and the attack's image
-layout. Only families whose processor returns ``(B, 3, H, W)`` normalised pixels are entered so
-far, so the attacks' pixel-space perturbation applies to the image before the normalisation as
-for ViT-GPT2 and BLIP-2; a family with patch-flattened pixels (Qwen2-VL) needs a differentiable
-patchify in its entry first.
+layout (:class:`ImageLayout`: the attacks work on ``(B, 3, H, W)`` normalised images, which the
+layout turns into the model's image arguments, differentiably, so the pixel-space perturbation
+applies to the image before the processor's normalisation as for ViT-GPT2 and BLIP-2).
 """
 
 from __future__ import annotations
@@ -31,16 +30,97 @@ from .models import ModelBundle, pad_rows
 CHAT = "chat-vlm"
 
 
+class ImageLayout:
+    """How a family's processor lays out an image: ``(B, 3, H, W)`` normalised pixels (the
+    attacks' space) to the model's image arguments, and the image tokens of one image. This base
+    is the plain layout (LLaVA): the model takes the pixels as they are, and the processor
+    expands the prompt's image token itself."""
+
+    def images(self, bundle, images) -> torch.Tensor:
+        return bundle.image_processor(images=list(images), return_tensors="pt")["pixel_values"]
+
+    def model_inputs(self, bundle, pixels: torch.Tensor) -> dict:
+        return {"pixel_values": pixels}
+
+    def prompt_ids(self, bundle, text: str) -> list[int]:
+        size = bundle.image_processor.crop_size if getattr(bundle.image_processor, "crop_size", None) else \
+            bundle.image_processor.size
+        height, width = size.get("height", size.get("shortest_edge")), size.get("width", size.get("shortest_edge"))
+        blank = np.zeros((height, width, 3), dtype=np.uint8)  # only the number of image tokens is used
+        # The tokenizer's own special tokens (e.g. Llama's BOS), as the processor adds them at inference.
+        return bundle.processor(text=[text], images=[blank])["input_ids"][0]
+
+
+class QwenPatches(ImageLayout):
+    """Qwen2-VL / Qwen2.5-VL: the processor resizes each image to a multiple of ``patch * merge``
+    and flattens it into ``(grid_h * grid_w, C * temporal * patch * patch)`` patches. The drivers
+    resize every image to one square side (the processor's largest area), so a batch is one
+    ``(B, 3, S, S)`` tensor, and patchify it here, differentiably, for the model: the pixel-space
+    attacks perturb the image, not the patches. ``patchify(unpatchify(p)) == p`` is tested against
+    the processor's own output."""
+
+    def _geometry(self, bundle):
+        ip = bundle.image_processor
+        factor = ip.patch_size * ip.merge_size
+        size = ip.size
+        # SizeDict (transformers 5) or a dict: longest_edge is the largest area, in pixels.
+        max_pixels = size["longest_edge"] if isinstance(size, dict) else size.longest_edge
+        side = max(factor, int(max_pixels ** 0.5) // factor * factor)
+        return ip.patch_size, ip.merge_size, ip.temporal_patch_size, side
+
+    def images(self, bundle, images) -> torch.Tensor:
+        from PIL import Image
+
+        patch, merge, temporal, side = self._geometry(bundle)
+        square = [Image.fromarray(np.asarray(im)).convert("RGB").resize((side, side), Image.BICUBIC) for im in images]
+        out = bundle.image_processor(images=square, return_tensors="pt")
+        return self.unpatchify(out["pixel_values"], len(square), side, patch, merge, temporal)
+
+    @staticmethod
+    def unpatchify(flat, batch, side, patch, merge, temporal):
+        grid = side // patch
+        x = flat.reshape(batch, grid // merge, grid // merge, merge, merge, 3, temporal, patch, patch)[..., 0, :, :]
+        # (B, gh/m, gw/m, m, m, C, P, P) -> (B, C, gh/m, m, P, gw/m, m, P)
+        return x.permute(0, 5, 1, 3, 6, 2, 4, 7).reshape(batch, 3, side, side)
+
+    @staticmethod
+    def patchify(x, patch, merge, temporal):
+        batch, channels, height, width = x.shape
+        gh, gw = height // patch, width // patch
+        t = x.reshape(batch, channels, gh // merge, merge, patch, gw // merge, merge, patch)
+        t = t.permute(0, 2, 5, 3, 6, 1, 4, 7)  # (B, gh/m, gw/m, m, m, C, P, P)
+        t = t.unsqueeze(6).expand(*t.shape[:6], temporal, patch, patch)  # a still image: every frame alike
+        return t.reshape(batch * gh * gw, channels * temporal * patch * patch)
+
+    def model_inputs(self, bundle, pixels: torch.Tensor) -> dict:
+        patch, merge, temporal, _ = self._geometry(bundle)
+        grid = torch.tensor([[1, pixels.shape[2] // patch, pixels.shape[3] // patch]] * pixels.shape[0],
+                            device=pixels.device)
+        return {"pixel_values": self.patchify(pixels, patch, merge, temporal), "image_grid_thw": grid}
+
+    def prompt_ids(self, bundle, text: str) -> list[int]:
+        patch, merge, _, side = self._geometry(bundle)
+        n = (side // patch) ** 2 // merge ** 2
+        pad = bundle.model.config.image_token_id
+        ids = bundle.tokenizer(text)["input_ids"]
+        at = ids.index(pad)
+        return ids[:at] + [pad] * n + ids[at + 1:]
+
+
 @dataclass(frozen=True)
 class Family:
     """How the drivers use one family of image-text-to-text checkpoints."""
     model_types: tuple[str, ...]
     caption_instruction: str = "Describe the image in one sentence."
     lora_targets: tuple[str, ...] = ("q_proj", "k_proj", "v_proj", "o_proj")
+    layout: ImageLayout = ImageLayout()
+    # Token-type ids marking image tokens (Qwen-VL's M-RoPE positions need them with image_grid_thw).
+    image_token_types: bool = False
 
 
 FAMILIES = {
     "llava": Family(model_types=("llava",)),
+    "qwen2_vl": Family(model_types=("qwen2_vl", "qwen2_5_vl"), layout=QwenPatches(), image_token_types=True),
 }
 MODEL_TYPES = {t: name for name, fam in FAMILIES.items() for t in fam.model_types}
 
@@ -63,16 +143,17 @@ class ChatBundle(ModelBundle):
 
     def _prompt_ids(self, prompt: str) -> list[int]:
         """Token ids of the chat prompt for one image and ``prompt`` (the captioning instruction
-        when empty), image tokens expanded as the processor expands them for a real image."""
+        when empty), the image tokens expanded as the processor expands them for a real image."""
         messages = [{"role": "user", "content": [{"type": "image"},
                                                  {"type": "text", "text": prompt or self.family.caption_instruction}]}]
         text = self.processor.apply_chat_template(messages, add_generation_prompt=True)
-        size = self.image_processor.crop_size if getattr(self.image_processor, "crop_size", None) else \
-            self.image_processor.size
-        height, width = size.get("height", size.get("shortest_edge")), size.get("width", size.get("shortest_edge"))
-        blank = np.zeros((height, width, 3), dtype=np.uint8)  # only the number of image tokens is used
-        # The tokenizer's own special tokens (e.g. Llama's BOS), as the processor adds them at inference.
-        return self.processor(text=[text], images=[blank])["input_ids"][0]
+        return list(self.family.layout.prompt_ids(self, text))
+
+    def pixel_values(self, images) -> torch.Tensor:
+        return self.family.layout.images(self, images)
+
+    def image_inputs(self, pixels: torch.Tensor) -> dict:
+        return self.family.layout.model_inputs(self, pixels)
 
     def text_inputs(self, prompts: Sequence[str], targets: Sequence[str] | None) -> dict:
         eos = self.tokenizer.eos_token_id
@@ -84,6 +165,8 @@ class ChatBundle(ModelBundle):
             label_rows.append([-100] * len(p) + t if t else [])
         ids, mask, labels = pad_rows(rows, label_rows, self.tokenizer.pad_token_id, left=targets is None)
         out = {"input_ids": ids, "attention_mask": mask}
+        if self.family.image_token_types:
+            out["mm_token_type_ids"] = (ids == self.model.config.image_token_id).int()
         if targets is not None:
             out["labels"] = labels
         return out
@@ -102,9 +185,9 @@ class ChatBundle(ModelBundle):
                    pad_token_id=self.tokenizer.pad_token_id, eos_token_id=self.tokenizer.eos_token_id)
         for name in ("temperature", "top_p", "top_k"):
             setattr(gen, name, None)
-        seqs = self.model.generate(pixel_values=pixel_values.to(device, next(self.model.parameters()).dtype),
-                                   input_ids=text["input_ids"].to(device),
-                                   attention_mask=text["attention_mask"].to(device), generation_config=gen)
+        images = self.image_inputs(pixel_values.to(device, next(self.model.parameters()).dtype))
+        seqs = self.model.generate(**images, **{key: value.to(device) for key, value in text.items()},
+                                   generation_config=gen)
         new = seqs[:, text["input_ids"].shape[1]:]  # decoder-only: the prompt comes back first
         return [t.strip() for t in self.tokenizer.batch_decode(new, skip_special_tokens=True)]
 
@@ -118,9 +201,35 @@ def load_chat_bundle(path, family: str, *, processor_path=None, max_target_token
     from transformers import AutoModelForImageTextToText, AutoProcessor
 
     path = Path(path)
-    processor = AutoProcessor.from_pretrained(processor_path or path, local_files_only=True)
+    source = processor_path or path
+    try:
+        processor = AutoProcessor.from_pretrained(source, local_files_only=True)
+    except (AttributeError, ImportError, ValueError, OSError):
+        processor = None
+    if not (hasattr(processor, "tokenizer") and hasattr(processor, "image_processor")):
+        # Qwen2-VL's processor insists on a video processor, which needs torchvision (and a folder
+        # without processor_config.json loads as a bare tokenizer): the tokenizer, with its chat
+        # template, and the image processor are all the drivers use.
+        processor = _TokenizerAndImages(source)
     model = AutoModelForImageTextToText.from_pretrained(path, local_files_only=True)
     return ChatBundle(model, processor, family, max_target_tokens)
+
+
+class _TokenizerAndImages:
+    """A processor's two parts the drivers use, loaded on their own."""
+
+    def __init__(self, path):
+        from transformers import AutoImageProcessor, AutoTokenizer
+
+        self.tokenizer = AutoTokenizer.from_pretrained(path, local_files_only=True)
+        self.image_processor = AutoImageProcessor.from_pretrained(path, local_files_only=True)
+
+    def apply_chat_template(self, messages, **kwargs):
+        return self.tokenizer.apply_chat_template(messages, tokenize=False, **kwargs)
+
+    def save_pretrained(self, path):
+        self.tokenizer.save_pretrained(path)
+        self.image_processor.save_pretrained(path)
 
 
 __all__ = ["CHAT", "FAMILIES", "Family", "ChatBundle", "family_of", "load_chat_bundle"]

@@ -211,6 +211,10 @@ class ModelBundle:
         """``(B, 3, H, W)`` normalised float32 pixels from PIL images / HxWx3 uint8 arrays."""
         return self.image_processor(images=list(images), return_tensors="pt")["pixel_values"]
 
+    def image_inputs(self, pixels: torch.Tensor) -> dict:
+        """The model's image arguments for ``(B, 3, H, W)`` normalised pixels."""
+        return {"pixel_values": pixels}
+
     def pixel_range(self):
         """The normalised-space bounds of valid pixels [0, 1], per channel ``(lo, hi)`` each ``(3, 1, 1)``."""
         return (0 - self.image_mean) / self.image_std, (1 - self.image_mean) / self.image_std
@@ -259,8 +263,8 @@ class ModelBundle:
 
     def batch(self, examples: Sequence[Example], with_labels: bool = True) -> dict:
         """Model inputs for ``examples``: pixels + tokens (+ labels)."""
-        out = {"pixel_values": self.pixel_values([e.sample.image if e.sample.image is not None
-                                                  else e.sample.load_image() for e in examples])}
+        out = self.image_inputs(self.pixel_values([e.sample.image if e.sample.image is not None
+                                                  else e.sample.load_image() for e in examples]))
         out.update(self.text_inputs([e.prompt for e in examples],
                                     [e.target for e in examples] if with_labels else None))
         return out
