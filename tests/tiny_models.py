@@ -519,3 +519,33 @@ def save_qwen2_vl_folder(path, texts, *, seed=0, image_size=16, version="2"):
     tokenizer.save_pretrained(path)
     image_processor.save_pretrained(path)
     return path
+
+
+def save_paligemma_folder(path, texts, *, seed=0, image_size=16):
+    """A tiny random PaliGemma checkpoint (SigLIP 8-pixel patches: 4 image tokens, a Gemma decoder)
+    saved with its processor (no chat template: PaliGemma's prompts are prefixes such as
+    "caption en")."""
+    from transformers import PaliGemmaProcessor, SiglipImageProcessor
+
+    from prsl_kernels.drivers.models import train_tokenizer
+
+    tokenizer = train_tokenizer(list(texts) + ["caption en"], vocab_size=300)
+    tokenizer.add_special_tokens({"additional_special_tokens": ["<image>"]})
+    image_processor = SiglipImageProcessor(size={"height": image_size, "width": image_size})
+    image_processor.image_seq_length = (image_size // 8) ** 2
+    processor = PaliGemmaProcessor(image_processor=image_processor, tokenizer=tokenizer)
+    special = dict(pad_token_id=tokenizer.pad_token_id, bos_token_id=tokenizer.bos_token_id,
+                   eos_token_id=tokenizer.eos_token_id)
+    text = transformers.GemmaConfig(**(_decoder(head_dim=H // 2) | dict(vocab_size=len(tokenizer), **special)))
+    config = transformers.PaliGemmaConfig(
+        vision_config=transformers.SiglipVisionConfig(**_vit(patch_size=8, image_size=image_size,
+                                                             vision_use_head=False)),
+        text_config=text, image_token_index=tokenizer.convert_tokens_to_ids("<image>"), projection_dim=H,
+        hidden_size=H, vocab_size=len(tokenizer))
+    config._attn_implementation = "eager"
+    torch.manual_seed(seed)
+    model = transformers.PaliGemmaForConditionalGeneration(config)
+    model.generation_config.pad_token_id = tokenizer.pad_token_id
+    model.save_pretrained(path)
+    processor.save_pretrained(path)
+    return path

@@ -114,13 +114,20 @@ class Family:
     caption_instruction: str = "Describe the image in one sentence."
     lora_targets: tuple[str, ...] = ("q_proj", "k_proj", "v_proj", "o_proj")
     layout: ImageLayout = ImageLayout()
-    # Token-type ids marking image tokens (Qwen-VL's M-RoPE positions need them with image_grid_thw).
-    image_token_types: bool = False
+    # The processor's chat template around the prompt; False: the prompt as it is (PaliGemma's
+    # "caption en" / question prefixes), after the image token the processor expands.
+    chat: bool = True
+    # Token-type ids the model reads: (input name, "image" on image tokens | "suffix" on the target).
+    # Qwen-VL's M-RoPE positions need the image ones; PaliGemma's prefix-LM mask the suffix ones.
+    token_types: tuple[str, str] | None = None
 
 
 FAMILIES = {
     "llava": Family(model_types=("llava",)),
-    "qwen2_vl": Family(model_types=("qwen2_vl", "qwen2_5_vl"), layout=QwenPatches(), image_token_types=True),
+    "qwen2_vl": Family(model_types=("qwen2_vl", "qwen2_5_vl"), layout=QwenPatches(),
+                       token_types=("mm_token_type_ids", "image")),
+    "paligemma": Family(model_types=("paligemma",), caption_instruction="caption en", chat=False,
+                        token_types=("token_type_ids", "suffix")),
 }
 MODEL_TYPES = {t: name for name, fam in FAMILIES.items() for t in fam.model_types}
 
@@ -144,9 +151,12 @@ class ChatBundle(ModelBundle):
     def _prompt_ids(self, prompt: str) -> list[int]:
         """Token ids of the chat prompt for one image and ``prompt`` (the captioning instruction
         when empty), the image tokens expanded as the processor expands them for a real image."""
-        messages = [{"role": "user", "content": [{"type": "image"},
-                                                 {"type": "text", "text": prompt or self.family.caption_instruction}]}]
-        text = self.processor.apply_chat_template(messages, add_generation_prompt=True)
+        instruction = prompt or self.family.caption_instruction
+        if self.family.chat:
+            messages = [{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": instruction}]}]
+            text = self.processor.apply_chat_template(messages, add_generation_prompt=True)
+        else:
+            text = self.processor.image_token + instruction  # one image token: the processor expands it
         return list(self.family.layout.prompt_ids(self, text))
 
     def pixel_values(self, images) -> torch.Tensor:
@@ -165,8 +175,12 @@ class ChatBundle(ModelBundle):
             label_rows.append([-100] * len(p) + t if t else [])
         ids, mask, labels = pad_rows(rows, label_rows, self.tokenizer.pad_token_id, left=targets is None)
         out = {"input_ids": ids, "attention_mask": mask}
-        if self.family.image_token_types:
-            out["mm_token_type_ids"] = (ids == self.model.config.image_token_id).int()
+        if self.family.token_types is not None:
+            name, where = self.family.token_types
+            config = self.model.config
+            image_token = getattr(config, "image_token_id", None) or config.image_token_index
+            # "suffix": the target's tokens (every labelled position; -100 is also padding and prompt).
+            out[name] = (ids == image_token).long() if where == "image" else (labels != -100).long()
         if targets is not None:
             out["labels"] = labels
         return out
