@@ -16,7 +16,8 @@ pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 FOLDERS = {"llava": (tiny_models.save_llava_folder, 32), "qwen2_vl": (tiny_models.save_qwen2_vl_folder, 16),
-           "qwen2_5_vl": (tiny_models.save_qwen2_5_vl_folder, 16), "paligemma": (tiny_models.save_paligemma_folder, 16)}
+           "qwen2_5_vl": (tiny_models.save_qwen2_5_vl_folder, 16), "paligemma": (tiny_models.save_paligemma_folder, 16),
+           "gemma3": (tiny_models.save_gemma3_folder, 16)}
 
 
 @pytest.fixture(scope="module", params=sorted(FOLDERS))
@@ -45,7 +46,7 @@ def test_folder_loads_as_a_chat_bundle(folder):
         want = bundle.tokenizer(target if row == 0 else "red", add_special_tokens=False)["input_ids"]
         assert labels[row][counted].tolist() == want + [bundle.tokenizer.eos_token_id]
         # LLaVA: 32 px / 16 px patches, CLS dropped; Qwen2-VL: 16 px / 4 px patches merged 2 x 2;
-        # PaliGemma: 16 px / 8 px patches.
+        # PaliGemma: 16 px / 8 px patches; Gemma 3: 16 px / 4 px patches pooled to 2 x 2.
         assert (ids[row] == image_token).sum() == 4
         token_types = bundle.family.token_types
         if token_types is not None:  # the model's token types: on image tokens, or on the target

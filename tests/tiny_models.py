@@ -549,3 +549,41 @@ def save_paligemma_folder(path, texts, *, seed=0, image_size=16):
     model.save_pretrained(path)
     processor.save_pretrained(path)
     return path
+
+
+def save_gemma3_folder(path, texts, *, seed=0, image_size=16):
+    """A tiny random Gemma 3 checkpoint (SigLIP 4-pixel patches pooled to 4 image tokens, a 1-layer
+    decoder) saved with its processor: a tokenizer whose named special tokens (begin / end of
+    image, the soft image token) Gemma3Processor reads, and a Gemma-style chat template."""
+    from transformers import Gemma3ImageProcessorPil, Gemma3Processor, PreTrainedTokenizerFast
+
+    from prsl_kernels.drivers.models import train_tokenizer
+
+    base = train_tokenizer(list(texts) + ["Describe the image in one sentence. user model"], vocab_size=300)
+    names = {"boi_token": "<start_of_image>", "image_token": "<image_soft_token>", "eoi_token": "<end_of_image>"}
+    base.add_special_tokens({"additional_special_tokens": list(names.values()) + ["<start_of_turn>", "<end_of_turn>"]})
+    tokenizer = PreTrainedTokenizerFast(tokenizer_object=base.backend_tokenizer, pad_token=base.pad_token,
+                                        bos_token=base.bos_token, eos_token=base.eos_token, extra_special_tokens=names)
+    template = ("{% for m in messages %}<start_of_turn>{{ m['role'] }}\n{% for c in m['content'] %}"
+                "{% if c['type'] == 'image' %}<start_of_image>{% else %}{{ c['text'] }}{% endif %}{% endfor %}"
+                "<end_of_turn>\n{% endfor %}{% if add_generation_prompt %}<start_of_turn>model\n{% endif %}")
+    image_processor = Gemma3ImageProcessorPil(size={"height": image_size, "width": image_size})
+    processor = Gemma3Processor(image_processor=image_processor, tokenizer=tokenizer, chat_template=template,
+                                image_seq_length=4)
+    boi, image, eoi = tokenizer.convert_tokens_to_ids(list(names.values()))
+    special = dict(pad_token_id=tokenizer.pad_token_id, bos_token_id=tokenizer.bos_token_id,
+                   eos_token_id=tokenizer.eos_token_id)
+    config = transformers.Gemma3Config(
+        vision_config=transformers.SiglipVisionConfig(**_vit(patch_size=4, image_size=image_size,
+                                                             vision_use_head=False)),
+        text_config=transformers.Gemma3TextConfig(**(_decoder(head_dim=H // 2, query_pre_attn_scalar=H // 2)
+                                                     | dict(vocab_size=len(tokenizer), **special))),
+        mm_tokens_per_image=4, image_token_index=image, boi_token_index=boi, eoi_token_index=eoi)
+    config._attn_implementation = "eager"
+    torch.manual_seed(seed)
+    model = transformers.Gemma3ForConditionalGeneration(config)
+    _redraw(model.model.multi_modal_projector.mm_input_projection_weight)  # starts at zero: no image otherwise
+    model.generation_config.pad_token_id = tokenizer.pad_token_id
+    model.save_pretrained(path)
+    processor.save_pretrained(path)
+    return path

@@ -128,6 +128,8 @@ FAMILIES = {
                        token_types=("mm_token_type_ids", "image")),
     "paligemma": Family(model_types=("paligemma",), caption_instruction="caption en", chat=False,
                         token_types=("token_type_ids", "suffix")),
+    # Gemma 3: image tokens attend to each other bidirectionally, marked by their token types.
+    "gemma3": Family(model_types=("gemma3",), token_types=("token_type_ids", "image")),
 }
 MODEL_TYPES = {t: name for name, fam in FAMILIES.items() for t in fam.model_types}
 
