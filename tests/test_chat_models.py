@@ -17,7 +17,8 @@ pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 FOLDERS = {"llava": (tiny_models.save_llava_folder, 32), "qwen2_vl": (tiny_models.save_qwen2_vl_folder, 16),
            "qwen2_5_vl": (tiny_models.save_qwen2_5_vl_folder, 16), "paligemma": (tiny_models.save_paligemma_folder, 16),
-           "gemma3": (tiny_models.save_gemma3_folder, 16)}
+           "gemma3": (tiny_models.save_gemma3_folder, 16), "idefics3": (tiny_models.save_idefics3_folder, 16),
+           "smolvlm": (tiny_models.save_smolvlm_folder, 16)}
 
 
 @pytest.fixture(scope="module", params=sorted(FOLDERS))
@@ -46,7 +47,8 @@ def test_folder_loads_as_a_chat_bundle(folder):
         want = bundle.tokenizer(target if row == 0 else "red", add_special_tokens=False)["input_ids"]
         assert labels[row][counted].tolist() == want + [bundle.tokenizer.eos_token_id]
         # LLaVA: 32 px / 16 px patches, CLS dropped; Qwen2-VL: 16 px / 4 px patches merged 2 x 2;
-        # PaliGemma: 16 px / 8 px patches; Gemma 3: 16 px / 4 px patches pooled to 2 x 2.
+        # PaliGemma: 16 px / 8 px patches; Gemma 3: 16 px / 4 px patches pooled to 2 x 2;
+        # Idefics3 / SmolVLM: one 16 px tile of 4 px patches, pixel-shuffled by 2.
         assert (ids[row] == image_token).sum() == 4
         token_types = bundle.family.token_types
         if token_types is not None:  # the model's token types: on image tokens, or on the target
@@ -115,3 +117,13 @@ def test_finetune_then_attack_with_each_attack(folder, tmp_path, lora):
         if attack_name != "bim":  # pixel space (the eps-ball itself: test_attack.py): valid images
             x = torch.load(adv / "ft" / "state.pt", weights_only=True)["x"]
             assert (x >= 0).all() and (x <= 1).all()
+
+
+def test_idefics3_prompt_written_without_the_processor_is_the_processors(tmp_path):
+    """SmolVLM's processor cannot be built without torchvision, so its prompt's image tokens are
+    written by the adapter: the same ids as Idefics3's processor writes for one unsplit image."""
+    path = tiny_models.save_idefics3_folder(tmp_path / "idefics3", ["a red circle"])
+    with_processor = models.load_bundle(path)
+    without = models.load_bundle(path)
+    without.processor = chat_models._TokenizerAndImages(path)
+    assert with_processor._prompt_ids("Describe it.") == without._prompt_ids("Describe it.")

@@ -587,3 +587,45 @@ def save_gemma3_folder(path, texts, *, seed=0, image_size=16):
     model.save_pretrained(path)
     processor.save_pretrained(path)
     return path
+
+
+def save_idefics3_folder(path, texts, *, seed=0, image_size=16, smolvlm=False):
+    """A tiny random Idefics3 (or SmolVLM) checkpoint: 4-pixel patches pixel-shuffled into 4 image
+    tokens, a Llama decoder; saved with its processor (tiles of at most ``image_size`` pixels)."""
+    from prsl_kernels.drivers.models import train_tokenizer
+
+    prefix = "SmolVLM" if smolvlm else "Idefics3"
+    tokenizer = train_tokenizer(list(texts) + ["Describe the image in one sentence. User Assistant"], vocab_size=300)
+    tokenizer.add_special_tokens({"additional_special_tokens": ["<fake_token_around_image>", "<image>",
+                                                                "<global-img>", "<end_of_utterance>"]})
+    template = ("{% for m in messages %}{{ m['role'] | capitalize }}:{% for c in m['content'] %}"
+                "{% if c['type'] == 'image' %}<image>{% else %}{{ c['text'] }}{% endif %}{% endfor %}"
+                "<end_of_utterance>\n{% endfor %}{% if add_generation_prompt %}Assistant:{% endif %}")
+    image_processor = getattr(transformers, f"{prefix}ImageProcessorPil")(
+        size={"longest_edge": image_size}, max_image_size={"longest_edge": image_size})
+    special = dict(pad_token_id=tokenizer.pad_token_id, bos_token_id=tokenizer.bos_token_id,
+                   eos_token_id=tokenizer.eos_token_id)
+    config = getattr(transformers, f"{prefix}Config")(
+        vision_config=_vit(patch_size=4, image_size=image_size),
+        text_config=transformers.LlamaConfig(**(_decoder() | dict(vocab_size=len(tokenizer), **special))),
+        image_token_id=tokenizer.convert_tokens_to_ids("<image>"), scale_factor=2)
+    config._attn_implementation = "eager"
+    torch.manual_seed(seed)
+    model = getattr(transformers, f"{prefix}ForConditionalGeneration")(config)
+    model.generation_config.pad_token_id = tokenizer.pad_token_id
+    model.save_pretrained(path)
+    if smolvlm:
+        # SmolVLMProcessor needs a video processor, hence torchvision: its parts are saved on their own,
+        # as the drivers load them without it.
+        tokenizer.chat_template = template
+        tokenizer.save_pretrained(path)
+        image_processor.save_pretrained(path)
+    else:
+        transformers.Idefics3Processor(image_processor=image_processor, tokenizer=tokenizer, chat_template=template,
+                                       image_seq_len=4).save_pretrained(path)
+    return path
+
+
+def save_smolvlm_folder(path, texts, *, seed=0, image_size=16):
+    """:func:`save_idefics3_folder` with SmolVLM's classes."""
+    return save_idefics3_folder(path, texts, seed=seed, image_size=image_size, smolvlm=True)

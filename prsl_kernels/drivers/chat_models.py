@@ -107,6 +107,45 @@ class QwenPatches(ImageLayout):
         return ids[:at] + [pad] * n + ids[at + 1:]
 
 
+class SingleTile(ImageLayout):
+    """Idefics3 / SmolVLM: the processor splits large images into tiles plus a global image; the
+    drivers switch the splitting off and resize every image to the processor's largest tile side
+    ``S``, so each image is one ``S x S`` tile, ``(B, 1, 3, S, S)`` with an all-valid
+    ``pixel_attention_mask`` (the model's view of a batch of single square images)."""
+
+    @staticmethod
+    def _side(bundle):
+        size = bundle.image_processor.max_image_size
+        return size["longest_edge"] if isinstance(size, dict) else size.longest_edge
+
+    def images(self, bundle, images) -> torch.Tensor:
+        from PIL import Image
+
+        side = self._side(bundle)
+        square = [[Image.fromarray(np.asarray(im)).convert("RGB").resize((side, side), Image.BICUBIC)]
+                  for im in images]
+        out = bundle.image_processor(images=square, do_image_splitting=False, return_tensors="pt")
+        return out["pixel_values"][:, 0]
+
+    def model_inputs(self, bundle, pixels: torch.Tensor) -> dict:
+        mask = torch.ones((pixels.shape[0], 1, *pixels.shape[2:]), dtype=torch.bool, device=pixels.device)
+        return {"pixel_values": pixels[:, None], "pixel_attention_mask": mask}
+
+    def prompt_ids(self, bundle, text: str) -> list[int]:
+        if isinstance(bundle.processor, _TokenizerAndImages):  # SmolVLM's processor needs torchvision
+            return bundle.tokenizer(text.replace("<image>", self.image_string(bundle)))["input_ids"]
+        side = self._side(bundle)
+        blank = np.zeros((side, side, 3), dtype=np.uint8)
+        return bundle.processor(text=[text], images=[[blank]], do_image_splitting=False)["input_ids"][0]
+
+    def image_string(self, bundle) -> str:
+        """What Idefics3's processor writes for one unsplit image (tested against it)."""
+        config = bundle.model.config
+        patch = config.vision_config.patch_size
+        n = (self._side(bundle) // patch) ** 2 // config.scale_factor ** 2
+        return "<fake_token_around_image><global-img>" + "<image>" * n + "<fake_token_around_image>"
+
+
 @dataclass(frozen=True)
 class Family:
     """How the drivers use one family of image-text-to-text checkpoints."""
@@ -128,6 +167,7 @@ FAMILIES = {
                        token_types=("mm_token_type_ids", "image")),
     "paligemma": Family(model_types=("paligemma",), caption_instruction="caption en", chat=False,
                         token_types=("token_type_ids", "suffix")),
+    "idefics3": Family(model_types=("idefics3", "smolvlm"), layout=SingleTile()),
     # Gemma 3: image tokens attend to each other bidirectionally, marked by their token types.
     "gemma3": Family(model_types=("gemma3",), token_types=("token_type_ids", "image")),
 }
