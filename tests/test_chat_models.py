@@ -18,7 +18,7 @@ pytestmark = pytest.mark.usefixtures("one_torch_thread")
 FOLDERS = {"llava": (tiny_models.save_llava_folder, 32), "qwen2_vl": (tiny_models.save_qwen2_vl_folder, 16),
            "qwen2_5_vl": (tiny_models.save_qwen2_5_vl_folder, 16), "paligemma": (tiny_models.save_paligemma_folder, 16),
            "gemma3": (tiny_models.save_gemma3_folder, 16), "idefics3": (tiny_models.save_idefics3_folder, 16),
-           "smolvlm": (tiny_models.save_smolvlm_folder, 16)}
+           "smolvlm": (tiny_models.save_smolvlm_folder, 16), "llava_next": (tiny_models.save_llava_next_folder, 32)}
 
 
 @pytest.fixture(scope="module", params=sorted(FOLDERS))
@@ -49,7 +49,10 @@ def test_folder_loads_as_a_chat_bundle(folder):
         # LLaVA: 32 px / 16 px patches, CLS dropped; Qwen2-VL: 16 px / 4 px patches merged 2 x 2;
         # PaliGemma: 16 px / 8 px patches; Gemma 3: 16 px / 4 px patches pooled to 2 x 2;
         # Idefics3 / SmolVLM: one 16 px tile of 4 px patches, pixel-shuffled by 2.
-        assert (ids[row] == image_token).sum() == 4
+        if family == "llava_next":  # a 2 x 2 base view, 2 x 2 tiles of 2 x 2 unpadded, a newline per row
+            assert (ids[row] == image_token).sum() == 4 + 16 + 4
+        else:
+            assert (ids[row] == image_token).sum() == 4
         token_types = bundle.family.token_types
         if token_types is not None:  # the model's token types: on image tokens, or on the target
             name, where = token_types
@@ -127,3 +130,35 @@ def test_idefics3_prompt_written_without_the_processor_is_the_processors(tmp_pat
     without = models.load_bundle(path)
     without.processor = chat_models._TokenizerAndImages(path)
     assert with_processor._prompt_ids("Describe it.") == without._prompt_ids("Describe it.")
+
+
+def test_llava_next_layout_is_the_processors(tmp_path):
+    """The anyres layout of a square image: the tiles are exactly the processor's; the base view is
+    torch's antialiased bicubic of the image, PIL's within rounding (here measured, not assumed)."""
+    path = tiny_models.save_llava_next_folder(tmp_path / "next", ["a red circle"])
+    bundle = models.load_bundle(path)
+    g = np.random.default_rng(1)
+    images = [g.integers(0, 256, (32, 32, 3), dtype=np.uint8) for _ in range(2)]
+    want = bundle.image_processor(images=images, return_tensors="pt")
+    got = bundle.image_inputs(bundle.pixel_values(images))
+    assert got["pixel_values"].shape == want["pixel_values"].shape == (2, 5, 3, 16, 16)
+    assert torch.equal(got["pixel_values"][:, 1:], want["pixel_values"][:, 1:])
+    assert torch.equal(got["image_sizes"], want["image_sizes"])
+    # Normalised units (CLIP's std ~0.27, so one grey level of 255 is ~0.014): PIL rounds its resize
+    # to uint8 and treats the borders its own way. Measured: mean 0.004, max 0.014 (one level).
+    base_err = (got["pixel_values"][:, 0] - want["pixel_values"][:, 0]).abs()
+    assert base_err.mean() < 0.01 and base_err.max() < 0.05, (base_err.mean(), base_err.max())
+
+
+def test_paligemma_prompts_are_its_own_prefixes(tmp_path):
+    """PaliGemma has no chat template: captioning is "caption en", VQA "answer en <question>"."""
+    path = tiny_models.save_paligemma_folder(tmp_path / "pg", ["a red circle", "answer en what colour"])
+    bundle = models.load_bundle(path)
+    tok = bundle.tokenizer
+
+    def text_of(prompt):
+        ids = bundle._prompt_ids(prompt)
+        return tok.decode([i for i in ids if i != bundle.model.config.image_token_index], skip_special_tokens=True)
+
+    assert text_of("").strip() == "caption en"
+    assert text_of(data.vqa_prompt("what colour is it?")).strip() == "answer en what colour is it?"

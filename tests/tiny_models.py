@@ -629,3 +629,38 @@ def save_idefics3_folder(path, texts, *, seed=0, image_size=16, smolvlm=False):
 def save_smolvlm_folder(path, texts, *, seed=0, image_size=16):
     """:func:`save_idefics3_folder` with SmolVLM's classes."""
     return save_idefics3_folder(path, texts, seed=seed, image_size=image_size, smolvlm=True)
+
+
+def save_llava_next_folder(path, texts, *, seed=0, image_size=16, grid=32):
+    """A tiny random LLaVA-NeXT checkpoint: CLIP 8-pixel patches on ``image_size`` views, one square
+    ``grid`` x ``grid`` anyres grid point (a base view and 2 x 2 tiles per image); saved with its
+    processor (LLaVA's chat template)."""
+    from transformers import LlavaNextImageProcessorPil, LlavaNextProcessor
+
+    from prsl_kernels.drivers.models import train_tokenizer
+
+    tokenizer = train_tokenizer(list(texts) + ["Describe the image in one sentence. USER ASSISTANT"], vocab_size=300)
+    tokenizer.add_special_tokens({"additional_special_tokens": ["<image>"]})
+    template = ("{% for m in messages %}{{ m['role'].upper() }}: {% for c in m['content'] %}"
+                "{% if c['type'] == 'image' %}<image>\n{% else %}{{ c['text'] }}{% endif %}{% endfor %} "
+                "{% endfor %}{% if add_generation_prompt %}ASSISTANT:{% endif %}")
+    image_processor = LlavaNextImageProcessorPil(size={"shortest_edge": image_size},
+                                                 crop_size={"height": image_size, "width": image_size},
+                                                 image_grid_pinpoints=[[grid, grid]])
+    processor = LlavaNextProcessor(image_processor=image_processor, tokenizer=tokenizer, patch_size=8,
+                                   vision_feature_select_strategy="default", num_additional_image_tokens=1,
+                                   chat_template=template)
+    special = dict(pad_token_id=tokenizer.pad_token_id, bos_token_id=tokenizer.bos_token_id,
+                   eos_token_id=tokenizer.eos_token_id)
+    config = transformers.LlavaNextConfig(
+        vision_config=transformers.CLIPVisionConfig(**_vit(patch_size=8, image_size=image_size, projection_dim=H)),
+        text_config=transformers.LlamaConfig(**(_decoder() | dict(vocab_size=len(tokenizer), **special))),
+        image_token_index=tokenizer.convert_tokens_to_ids("<image>"), vision_feature_layer=-1,
+        vision_feature_select_strategy="default", image_grid_pinpoints=[[grid, grid]])
+    config._attn_implementation = "eager"
+    torch.manual_seed(seed)
+    model = transformers.LlavaNextForConditionalGeneration(config)
+    model.generation_config.pad_token_id = tokenizer.pad_token_id
+    model.save_pretrained(path)
+    processor.save_pretrained(path)
+    return path

@@ -4,14 +4,15 @@ A local folder that transformers' ``AutoModelForImageTextToText`` and ``AutoProc
 becomes a :class:`ChatBundle`, the drivers' :class:`models.ModelBundle` for chat VLMs:
 
 * the prompt is the processor's chat template around one image and the instruction (the
-  family's captioning instruction, or the VQA question), with the generation prompt appended;
+  family's captioning instruction, or the VQA question), with the generation prompt appended
+  (PaliGemma, which has no template: the instruction after the image tokens);
 * a training row is ``prompt + target + eos``; the labels are ``-100`` on the prompt (image
   tokens included) and on padding, and the logits are causal (shifted, as HF's own loss);
 * generation decodes only the new tokens.
 
 What differs between families is one :class:`Family` entry of :data:`FAMILIES` (adding a family is
-adding an entry): its captioning instruction, its LoRA target modules, and the attack's image
-layout (:class:`ImageLayout`: the attacks work on ``(B, 3, H, W)`` normalised images, which the
+adding an entry): its captioning instruction, its LoRA target modules, the token types its
+model reads, and its image layout (:class:`ImageLayout`: the attacks work on ``(B, 3, H, W)`` normalised images, which the
 layout turns into the model's image arguments, differentiably, so the pixel-space perturbation
 applies to the image before the processor's normalisation as for ViT-GPT2 and BLIP-2).
 """
@@ -146,6 +147,51 @@ class SingleTile(ImageLayout):
         return "<fake_token_around_image><global-img>" + "<image>" * n + "<fake_token_around_image>"
 
 
+class AnyRes(ImageLayout):
+    """LLaVA-NeXT's "anyres": a base view of the whole image plus the tiles of the image resized
+    to the best grid point. The drivers resize every image to the largest *square* grid point
+    ``F x F``, so the tiles are exact ``S x S`` crops of it (``S``: the processor's crop size), and
+    the base view is the image downsampled to ``S`` (here, differentiably, by torch's antialiased
+    bicubic, which follows PIL's kernel: within rounding of the processor's own base view; exact
+    when ``F == S``). ``image_sizes`` is ``(F, F)``."""
+
+    @staticmethod
+    def _geometry(bundle):
+        ip = bundle.image_processor
+        side = ip.crop_size["height"] if isinstance(ip.crop_size, dict) else ip.crop_size.height
+        squares = [h for h, w in ip.image_grid_pinpoints if h == w and h % side == 0]
+        if not squares:
+            raise NotImplementedError("LLaVA-NeXT layout: the processor has no square grid point; the drivers "
+                                      "resize images to one")
+        return side, max(squares)
+
+    def images(self, bundle, images) -> torch.Tensor:
+        from PIL import Image
+
+        side, full = self._geometry(bundle)
+        square = [Image.fromarray(np.asarray(im)).convert("RGB").resize((full, full), Image.BICUBIC) for im in images]
+        tiles = bundle.image_processor(images=square, return_tensors="pt")["pixel_values"][:, 1:]
+        n = full // side
+        # (B, n*n, 3, S, S) row-major tiles -> (B, 3, F, F)
+        x = tiles.reshape(len(square), n, n, 3, side, side).permute(0, 3, 1, 4, 2, 5)
+        return x.reshape(len(square), 3, full, full)
+
+    def model_inputs(self, bundle, pixels: torch.Tensor) -> dict:
+        side, full = self._geometry(bundle)
+        batch, n = pixels.shape[0], full // side
+        tiles = pixels.reshape(batch, 3, n, side, n, side).permute(0, 2, 4, 1, 3, 5).reshape(batch, n * n, 3, side,
+                                                                                             side)
+        base = pixels if full == side else torch.nn.functional.interpolate(
+            pixels, size=(side, side), mode="bicubic", antialias=True, align_corners=False)
+        sizes = torch.tensor([[full, full]] * batch, device=pixels.device)
+        return {"pixel_values": torch.cat([base[:, None], tiles], 1), "image_sizes": sizes}
+
+    def prompt_ids(self, bundle, text: str) -> list[int]:
+        _, full = self._geometry(bundle)
+        blank = np.zeros((full, full, 3), dtype=np.uint8)
+        return bundle.processor(text=[text], images=[blank])["input_ids"][0]
+
+
 @dataclass(frozen=True)
 class Family:
     """How the drivers use one family of image-text-to-text checkpoints."""
@@ -156,6 +202,8 @@ class Family:
     # The processor's chat template around the prompt; False: the prompt as it is (PaliGemma's
     # "caption en" / question prefixes), after the image token the processor expands.
     chat: bool = True
+    # The model's own VQA prompt around the question (None: the drivers' "Question: ... Answer:").
+    question_format: str | None = None
     # Token-type ids the model reads: (input name, "image" on image tokens | "suffix" on the target).
     # Qwen-VL's M-RoPE positions need the image ones; PaliGemma's prefix-LM mask the suffix ones.
     token_types: tuple[str, str] | None = None
@@ -163,10 +211,11 @@ class Family:
 
 FAMILIES = {
     "llava": Family(model_types=("llava",)),
+    "llava_next": Family(model_types=("llava_next",), layout=AnyRes()),
     "qwen2_vl": Family(model_types=("qwen2_vl", "qwen2_5_vl"), layout=QwenPatches(),
                        token_types=("mm_token_type_ids", "image")),
     "paligemma": Family(model_types=("paligemma",), caption_instruction="caption en", chat=False,
-                        token_types=("token_type_ids", "suffix")),
+                        question_format="answer en {question}", token_types=("token_type_ids", "suffix")),
     "idefics3": Family(model_types=("idefics3", "smolvlm"), layout=SingleTile()),
     # Gemma 3: image tokens attend to each other bidirectionally, marked by their token types.
     "gemma3": Family(model_types=("gemma3",), token_types=("token_type_ids", "image")),
@@ -193,7 +242,12 @@ class ChatBundle(ModelBundle):
     def _prompt_ids(self, prompt: str) -> list[int]:
         """Token ids of the chat prompt for one image and ``prompt`` (the captioning instruction
         when empty), the image tokens expanded as the processor expands them for a real image."""
+        from .data import vqa_question
+
         instruction = prompt or self.family.caption_instruction
+        question = vqa_question(instruction) if self.family.question_format else None
+        if question is not None:
+            instruction = self.family.question_format.format(question=question)
         if self.family.chat:
             messages = [{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": instruction}]}]
             text = self.processor.apply_chat_template(messages, add_generation_prompt=True)

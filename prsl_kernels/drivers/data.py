@@ -411,9 +411,20 @@ def caption_examples(samples: Sequence[Sample], *, all_references: bool = True) 
     return out
 
 
+_VQA_PREFIX, _VQA_SUFFIX = "Question: ", " Answer:"
+
+
 def vqa_prompt(question: str) -> str:
     """The prompt format of BLIP-2 VQA fine-tuning."""
-    return f"Question: {question} Answer:"
+    return f"{_VQA_PREFIX}{question}{_VQA_SUFFIX}"
+
+
+def vqa_question(prompt: str) -> str | None:
+    """The question of a :func:`vqa_prompt` (None for any other prompt), for models whose own
+    question format differs (PaliGemma's ``answer en <question>``)."""
+    if prompt.startswith(_VQA_PREFIX) and prompt.endswith(_VQA_SUFFIX):
+        return prompt[len(_VQA_PREFIX):len(prompt) - len(_VQA_SUFFIX)]
+    return None
 
 
 def vqa_examples(samples: Sequence[Sample], *, max_per_image: int | None = None) -> list[Example]:
