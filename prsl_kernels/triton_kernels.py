@@ -379,8 +379,10 @@ def _prsl_forward_kernel(
         tie_count = tl.sum((values == tau).to(tl.int32), axis=0).to(acc)
         loss = _row_loss(lse, z_target, z_sum, V, tl.cast(eps_hi, acc) + tl.cast(eps_lo, acc),
                          tl.cast(lam_hi, acc) + tl.cast(lam_lo, acc), SMOOTH, ZLOSS) + b * dist
-        # Flagged rows are rewritten by the exact kernel.
-        tl.store(flag_ptr + row, (n_cand > CAP).to(tl.int8))
+        # Flagged rows are rewritten by the exact kernel. Fewer than k candidates cannot happen when
+        # both passes see the same values (k groups reach thr); if pass 2 ever computed a value
+        # differently from pass 1 (a recomputed softcap, say) tau would silently be -inf: flag it.
+        tl.store(flag_ptr + row, ((n_cand > CAP) | (n_cand < k)).to(tl.int8))
     else:
         tau = tl.full([], float("inf"), acc)
         spread = tl.full([], 0.0, acc)

@@ -344,3 +344,32 @@ def test_rows_whose_threshold_is_negative(dtype, k):
     loss, stats, _ = assert_matches_reference(logits, target, k, 0.5)
     assert (stats.tau[:3] < 0).all()
     assert (stats.dist[:5] > 0).all()
+
+
+import triton  # noqa: E402
+import triton.language as tl  # noqa: E402
+
+
+@triton.jit
+def _lose_every_chunk(tile0, group_row, gl0, tb0, n_groups, n_tiles, thr, target, lead, V, cap,
+                      TILE: tl.constexpr, VEC: tl.constexpr, T_BLK: tl.constexpr, ROWS: tl.constexpr,
+                      acc: tl.constexpr, SOFTCAP: tl.constexpr):
+    # A broken pass 2 (test only): the signature of _gather_chunks, no candidate ever found.
+    rows = tl.arange(0, ROWS)
+    return tl.full([ROWS, VEC], float("-inf"), acc), (rows < 0).to(tl.int32)
+
+
+def test_pass_two_finding_fewer_than_k_candidates_is_flagged(monkeypatch):
+    """Issue 18: if pass 2 of the two-pass forward ever lost candidates (values recomputed
+    differently from pass 1), the row must be flagged and recomputed by the exact kernel, never
+    finished with tau = -inf. Simulated (interpreter) by a pass 2 that drops every whole chunk."""
+    gen = torch.Generator().manual_seed(5)
+    vocab, k = 3000, 20
+    logits = torch.randn(3, vocab, generator=gen) * 2
+    target = torch.randint(0, vocab, (3,), generator=gen)
+    monkeypatch.setattr(tk, "_gather_chunks", _lose_every_chunk)
+    loss, stats, flags = tk.forward_with_flags(logits, target, k, 0.5, -100)
+    assert flags.tolist() == [1, 1, 1]
+    want = ref.prsl_loss_reference(logits, target, k, 0.5, reduction="none")
+    torch.testing.assert_close(loss, want, rtol=1e-5, atol=1e-5)  # the exact kernel's rows
+    assert torch.isfinite(stats[:, TAU]).all()
