@@ -232,6 +232,7 @@ class ChatBundle(ModelBundle):
 
     def __init__(self, model, processor, family: str, max_target_tokens: int | None = None):
         self.processor, self.family = processor, FAMILIES[family]
+        self._prompts = {}  # prompt -> ids: the processor runs once per distinct prompt, not per row
         super().__init__(model, processor.tokenizer, processor.image_processor, CHAT,
                          max_target_tokens if max_target_tokens is not None else 48)
 
@@ -242,6 +243,11 @@ class ChatBundle(ModelBundle):
     def _prompt_ids(self, prompt: str) -> list[int]:
         """Token ids of the chat prompt for one image and ``prompt`` (the captioning instruction
         when empty), the image tokens expanded as the processor expands them for a real image."""
+        if prompt not in self._prompts:
+            self._prompts[prompt] = self._make_prompt_ids(prompt)
+        return list(self._prompts[prompt])
+
+    def _make_prompt_ids(self, prompt: str) -> list[int]:
         from .data import vqa_question
 
         instruction = prompt or self.family.caption_instruction
