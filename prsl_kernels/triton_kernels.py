@@ -364,6 +364,12 @@ def _prsl_forward_kernel(
                                 cache_modifier=".cg")
                     hit = (x > float("-inf")).to(tl.int32)
                     n_cand = tl.sum(hit, axis=0)
+                    # Fewer than k candidates cannot happen when both passes see the same values (k
+                    # groups reach thr); if pass 2 ever computed a value differently from pass 1 (a
+                    # recomputed softcap, say) tau would silently be -inf: count the row as unlisted,
+                    # which flags it for the exact kernel. (Here, not in the flag's store: a compare
+                    # there took the sm_90 bf16 k=20 config from 80 to 109 registers, 3 to 2 CTAs/SM.)
+                    n_cand = tl.where(n_cand < k, CAP + 1, n_cand)
                     tl.store(cand_row + tl.cumsum(hit, axis=0) - 1, x, mask=(hit > 0) & (n_cand <= CAP))
                     tl.debug_barrier()  # ... and every candidate
                     n_listed = tl.where(n_cand <= CAP, n_cand, 0)
@@ -379,10 +385,8 @@ def _prsl_forward_kernel(
         tie_count = tl.sum((values == tau).to(tl.int32), axis=0).to(acc)
         loss = _row_loss(lse, z_target, z_sum, V, tl.cast(eps_hi, acc) + tl.cast(eps_lo, acc),
                          tl.cast(lam_hi, acc) + tl.cast(lam_lo, acc), SMOOTH, ZLOSS) + b * dist
-        # Flagged rows are rewritten by the exact kernel. Fewer than k candidates cannot happen when
-        # both passes see the same values (k groups reach thr); if pass 2 ever computed a value
-        # differently from pass 1 (a recomputed softcap, say) tau would silently be -inf: flag it.
-        tl.store(flag_ptr + row, ((n_cand > CAP) | (n_cand < k)).to(tl.int8))
+        # Flagged rows are rewritten by the exact kernel.
+        tl.store(flag_ptr + row, (n_cand > CAP).to(tl.int8))
     else:
         tau = tl.full([], float("inf"), acc)
         spread = tl.full([], 0.0, acc)
