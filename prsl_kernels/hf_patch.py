@@ -289,16 +289,21 @@ class _HeadCapture:
 
 
 class _ForwardOf:
-    """``module.forward`` replaced by ``fn`` for a ``with`` block (module hooks still run around it)."""
+    """``module.forward`` replaced by ``fn`` for a ``with`` block (module hooks still run around it);
+    ``fn`` None leaves it alone."""
 
     def __init__(self, module, fn):
         self.module, self.fn = module, fn
 
     def __enter__(self):
+        if self.fn is None:
+            return
         self.saved = self.module.__dict__.get("forward")
         self.module.forward = self.fn
 
     def __exit__(self, *exc):
+        if self.fn is None:
+            return
         if self.saved is None:
             del self.module.forward
         else:
@@ -368,32 +373,34 @@ def _loss_function_forward(model, original, patch, arguments):
             raise ValueError(f"{name} passed ignore_index={ignore_index}; PRSL was applied with "
                              f"ignore_index={patch.loss.ignore_index}")
         aligned = shift_labels is not None
-        targets = shift_labels if aligned else labels
-        if not patch.fused:
-            _check_targets(targets, tuple(logits.shape[:-1]), aligned, name)
-            loss = patch.loss(logits, targets, num_items_in_batch, aligned=aligned)
-        else:
-            hidden = capture.hidden(name)
-            rows, transformed = _rows_of(logits, hidden, capture.marker)
-            softcap, scale = patch.post_processing(transformed, logits.dtype != hidden.dtype, name)
-            _check_targets(targets, tuple(rows.shape[:-1]), aligned, name)
-            if scale != 1.0:
-                rows = rows * scale  # (s h) W^T + s c == s (h W^T + c): the bias is scaled below too
-            loss = _loss_through_head(head, patch.loss, rows, targets, num_items_in_batch, aligned, softcap, scale)
-        patch.calls += 1
-        return loss
+        return _prsl_of(patch, head, capture, logits, shift_labels if aligned else labels, num_items_in_batch,
+                        aligned, name)
 
-    with _LossFunctionOf(model, loss_function):
-        if capture is None:
-            out = original(model, **arguments, return_dict=True)
-        else:
-            with _ForwardOf(head, capture):
-                out = original(model, **arguments, return_dict=True)
+    with _LossFunctionOf(model, loss_function), _ForwardOf(head, capture):
+        out = original(model, **arguments, return_dict=True)
     if getattr(out, "loss", None) is None:
         raise RuntimeError(f"apply_prsl: {name} returned no loss for a forward with labels")
     if patch.fused:
         out = _without_logits(out, ModelOutput)
     return out.to_tuple() if return_dict is False else out
+
+
+def _prsl_of(patch, head, capture, logits, targets, num_items_in_batch, aligned, name):
+    """PRSL of what the model made of its head's output: its logits (``capture`` None), or, fused,
+    the hidden rows the placeholder ``logits`` stands for, through the head's own forward."""
+    if capture is None:
+        _check_targets(targets, tuple(logits.shape[:-1]), aligned, name)
+        loss = patch.loss(logits, targets, num_items_in_batch, aligned=aligned)
+    else:
+        hidden = capture.hidden(name)
+        rows, transformed = _rows_of(logits, hidden, capture.marker)
+        softcap, scale = patch.post_processing(transformed, logits.dtype != hidden.dtype, name)
+        _check_targets(targets, tuple(rows.shape[:-1]), aligned, name)
+        if scale != 1.0:
+            rows = rows * scale  # (s h) W^T + s c == s (h W^T + c): the bias is scaled too
+        loss = _loss_through_head(head, patch.loss, rows, targets, num_items_in_batch, aligned, softcap, scale)
+    patch.calls += 1
+    return loss
 
 
 def _loss_through_head(head, loss, rows, targets, num_items_in_batch, aligned, softcap, scale):
@@ -424,23 +431,14 @@ def _own_loss_forward(model, original, patch, arguments):
         arguments["decoder_input_ids"] = shift_tokens_right(labels, model.config.pad_token_id,
                                                             model.config.decoder_start_token_id)
     aligned = shift_labels is not None
-    targets = shift_labels if aligned else labels
     head = model.get_output_embeddings()
-    if patch.fused:
-        capture = _HeadCapture()
-        with _ForwardOf(head, capture):
-            out = original(model, **arguments, return_dict=True)
-        rows, transformed = _rows_of(out.logits, capture.hidden(name), capture.marker)
-        softcap, scale = patch.post_processing(transformed, out.logits.dtype != rows.dtype, name)
-        _check_targets(targets, tuple(rows.shape[:-1]), aligned, name)
-        loss = _loss_through_head(head, patch.loss, rows * scale if scale != 1.0 else rows, targets,
-                                  num_items_in_batch, aligned, softcap, scale)
-        out = _without_logits(out, ModelOutput)
-    else:
+    capture = _HeadCapture() if patch.fused else None
+    with _ForwardOf(head, capture):
         out = original(model, **arguments, return_dict=True)
-        _check_targets(targets, tuple(out.logits.shape[:-1]), aligned, name)
-        loss = patch.loss(out.logits, targets, num_items_in_batch, aligned=aligned)
-    patch.calls += 1
+    loss = _prsl_of(patch, head, capture, out.logits, shift_labels if aligned else labels, num_items_in_batch,
+                    aligned, name)
+    if patch.fused:
+        out = _without_logits(out, ModelOutput)
     out = type(out)(loss=loss, **{key: value for key, value in out.items() if key != "loss"})
     return out.to_tuple() if return_dict is False else out
 

@@ -118,15 +118,22 @@ def test_every_metric_has_a_label():
     assert set(METRICS) <= set(METRIC_LABELS)
 
 
-def test_report_from_tiny_attack_run(tmp_path):
+def _tiny_checkpoint(tmp_path):
+    """A tiny ViT-GPT2 captioner saved as a checkpoint folder."""
     pytest.importorskip("transformers")
     from prsl_kernels.drivers import data, models
-    from prsl_kernels.drivers.attack import main
 
     texts = [c for s in data.synthetic_dataset(40, seed=1, image_size=32) for c in s.captions]
     size = models.TinySize(hidden=32, encoder_layers=1, decoder_layers=1, heads=2, image_size=32, max_text=40)
     ckpt = tmp_path / "ckpt"
     models.tiny_bundle("tiny-vit-gpt2", texts, size=size, seed=0, vocab_size=300).save(ckpt)
+    return ckpt
+
+
+def test_report_from_tiny_attack_run(tmp_path):
+    from prsl_kernels.drivers.attack import main
+
+    ckpt = _tiny_checkpoint(tmp_path)
     out = tmp_path / "attack"
     main(["--model", str(ckpt), str(ckpt), "--name", "first", "second", "--num-samples", "3", "--rounds", "2",
           "--metrics", "bleu1", "bleu4", "rouge_l", "cider", "--max-new-tokens", "6", "--batch-size", "2",
@@ -156,14 +163,9 @@ def test_report_from_tiny_attack_run(tmp_path):
 def test_report_without_threshold_metrics(tmp_path):
     """Metrics with no threshold figure (exact match, the natural choice without BERTScore or
     Java): the attack and its report finish; the threshold section and figure are left out."""
-    pytest.importorskip("transformers")
-    from prsl_kernels.drivers import data, models
     from prsl_kernels.drivers.attack import main
 
-    texts = [c for s in data.synthetic_dataset(40, seed=1, image_size=32) for c in s.captions]
-    size = models.TinySize(hidden=32, encoder_layers=1, decoder_layers=1, heads=2, image_size=32, max_text=40)
-    ckpt = tmp_path / "ckpt"
-    models.tiny_bundle("tiny-vit-gpt2", texts, size=size, seed=0, vocab_size=300).save(ckpt)
+    ckpt = _tiny_checkpoint(tmp_path)
     out = tmp_path / "attack"
     main(["--model", str(ckpt), "--num-samples", "2", "--rounds", "1", "--metrics", "exact_match",
           "--max-new-tokens", "4", "--batch-size", "2", "--output-dir", str(out), "--no-progress"])

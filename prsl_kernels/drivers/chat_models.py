@@ -12,9 +12,10 @@ becomes a :class:`ChatBundle`, the drivers' :class:`models.ModelBundle` for chat
 
 What differs between families is one :class:`Family` entry of :data:`FAMILIES` (adding a family is
 adding an entry): its captioning instruction, its LoRA target modules, the token types its
-model reads, and its image layout (:class:`ImageLayout`: the attacks work on ``(B, 3, H, W)`` normalised images, which the
-layout turns into the model's image arguments, differentiably, so the pixel-space perturbation
-applies to the image before the processor's normalisation as for ViT-GPT2 and BLIP-2).
+model reads, and its image layout (:class:`ImageLayout`: the attacks work on ``(B, 3, H, W)``
+normalised images, which the layout turns into the model's image arguments, differentiably, so
+the pixel-space perturbation applies to the image before the processor's normalisation as for
+ViT-GPT2 and BLIP-2).
 """
 
 from __future__ import annotations
@@ -290,17 +291,10 @@ class ChatBundle(ModelBundle):
     @torch.no_grad()
     def generate(self, pixel_values: torch.Tensor, prompts: Sequence[str] | None = None, *,
                  max_new_tokens: int = 24, num_beams: int = 1) -> list[str]:
-        import copy
-
         prompts = list(prompts) if prompts is not None else [""] * pixel_values.shape[0]
         text = self.text_inputs(prompts, None)
         device = next(self.model.parameters()).device
-        gen = copy.deepcopy(self.model.generation_config)
-        gen.max_length = None
-        gen.update(max_new_tokens=max_new_tokens, num_beams=num_beams, do_sample=False,
-                   pad_token_id=self.tokenizer.pad_token_id, eos_token_id=self.tokenizer.eos_token_id)
-        for name in ("temperature", "top_p", "top_k"):
-            setattr(gen, name, None)
+        gen = self._generation_config(max_new_tokens, num_beams)
         images = self.image_inputs(pixel_values.to(device, next(self.model.parameters()).dtype))
         seqs = self.model.generate(**images, **{key: value.to(device) for key, value in text.items()},
                                    generation_config=gen)

@@ -299,17 +299,10 @@ class ModelBundle:
         ``max_new_tokens`` / ``num_beams`` are the ones given here (``max_length`` is dropped, so
         transformers does not warn on every call that both are set).
         """
-        import copy
-
         prompts = list(prompts) if prompts is not None else [""] * pixel_values.shape[0]
         text = self.text_inputs(prompts, None)
         device = next(self.model.parameters()).device
-        gen = copy.deepcopy(self.model.generation_config)
-        gen.max_length = None
-        gen.update(max_new_tokens=max_new_tokens, num_beams=num_beams, do_sample=False,
-                   pad_token_id=self.tokenizer.pad_token_id, eos_token_id=self.tokenizer.eos_token_id)
-        for name in ("temperature", "top_p", "top_k"):  # sampling-only settings: unused, and warned about
-            setattr(gen, name, None)
+        gen = self._generation_config(max_new_tokens, num_beams)
         pixel_values = pixel_values.to(device, next(self.model.parameters()).dtype)
         # generate() merges the model's own config into ours: its max_length too, which is what
         # makes transformers warn on every call. Lift it for the call (restored after).
@@ -334,6 +327,18 @@ class ModelBundle:
                                                             else "input_ids"]):
             seqs = seqs[:, prompt_len:]
         return [t.strip() for t in self.tokenizer.batch_decode(seqs, skip_special_tokens=True)]
+
+    def _generation_config(self, max_new_tokens: int, num_beams: int):
+        """The checkpoint's generation config, deterministic, with these lengths and beams."""
+        import copy
+
+        gen = copy.deepcopy(self.model.generation_config)
+        gen.max_length = None
+        gen.update(max_new_tokens=max_new_tokens, num_beams=num_beams, do_sample=False,
+                   pad_token_id=self.tokenizer.pad_token_id, eos_token_id=self.tokenizer.eos_token_id)
+        for name in ("temperature", "top_p", "top_k"):  # sampling-only settings: unused, and warned about
+            setattr(gen, name, None)
+        return gen
 
     # ---- persistence
     def save_processor(self, path):
