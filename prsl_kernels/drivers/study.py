@@ -17,6 +17,11 @@ Separate from the ~10-minute demo and sized for about an hour on 2 CPU cores:
    Holm, equivalence test, adjustment for clean quality), and the released code's JPEG round
    trip measured on its own.
 
+``--design dose`` asks the next question, whether any b buys robustness: the same gated bases,
+seeds and pairing, with arms CE and PRSL k=20 at b in {1, 4, 16, 64} (no calibration: b is the
+dose), each model attacked by the paper's BIM and by APGD (AutoAttack's schedule) in [0, 1] pixel
+space at eps 4/255; the slope of the endpoint against log2 b is the primary analysis.
+
 Work goes to ``--output-dir`` (models, attack rounds; resumable: a killed study continues where
 it stopped); the committed report (``report.md``, figures, ``models.csv``, ``summary.json``) to
 ``--report-dir``. Models train and are attacked by ``--workers`` processes of one thread each.
@@ -36,6 +41,11 @@ from pathlib import Path
 
 #: The paper's BIM for captioning, one signed step per round as the authors' released code.
 ATTACK = dict(eps=0.5, alpha=0.01, steps_per_round=1, space="normalized", target="clean")
+#: The dose design's second attack: RobustVLM's radius in [0, 1] pixels, one round of APGD steps.
+APGD = dict(attack="apgd", eps=4 / 255, space="pixel", target="clean", rounds=1)
+#: The dose design's arms: PRSL at k=20 with these b (the dose), beside CE.
+DOSE_K, DOSE_B = 20, (1.0, 4.0, 16.0, 64.0)
+DESIGNS = ("default", "dose")
 #: The authors' released loss and weight for ViT-GPT2 (docs/spec.md, "Note on the authors' released code").
 RELEASED = dict(loss="prsl-released", k=20, window_start=0, b=1e-5)
 #: CLIP's normalisation, which the released attack code un-normalises with before saving a JPEG.
@@ -51,7 +61,7 @@ SIZES = {
         extend=dict(max_steps=2, lr=1e-3),
         finetune=dict(max_steps=2, lr=1e-3, logging_steps=1), calib_b=(0.5, 2.0), margin=0.05,
         attack=dict(num_samples=4, rounds=2, batch_size=4, max_new_tokens=12), endpoint_rounds=(1, 2),
-        threshold_round=1, equivalence_margin=0.03),
+        threshold_round=1, equivalence_margin=0.03, apgd_steps=2),
     # The issue's minimum scale: 2 bases x 5 seeds = 10 pairs per arm, 200 images, 10 rounds.
     "default": dict(
         bases=2, seeds=5, gate=0.6, max_extensions=2, gate_images=200,
@@ -60,7 +70,7 @@ SIZES = {
         extend=dict(max_steps=1000, lr=1e-3),
         finetune=dict(max_steps=150, lr=5e-4, logging_steps=25), calib_b=(1.0, 4.0), margin=0.05,
         attack=dict(num_samples=200, rounds=10, batch_size=100, max_new_tokens=24), endpoint_rounds=(1, 2, 3, 4, 5),
-        threshold_round=2, equivalence_margin=0.03),
+        threshold_round=2, equivalence_margin=0.03, apgd_steps=10),
 }
 PRIMARY = ("prsl-k20", "ce")
 #: Marks a model that prsl-study trained itself (so its time is in the study's wall time).
@@ -238,6 +248,9 @@ def model_job(job):
     if job.get("attack"):
         res["attack"], attacked = attack_model(job)
         res["worked"] |= attacked
+    if job.get("apgd"):
+        res["apgd"], attacked = attack_model(job, kind="apgd")
+        res["worked"] |= attacked
     return res
 
 
@@ -251,19 +264,26 @@ def _attack_references(size):
     return [s.captions for s in _attack_samples(size)]
 
 
-def attack_model(job):
+def attack_model(job, kind="bim"):
+    """Attack a trained model: ``kind`` "bim" (the paper's rounds, into ``job["attack"]``, then
+    the released code's JPEG round trip unless ``job["jpeg"]`` is false) or "apgd" (one round of
+    ``apgd_steps`` APGD steps in pixel space, into ``job["apgd"]``, random starts from seed 0)."""
     from .attack import AttackConfig, ModelAttack, SettingsMismatch, attack_items
     from .models import load_bundle, read_run_info
 
     cfg, spec = job["config"], SIZES[job["size"]]
-    out = Path(job["attack"])
     items = attack_items(_attack_samples(job["size"]), "caption")
-    acfg = AttackConfig(task="caption", rounds=spec["attack"]["rounds"],
-                        max_new_tokens=spec["attack"]["max_new_tokens"], batch_size=spec["attack"]["batch_size"],
-                        device="cpu", num_beams=1, **ATTACK)
+    common = dict(task="caption", max_new_tokens=spec["attack"]["max_new_tokens"],
+                  batch_size=spec["attack"]["batch_size"], device="cpu", num_beams=1)
+    if kind == "bim":
+        out, jpeg = Path(job["attack"]), job.get("jpeg", True)
+        acfg = AttackConfig(rounds=spec["attack"]["rounds"], **common, **ATTACK)
+    else:
+        out, jpeg = Path(job["apgd"]), False
+        acfg = AttackConfig(steps_per_round=spec["apgd_steps"], seed=0, **common, **APGD)
     jpeg_path = out / "jpeg_round_trip.json"
-    finished = jpeg_path.is_file() and all((out / "rounds" / f"round_{r:03d}.jsonl").is_file()
-                                           for r in range(acfg.rounds + 1))
+    finished = (jpeg_path.is_file() or not jpeg) and all((out / "rounds" / f"round_{r:03d}.jsonl").is_file()
+                                                         for r in range(acfg.rounds + 1))
     bundle = load_bundle(cfg.output_dir)
 
     def attack():
@@ -274,7 +294,7 @@ def attack_model(job):
     except SettingsMismatch:
         shutil.rmtree(out)
         attack()
-    if not jpeg_path.is_file():
+    if jpeg and not jpeg_path.is_file():
         clean = [json.loads(line)["output"] for line in (out / "rounds" / "round_000.jsonl").open()]
         trip = jpeg_round_trip(bundle, items, clean, _scorer(), max_new_tokens=spec["attack"]["max_new_tokens"])
         jpeg_path.write_text(json.dumps(trip, indent=1))
@@ -336,12 +356,15 @@ def _git_commit():
         return "unknown"
 
 
-def write_preregistration(path, size, spec):
+def write_preregistration(path, size, spec, design="default"):
     """The analysis plan, written once, before the first model of a study is trained."""
     if path.is_file():
         return
     rounds = spec["endpoint_rounds"]
     when = time.strftime('%Y-%m-%d %H:%M UTC', time.gmtime())
+    if design == "dose":
+        path.write_text(_dose_preregistration(size, spec, when))
+        return
     text = f"""# Pre-registered analysis (written {when}, commit {_git_commit()}, before any result)
 
 - **Primary endpoint**: per model, the mean per-image BERTScore F1 (embedded MiniLM) of the attacked
@@ -368,6 +391,36 @@ def write_preregistration(path, size, spec):
     path.write_text(text)
 
 
+def _dose_preregistration(size, spec, when):
+    rounds = spec["endpoint_rounds"]
+    doses = ", ".join(f"{b:g}" for b in DOSE_B)
+    return f"""# Pre-registered analysis of the dose design (written {when}, commit {_git_commit()}, before any result)
+
+- **Question**: is there any b at which PRSL (k={DOSE_K}) changes robustness, and what does it cost in clean quality?
+- **Arms**: CE and PRSL k={DOSE_K} at b in {{{doses}}}; every arm fine-tunes the same {spec['bases']} gated bases with
+  seeds 0-{spec['seeds'] - 1} ({spec['bases'] * spec['seeds']} pairs (base, seed) per arm); b is fixed by the design,
+  not calibrated.
+- **Primary endpoint**: per model, the mean per-image BERTScore F1 (embedded MiniLM) of the attacked caption
+  against the model's own clean caption, averaged over BIM rounds {rounds[0]}-{rounds[-1]} (the paper's BIM: eps 0.5 /
+  alpha 0.01 in normalised space, one signed step per round).
+- **Primary analysis**: the dose-response slope. Per pair, the least-squares slope of the endpoint of the PRSL
+  arms against log2 b; reported: the mean slope over pairs (BERTScore F1 per doubling of b), its 95% t
+  confidence interval and the two-sided one-sample t-test p. Alongside, each b minus CE (paired t-test,
+  95% CI), p-values Holm-corrected over the {len(DOSE_B)} doses. Significance at 0.05.
+- **Secondary endpoint**: per model, the BERTScore F1 against the clean caption after {spec['apgd_steps']} APGD steps
+  (AutoAttack's APGD-CE schedule, random start per image from seed 0) in [0, 1] pixel space at eps 4/255,
+  ascending the teacher-forced CE of the clean caption; the same slope and per-b analysis, reported as
+  secondary.
+- **Clean quality**: clean exact match against the references on the attacked images, per b (each b minus CE,
+  paired); the endpoint at matched clean exact match (per b: paired differences regressed on the clean
+  exact-match difference, intercept = difference at equal clean quality); and the robustness-accuracy frontier
+  (clean exact match against the endpoint, one point per model) as a figure.
+- **Equivalence** (reported, as in the first study): per b, TOST with margin +/-{spec['equivalence_margin']} BERTScore F1.
+- **Study size** `{size}`; gate: exact match and shape, colour and size accuracies each >= {spec['gate']}
+  on the gate split.
+"""
+
+
 def _add_wall_time(out, seconds, worked):
     """Seconds spent on this study over the invocations that trained, measured or attacked
     anything (a resumed study adds up; a rerun that only rebuilds the report does not count)."""
@@ -377,18 +430,48 @@ def _add_wall_time(out, seconds, worked):
     return total
 
 
+def _calibrate(runner, bases, out, size, spec, say):
+    """The default design's b per k on base 0, seed 0 (these runs are the pair's arm models when chosen).
+    Returns the arms, the chosen b, the calibration rows and whether anything was trained."""
+    base0 = bases[0][1]
+    calib_jobs = [dict(name="ce-calib", config=arm_config(base0, out, size, "ce", {"loss": "ce"}, 0, 0),
+                       quality=True, size=size)]
+    for k in (6, 20):
+        for b in spec["calib_b"]:
+            kw = {"loss": "prsl", "k": k, "b": b}
+            calib_jobs.append(dict(name=f"{arm_name(kw)}-calib", config=arm_config(base0, out, size, arm_name(kw),
+                                                                                 kw, 0, 0), quality=True, size=size))
+    calib_results = runner.map(calib_jobs, "2/4 calibration of b")
+    calib = {job["name"]: r["quality"]["exact_match"] for job, r in zip(calib_jobs, calib_results)}
+    ce_em = calib["ce-calib"]
+    chosen, calib_rows = {}, []
+    for k in (6, 20):
+        rows = [(b, calib[f"{arm_name({'loss': 'prsl', 'k': k, 'b': b})}-calib"]) for b in spec["calib_b"]]
+        ok = [b for b, em in rows if em >= ce_em - spec["margin"]]
+        chosen[k] = max(ok) if ok else min(spec["calib_b"])
+        calib_rows += [{"k": k, "b": b, "exact_match": em, "ce_exact_match": ce_em, "chosen": b == chosen[k]}
+                       for b, em in rows]
+        say(f"  PRSL k={k}: b={chosen[k]:g} (clean exact match {dict(rows)} vs CE {ce_em:.2f})")
+    arms = {"ce": {"loss": "ce"}, "prsl-k6": {"loss": "prsl", "k": 6, "b": chosen[6]},
+            "prsl-k20": {"loss": "prsl", "k": 20, "b": chosen[20]}, "prsl-released": dict(RELEASED)}
+    return arms, chosen, calib_rows, any(r["worked"] for r in calib_results)
+
+
 def run(args):
     import torch
 
     from .study_report import write_study_report
 
     spec = SIZES[args.size]
-    out, report_dir = Path(args.output_dir), Path(args.report_dir)
+    design = getattr(args, "design", "default")
+    args.design = design
+    out = Path(args.output_dir or ("outputs/study" if design == "default" else f"outputs/study-{design}"))
+    report_dir = Path(args.report_dir or ("docs/study-run" if design == "default" else f"docs/study-{design}"))
     if args.overwrite and out.exists():
         shutil.rmtree(out)
     out.mkdir(parents=True, exist_ok=True)
     report_dir.mkdir(parents=True, exist_ok=True)
-    write_preregistration(out / "preregistration.md", args.size, spec)
+    write_preregistration(out / "preregistration.md", args.size, spec, args.design)
     log_file = open(out / "study.log", "a", encoding="utf-8")
     t0 = time.time()
 
@@ -405,7 +488,9 @@ def run(args):
     workers = args.workers or min(2, os.cpu_count() or 1)
     old_threads = torch.get_num_threads()
     runner = Runner(workers, log, not args.no_progress)
-    say(f"prsl-study ({args.size}): {spec['bases']} bases x {spec['seeds']} seeds x 4 arms, {workers} worker(s) "
+    n_arms = 1 + len(DOSE_B) if args.design == "dose" else 4
+    say(f"prsl-study ({args.design}, {args.size}): {spec['bases']} bases x {spec['seeds']} seeds x {n_arms} arms, "
+        f"{workers} worker(s) "
         f"-> {out} (log: {out / 'study.log'})")
     try:
         # 1. bases, trained longer until the gate holds
@@ -433,59 +518,56 @@ def run(args):
             pending = nxt
         bases.sort()
 
-        # 2. calibration of b on base 0, seed 0 (these runs are the pair's arm models when chosen)
-        base0 = bases[0][1]
-        calib_jobs = [dict(name="ce-calib", config=arm_config(base0, out, args.size, "ce", {"loss": "ce"}, 0, 0),
-                           quality=True, size=args.size)]
-        for k in (6, 20):
-            for b in spec["calib_b"]:
-                kw = {"loss": "prsl", "k": k, "b": b}
-                calib_jobs.append(dict(name=f"{arm_name(kw)}-calib", config=arm_config(base0, out, args.size,
-                                   arm_name(kw), kw, 0, 0), quality=True, size=args.size))
-        calib_results = runner.map(calib_jobs, "2/4 calibration of b")
-        worked |= any(r["worked"] for r in calib_results)
-        calib = {job["name"]: r["quality"]["exact_match"] for job, r in zip(calib_jobs, calib_results)}
-        ce_em = calib["ce-calib"]
-        chosen, calib_rows = {}, []
-        for k in (6, 20):
-            rows = [(b, calib[f"{arm_name({'loss': 'prsl', 'k': k, 'b': b})}-calib"]) for b in spec["calib_b"]]
-            ok = [b for b, em in rows if em >= ce_em - spec["margin"]]
-            chosen[k] = max(ok) if ok else min(spec["calib_b"])
-            calib_rows += [{"k": k, "b": b, "exact_match": em, "ce_exact_match": ce_em, "chosen": b == chosen[k]}
-                           for b, em in rows]
-            say(f"  PRSL k={k}: b={chosen[k]:g} (clean exact match {dict(rows)} vs CE {ce_em:.2f})")
+        if args.design == "dose":
+            arms = {"ce": {"loss": "ce"}}
+            arms.update({arm_name(kw): kw for kw in ({"loss": "prsl", "k": DOSE_K, "b": b} for b in DOSE_B)})
+            chosen, calib_rows = {}, []
+        else:
+            arms, chosen, calib_rows, did = _calibrate(runner, bases, out, args.size, spec, say)
+            worked |= did
 
         # 3. arms: fine-tune every (base, seed) with each loss, and attack
-        arms = {"ce": {"loss": "ce"}, "prsl-k6": {"loss": "prsl", "k": 6, "b": chosen[6]},
-                "prsl-k20": {"loss": "prsl", "k": 20, "b": chosen[20]}, "prsl-released": dict(RELEASED)}
-        jobs = []
-        for arm, kw in arms.items():
-            for i, bdir in bases:
-                for s in range(spec["seeds"]):
+        dose = args.design == "dose"
+        jobs = []  # pair by pair: a study stopped half-way has whole pairs
+        for i, bdir in bases:
+            for s in range(spec["seeds"]):
+                for arm, kw in arms.items():
                     cfg = arm_config(bdir, out, args.size, arm_name(kw), kw, i, s)
-                    jobs.append(dict(name=f"{arm}-base{i}-s{s}", config=cfg, size=args.size,
-                                     attack=str(out / "attack" / arm / f"base{i}-s{s}"), arm=arm, pair=f"base{i}-s{s}"))
-        results = runner.map(jobs, "3/4 fine-tune, BIM, JPEG round trip")
+                    pair = f"base{i}-s{s}"
+                    jobs.append(dict(name=f"{arm}-{pair}", config=cfg, size=args.size, arm=arm, pair=pair,
+                                     attack=str(out / "attack" / arm / pair), jpeg=not dose,
+                                     apgd=str(out / "attack-apgd" / arm / pair) if dose else None))
+        results = runner.map(jobs, "3/4 fine-tune, BIM, APGD" if dose else "3/4 fine-tune, BIM, JPEG round trip")
         worked |= any(r["worked"] for r in results)
     finally:
         runner.close()
         torch.set_num_threads(old_threads)
     say("4/4 report")
     wall = _add_wall_time(out, time.time() - t0, worked)
-    models = [dict(arm=j["arm"], pair=j["pair"], attack_dir=r["attack"], model_dir=r["dir"], steps=r["steps"],
-                   train_loss=r["train_loss"]) for j, r in zip(jobs, results)]
+    models = [dict(arm=j["arm"], pair=j["pair"], attack_dir=r["attack"], apgd_dir=r.get("apgd"), model_dir=r["dir"],
+                   steps=r["steps"], train_loss=r["train_loss"]) for j, r in zip(jobs, results)]
     plan = dict(size=args.size, spec=spec, gate=gate_log, calibration=calib_rows, chosen_b=chosen, arms=arms,
                 workers=workers, wall_s=wall, cpus=os.cpu_count(), models=models,
                 preregistration=(out / "preregistration.md").read_text(), primary=PRIMARY, attack=ATTACK,
-                jpeg_quality=JPEG_QUALITY, references=_attack_references(args.size))
+                jpeg_quality=JPEG_QUALITY, references=_attack_references(args.size), design=args.design,
+                apgd=dict(APGD, steps_per_round=spec["apgd_steps"]), dose_k=DOSE_K)
     from .demo import _quiet_transformers
 
     with _quiet_transformers():
-        summary = write_study_report(plan, report_dir)
-    p = summary["primary"]
-    say(f"primary: {p['arm']} - {p['vs']} = {p['diff']:+.4f} BERTScore F1 (95% CI {p['ci95'][0]:+.4f} to "
-        f"{p['ci95'][1]:+.4f}, p = {p['p']:.3g}, n = {p['n']} pairs); report: {report_dir / 'report.md'} "
-        f"({time.time() - t0:.0f} s)")
+        if dose:
+            from .study_dose import write_dose_report
+
+            summary = write_dose_report(plan, report_dir)
+            sl = summary["slope"]
+            say(f"dose-response slope: {sl['estimate']:+.4f} BERTScore F1 per doubling of b (95% CI "
+                f"{sl['ci95'][0]:+.4f} to {sl['ci95'][1]:+.4f}, p = {sl['p']:.3g}, n = {sl['n']} pairs); report: "
+                f"{report_dir / 'report.md'} ({time.time() - t0:.0f} s)")
+        else:
+            summary = write_study_report(plan, report_dir)
+            p = summary["primary"]
+            say(f"primary: {p['arm']} - {p['vs']} = {p['diff']:+.4f} BERTScore F1 (95% CI {p['ci95'][0]:+.4f} to "
+                f"{p['ci95'][1]:+.4f}, p = {p['p']:.3g}, n = {p['n']} pairs); report: {report_dir / 'report.md'} "
+                f"({time.time() - t0:.0f} s)")
     log_file.close()
     return summary
 
@@ -494,8 +576,13 @@ def build_parser():
     p = argparse.ArgumentParser(prog="prsl-study", description=__doc__.split("\n\n")[0],
                                 formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     p.add_argument("--size", choices=list(SIZES), default="default")
-    p.add_argument("--output-dir", default="outputs/study", help="models and attack rounds (large; resumable)")
-    p.add_argument("--report-dir", default="docs/study-run", help="report.md, figures, models.csv, summary.json")
+    p.add_argument("--design", choices=DESIGNS, default="default",
+                   help="default: the first study (CE, PRSL k=6 / k=20 at the calibrated b, the released loss); "
+                        "dose: CE and PRSL k=20 at b = 1, 4, 16, 64, attacked by BIM and by APGD at 4/255")
+    p.add_argument("--output-dir", default=None,
+                   help="models and attack rounds (large; resumable); default outputs/study[-dose]")
+    p.add_argument("--report-dir", default=None,
+                   help="report.md, figures, models.csv, summary.json; default docs/study-run or docs/study-dose")
     p.add_argument("--workers", type=int, default=0, help="processes of one thread each (0: min(2, CPUs))")
     p.add_argument("--overwrite", action="store_true", help="start afresh instead of continuing")
     p.add_argument("--no-progress", action="store_true")

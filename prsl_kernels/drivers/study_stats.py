@@ -118,3 +118,21 @@ def recalibrated_threshold(t: float, baseline_paper: float, baseline_here: float
     texts (its baseline), and mapped linearly in between, as bert_score's own rescaling does.
     """
     return baseline_here + (t - baseline_paper) * (1.0 - baseline_here) / (1.0 - baseline_paper)
+
+
+def dose_slope(endpoint: dict, dose: dict, level=0.95) -> dict:
+    """The paired dose-response slope: per pair, the least-squares slope of ``endpoint[arm][pair]``
+    against ``dose[arm]`` over the arms the pair has (at least two distinct doses), then the mean
+    slope over pairs with its ``level`` t interval and the two-sided one-sample t-test p.
+
+    Working within pairs removes each base's and seed's level, as the paired t-test does for two arms."""
+    pairs = sorted(set().union(*(endpoint.get(a, {}).keys() for a in dose)))
+    slopes = {}
+    for pair in pairs:
+        xs = np.array([dose[a] for a in dose if pair in endpoint.get(a, {})], dtype=np.float64)
+        ys = np.array([endpoint[a][pair] for a in dose if pair in endpoint.get(a, {})], dtype=np.float64)
+        sxx = float(((xs - xs.mean()) ** 2).sum()) if xs.size else 0.0
+        if xs.size >= 2 and sxx > 0.0:
+            slopes[pair] = float(((xs - xs.mean()) * (ys - ys.mean())).sum() / sxx)
+    r = paired(slopes, {k: 0.0 for k in slopes}, level)
+    return {"estimate": r["diff"], "ci95": r["ci95"], "p": r["p"], "n": r["n"], "sd": r["sd"], "per_pair": slopes}
