@@ -18,6 +18,8 @@
 //          candidates. No sort, no heap, no N x V scratch.
 // Backward: one streaming pass per row that rebuilds the gradient from the five row
 //   statistics (lse, tau, D, S, |T|): one exp per element, no top-k indices.
+// Gradient in the forward (forward_grad): both, row by row, so the backward's read
+//   of the row comes from L2; the gradient may overwrite the logits (inplace_backward).
 // Options (spec, "Options"), each a compile-time flag so that the default kernels are
 //   the code above, unchanged: softcap replaces every loaded logit by c tanh(z / c)
 //   in both passes of the forward and in the backward (which also multiplies by the
@@ -688,6 +690,8 @@ void backward_row(const scalar_t* z, scalar_t* out, int64_t V, int64_t target, t
   const acc_t tie_term = penalised && ties > 0 ? -b * (spread / dist) / ties : acc_t(0);
   const acc_t p_min = (!penalised || tau == -inf) ? acc_t(0) : std::exp(tau - lse);
   const acc_t below_coef = grad * keep, tie_coef = grad * (keep + tie_term);
+  // Read before the column loop: with out == z (the in-place gradient) the loop overwrites it.
+  const acc_t z_target_raw = static_cast<acc_t>(z[target]);
 
   // A vector with no column at or above tau takes the short path, which computes
   // exactly what the long path computes for such columns.
@@ -733,11 +737,11 @@ void backward_row(const scalar_t* z, scalar_t* out, int64_t V, int64_t target, t
   if (j < V) store_partial(out + j, column_grads(load_partial(z + j, V - j)), V - j);
   // The target is in neither A nor T: only p_s (1 - b D) - 1.
   if constexpr (!kCap && !kOpt) {
-    const acc_t p_s = std::exp(static_cast<acc_t>(z[target]) - lse);
+    const acc_t p_s = std::exp(z_target_raw - lse);
     out[target] = static_cast<scalar_t>(grad * (p_s * keep - 1));
   } else {
     // With options: (p_s keep - (1 - eps)) - eps/V, times the cap's slope.
-    acc_t z_s = static_cast<acc_t>(z[target]), slope_s = 1;
+    acc_t z_s = z_target_raw, slope_s = 1;
     if constexpr (kCap) {
       const acc_t t = vtanh(splat<vec>(z_s / cap))[0];
       z_s = cap * t;
@@ -795,6 +799,76 @@ at::Tensor backward_cpu(const at::Tensor& grad_rows_in, const at::Tensor& logits
   return grad_logits;
 }
 
+// ---------------------------------------------------------------- gradient in the forward
+// The forward and the backward of each row back to back, by the same thread: the
+// gradient pass re-reads the row from L2 (a 200 KB fp32 row was just streamed twice)
+// instead of from memory, so the whole step reads the logits once from memory and
+// writes the gradient once. `grad_out` may be `logits` itself (inplace_backward): every
+// column is read before it is written, the target's logit before the loop. Ignored
+// rows get zeros, as in backward_cpu.
+std::tuple<at::Tensor, at::Tensor> forward_grad_cpu(const at::Tensor& logits, const at::Tensor& target_in,
+                                                    const at::Tensor& grad_rows_in, const at::Tensor& grad_out,
+                                                    int64_t k, double b, int64_t ignore_index,
+                                                    double label_smoothing, double z_loss, double softcap) {
+  check_logits(logits);
+  const int64_t N = logits.size(0), V = logits.size(1);
+  check_target(target_in, N);
+  TORCH_CHECK(k >= 0 && k <= V - 1, "prsl_cpu: k must be in [0, V-1] = [0, ", V - 1, "], got ", k);
+  const auto acc_type = logits.scalar_type() == at::kDouble ? at::kDouble : at::kFloat;
+  TORCH_CHECK(grad_rows_in.numel() == N && grad_rows_in.scalar_type() == acc_type,
+              "prsl_cpu: grad_rows must have N elements of the stats dtype");
+  TORCH_CHECK(grad_out.device().is_cpu() && grad_out.scalar_type() == logits.scalar_type() && grad_out.dim() == 2 &&
+                  grad_out.size(0) == N && grad_out.size(1) == V && (grad_out.stride(1) == 1 || V == 1),
+              "prsl_cpu: grad_out must be an [N, V] CPU tensor of the logits' dtype with unit stride along V");
+  const bool same = grad_out.data_ptr() == logits.data_ptr();
+  TORCH_CHECK(same ? grad_out.stride(0) == logits.stride(0)
+                   : !(grad_out.data_ptr() < static_cast<const char*>(logits.data_ptr()) + logits.nbytes() &&
+                       logits.data_ptr() < static_cast<const char*>(grad_out.data_ptr()) + grad_out.nbytes()),
+              "prsl_cpu: grad_out must be the logits themselves or not overlap them");
+  const at::Tensor target = target_in.contiguous();
+  const at::Tensor grad_rows = grad_rows_in.contiguous();
+  at::Tensor loss = at::empty({N}, logits.options().dtype(acc_type));
+  at::Tensor stats = at::empty({N, kNumRowStats}, logits.options().dtype(acc_type));
+  if (N == 0) return {loss, stats};
+  const Options opt{label_smoothing, z_loss, softcap};
+  const bool has_opt = label_smoothing != 0 || z_loss != 0;
+
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, logits.scalar_type(), "prsl_forward_grad_cpu", [&] {
+    using acc_t = typename Io<scalar_t>::acc_t;
+    using Row = RowForward<scalar_t>;
+    auto fwd = softcap > 0 ? (label_smoothing > 0 ? &Row::template run<true, true> : &Row::template run<true, false>)
+                           : (label_smoothing > 0 ? &Row::template run<false, true> : &Row::template run<false, false>);
+    auto bwd = softcap > 0 ? (has_opt ? &backward_row<scalar_t, true, true> : &backward_row<scalar_t, true, false>)
+                           : (has_opt ? &backward_row<scalar_t, false, true> : &backward_row<scalar_t, false, false>);
+    const scalar_t* base = logits.const_data_ptr<scalar_t>();
+    scalar_t* out = grad_out.mutable_data_ptr<scalar_t>();
+    const int64_t in_stride = logits.stride(0), out_stride = grad_out.stride(0);
+    const int64_t* t = target.const_data_ptr<int64_t>();
+    const acc_t* g = grad_rows.const_data_ptr<acc_t>();
+    acc_t* loss_ptr = loss.mutable_data_ptr<acc_t>();
+    acc_t* stats_ptr = stats.mutable_data_ptr<acc_t>();
+    at::parallel_for(0, N, row_grain(V), [&](int64_t begin, int64_t end) {
+      std::vector<acc_t> scratch(Row::scratch_size(V));
+      for (int64_t i = begin; i < end; ++i) {
+        acc_t* row_stats = stats_ptr + i * kNumRowStats;
+        scalar_t* out_row = out + i * out_stride;
+        const int64_t s = t[i];
+        if (s == ignore_index) {
+          loss_ptr[i] = 0;
+          std::fill(row_stats, row_stats + kNumRowStats, acc_t(0));
+          std::fill(out_row, out_row + V, static_cast<scalar_t>(0));
+          continue;
+        }
+        TORCH_CHECK(s >= 0 && s < V, "prsl_cpu: target ", s, " out of range [0, ", V, ") in row ", i);
+        const scalar_t* z = base + i * in_stride;
+        fwd(z, V, s, k, b, opt, scratch.data(), loss_ptr + i, row_stats);
+        bwd(z, out_row, V, s, g[i], row_stats, b, opt);
+      }
+    });
+  });
+  return {loss, stats};
+}
+
 // What this binary was compiled with, for prsl_kernels.cpp_kernels.build_info().
 // Without _OPENMP, at::parallel_for (a header template) runs on the calling thread.
 std::string build_info() {
@@ -827,10 +901,13 @@ TORCH_LIBRARY(prsl_cpu, m) {
         "float z_loss=0., float softcap=0.) -> (Tensor, Tensor)");
   m.def("backward(Tensor grad_rows, Tensor logits, Tensor target, Tensor row_stats, float b, "
         "int ignore_index, float label_smoothing=0., float z_loss=0., float softcap=0.) -> Tensor");
+  m.def("forward_grad(Tensor logits, Tensor target, Tensor grad_rows, Tensor(a!) grad_out, int k, float b, "
+        "int ignore_index, float label_smoothing=0., float z_loss=0., float softcap=0.) -> (Tensor, Tensor)");
   m.def("build_info() -> str", &prsl_cpu::build_info);
 }
 
 TORCH_LIBRARY_IMPL(prsl_cpu, CPU, m) {
   m.impl("forward", &prsl_cpu::forward_cpu);
   m.impl("backward", &prsl_cpu::backward_cpu);
+  m.impl("forward_grad", &prsl_cpu::forward_grad_cpu);
 }

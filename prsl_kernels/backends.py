@@ -87,3 +87,13 @@ def kernels(path: str):
         from . import triton_kernels
         return triton_kernels.forward, triton_kernels.backward
     raise ValueError(f"no fused kernels for path {path!r}")
+
+
+def forward_grad_kernel(path: str):
+    """The ``prsl::forward_grad`` callable of a fused path (the gradient written by the forward)."""
+    if path == "ops":
+        return ops.forward_grad
+    if path == "triton_interpreter":
+        from . import triton_kernels
+        return triton_kernels.forward_grad
+    raise ValueError(f"no fused kernels for path {path!r}")

@@ -99,6 +99,7 @@ def _load() -> None:
                       RuntimeWarning, stacklevel=2)
     ops.forward.register_kernel("cpu")(forward)
     ops.backward.register_kernel("cpu")(backward)
+    ops.forward_grad.register_kernel("cpu")(forward_grad)
 
 
 def available() -> bool:
@@ -141,3 +142,11 @@ def backward(grad_rows, logits, target, row_stats, b, ignore_index, label_smooth
     """prsl::backward on CPU: ``grad_logits[N, V]``, contiguous, in the logits' dtype."""
     return torch.ops.prsl_cpu.backward(grad_rows, logits, target, row_stats, b, ignore_index, label_smoothing,
                                        z_loss, softcap)
+
+
+def forward_grad(logits, target, grad_rows, grad_out, k, b, ignore_index, label_smoothing=0.0, z_loss=0.0,
+                 softcap=0.0):
+    """prsl::forward_grad on CPU: the forward's ``(loss_rows, row_stats)``; the gradient of
+    ``sum_i grad_rows[i] * loss_i`` is written into ``grad_out`` (which may be ``logits``)."""
+    return torch.ops.prsl_cpu.forward_grad(logits, target, grad_rows, grad_out, k, b, ignore_index,
+                                           label_smoothing, z_loss, softcap)

@@ -1,13 +1,24 @@
-"""The one autograd Function behind every fused backend.
+"""The autograd Functions behind every fused backend.
 
-Forward saves the logits, the targets and the (N, NUM_ROW_STATS) row statistics; backward
-rebuilds the gradient from them in one streaming pass (spec, "Gradient"), so
-no top-k indices and no N x V intermediate survive the forward.
+``PRSLFunction`` (any reduction, or no gradient): the forward saves the logits, the
+targets and the (N, NUM_ROW_STATS) row statistics; the backward rebuilds the gradient
+from them in one streaming pass (spec, "Gradient"), so no top-k indices and no N x V
+intermediate survive the forward. Memory traffic: read the logits twice (the second
+time mostly from L2), then read them again and write the gradient.
+
+``PRSLGradInForwardFunction`` (``"mean"`` / ``"sum"`` with a gradient): the row
+gradient of a reduced loss is one scalar (1, or 1 / count), so the forward kernels
+write the gradient of each row right after its statistics, while the row is still in
+L2: one read of the logits from memory and one write of the gradient in all. The
+upstream scalar is applied in the backward, only when it is not exactly 1 (a
+device-side check: no host synchronisation; otherwise one extra read + write pass).
+With ``inplace`` the gradient overwrites the logits' storage (no N x V buffer at all).
 """
 
 import torch
 
 from . import backends
+from .spec import stats_dtype
 
 
 class PRSLFunction(torch.autograd.Function):
@@ -28,3 +39,60 @@ class PRSLFunction(torch.autograd.Function):
         grad_logits = backward_kernel(grad_rows.contiguous(), logits, target, row_stats, ctx.b,
                                       ctx.ignore_index, *ctx.options)
         return grad_logits, None, None, None, None, None, None
+
+
+class PRSLGradInForwardFunction(torch.autograd.Function):
+    """``(logits[N, V], target[N]) -> (loss, row_stats)``, ``loss`` the mean or sum over counted rows."""
+
+    @staticmethod
+    def forward(ctx, logits, target, k, b, ignore_index, path, options, reduction, inplace):
+        count = (target != ignore_index).sum()
+        # The row gradient of the reduced loss, as PRSLFunction's backward would receive it. With
+        # every row ignored the mean is 0 / 0 = NaN (as F.cross_entropy) and every gradient row is 0.
+        scale = torch.ones((), dtype=stats_dtype(logits.dtype), device=logits.device)
+        if reduction == "mean":
+            scale = scale / count.clamp_min(1)
+        grad = logits if inplace else torch.empty_like(logits, memory_format=torch.contiguous_format)
+        loss_rows, row_stats = backends.forward_grad_kernel(path)(
+            logits, target, scale.expand(logits.shape[0]).contiguous(), grad, k, b, ignore_index, *options)
+        if inplace:
+            # Anything else that saved these logits for its backward now fails loudly there.
+            torch.autograd.graph.increment_version(logits)
+        loss = loss_rows.sum() if reduction == "sum" else loss_rows.sum() / count
+        ctx.grad, ctx.inplace = grad, inplace
+        ctx.b, ctx.ignore_index, ctx.path, ctx.options = b, ignore_index, path, options
+        # References only (the logits were kept alive by PRSLFunction too): a second backward
+        # through a retained graph recomputes from them.
+        ctx.save_for_backward(None if inplace else logits, target, row_stats, scale, count)
+        ctx.mark_non_differentiable(row_stats)
+        return loss, row_stats
+
+    @staticmethod
+    @torch.autograd.function.once_differentiable
+    def backward(ctx, grad_loss, _grad_stats):
+        logits, target, row_stats, scale, count = ctx.saved_tensors
+        # All rows ignored: the gradient is exactly zero, whatever the caller did with the NaN loss.
+        grad_loss = torch.where(count > 0, grad_loss, torch.zeros_like(grad_loss))
+        if ctx.grad is not None:  # the first backward: hand the forward's gradient over
+            grad, ctx.grad = ctx.grad, None  # no reference kept: autograd can adopt it as .grad
+            scale_unless_one(grad, grad_loss)
+            return grad, None, None, None, None, None, None, None, None
+        if ctx.inplace:
+            raise RuntimeError("prsl_loss(inplace_backward=True): the logits were overwritten by the gradient in "
+                               "the forward and handed to the first backward; a second backward through the graph "
+                               "(retain_graph=True) cannot recompute it. Use inplace_backward=False.")
+        _, backward_kernel = backends.kernels(ctx.path)
+        grad_rows = (grad_loss * scale).expand(logits.shape[0]).contiguous()
+        grad = backward_kernel(grad_rows, logits, target, row_stats, ctx.b, ctx.ignore_index, *ctx.options)
+        return grad, None, None, None, None, None, None, None, None
+
+
+def scale_unless_one(grad, scale):
+    """``grad *= scale`` in place, skipped when the 0-d ``scale`` is exactly 1 (``loss.backward()``
+    on the loss itself): decided on the device for CUDA tensors (no host synchronisation)."""
+    if grad.is_cuda:
+        from .triton_kernels import scale_unless_one as device_scale
+
+        device_scale(grad, scale)
+    elif float(scale) != 1.0:
+        grad.mul_(scale)  # a 0-d float32 factor: multiplied in float32, rounded once

@@ -5,8 +5,11 @@ ever holding the N x V logits or their N x V gradient (issue 10). Rows are taken
 in chunks of ``C``; per chunk:
 
     logits_c = hidden_c @ weight.T + bias              one matmul into a reused C x V buffer
-    loss_c, row_stats_c = prsl::forward(logits_c, ...)  the fused kernels of this package
-    grad_c = prsl::backward(grad_rows_c, logits_c, ...)  C x V, dropped after the chunk
+    loss_c, row_stats_c = prsl::forward_grad(logits_c, ..., grad_out=logits_c)
+                                                         the fused kernels of this package: each
+                                                         row's gradient overwrites its logits in
+                                                         the forward kernel, while the row is in
+                                                         cache (grad_c below is that buffer)
     grad_hidden_c = grad_c @ weight                      N x H in all
     grad_weight  += grad_c.T @ hidden_c                   V x H, accumulated over chunks
     grad_bias    += grad_c.sum(0)
@@ -14,9 +17,10 @@ in chunks of ``C``; per chunk:
 For ``reduction="mean"``/``"sum"`` the upstream gradient of every row is the
 same scalar, so the gradients are computed in the forward with unit (sum) or
 ``1/count`` (mean) row gradients and only scaled by the upstream scalar in the
-backward (N x H and V x H, not N x V). For ``reduction="none"`` (and a second backward through a retained graph) the forward keeps
-the row statistics and the backward recomputes each chunk's logits.
-Peak memory beyond the inputs and the gradients is two C x V buffers.
+backward (N x H and V x H, not N x V); the chunk's gradient is written over its logits,
+so the peak beyond the inputs and the gradients is one C x V buffer. For
+``reduction="none"`` (and a second backward through a retained graph) the forward keeps
+the row statistics and the backward recomputes each chunk's logits (two C x V buffers).
 
 bf16/fp16: each matmul accumulates in fp32 inside (MKL / cuBLAS) and rounds its
 output once; ``grad_weight`` is accumulated in the weight's dtype by ``addmm_``
@@ -38,7 +42,8 @@ from .loss import RowStats, prsl_loss, reduce_rows
 from .spec import IGNORE_INDEX, stats_dtype
 from .validation import check_inputs, check_linear_inputs, check_options, check_target_range
 
-# Bytes of one C x V chunk buffer (two live at once: the logits and their gradient).
+# Bytes of one C x V chunk buffer (one live at once for mean / sum, where the gradient overwrites
+# the logits in the forward kernel; two for reduction="none": the logits and their gradient).
 # CPU: 64 MiB for 32/64-bit logits, 32 MiB for 16-bit ones. Per chunk, grad_W +=
 # grad.T @ hidden[c] reads and writes all of V x H, so fewer, larger chunks pay off where
 # the matmuls are fast: measured on the project's 2-core EPYC (fp32, k = 20, N = 4096,
@@ -89,7 +94,8 @@ def linear_prsl_loss(hidden, weight, target, k, b, *, bias=None, ignore_index=IG
         label_smoothing, z_loss, softcap: the options of :func:`prsl_loss` (spec, "Options"),
             applied to the chunk's logits inside the same fused kernels.
         chunk_size: rows per chunk (default: :func:`default_chunk_size`); peak memory beyond
-            inputs and gradients is about ``2 * chunk_size * V`` elements.
+            inputs and gradients is about ``chunk_size * V`` elements (twice that for
+            ``reduction="none"``).
 
     Returns:
         The loss (float32, or float64 for float64 inputs), and :class:`RowStats` if asked.
@@ -160,7 +166,8 @@ def _forward_chunks(hidden, weight, bias, target, k, b, ignore_index, path, chun
     gradient of every row's loss) also the gradients of hidden, weight and bias (each
     None unless ``grad_scale`` is given and, for the parameters, ``needs[i]``).
     ``options``: (label_smoothing, z_loss, softcap) as the ops take them."""
-    forward_kernel, backward_kernel = backends.kernels(path)
+    forward_kernel, _ = backends.kernels(path)
+    forward_grad_kernel = backends.forward_grad_kernel(path)
     n_rows, vocab = hidden.shape[0], weight.shape[0]
     buffer = hidden.new_empty((min(chunk, n_rows), vocab))
     losses, stats = [], []
@@ -175,17 +182,17 @@ def _forward_chunks(hidden, weight, bias, target, k, b, ignore_index, path, chun
         stop = min(start + chunk, n_rows)
         hidden_c, target_c = hidden[start:stop], target[start:stop]
         logits_c = _chunk_logits(hidden_c, weight, bias, buffer[:stop - start])
-        loss_c, stats_c = forward_kernel(logits_c, target_c, k, b, ignore_index, *options)
+        if not want:
+            loss_c, stats_c = forward_kernel(logits_c, target_c, k, b, ignore_index, *options)
+        else:  # the gradient overwrites the chunk's logits (ours: nobody else reads them)
+            grad_rows = grad_scale.expand(stop - start).contiguous()
+            loss_c, stats_c = forward_grad_kernel(logits_c, target_c, grad_rows, logits_c, k, b, ignore_index,
+                                                  *options)
+            grad_hidden, grad_weight, grad_bias = _accumulate(logits_c, hidden_c, weight, start, stop, grad_hidden,
+                                                              grad_weight, grad_bias, need_hidden, need_weight,
+                                                              need_bias)
         losses.append(loss_c)
         stats.append(stats_c)
-        if not want:
-            continue
-        grad_rows = grad_scale.expand(stop - start).contiguous()
-        grad_c = backward_kernel(grad_rows, logits_c, target_c, stats_c, b, ignore_index, *options)
-        grad_hidden, grad_weight, grad_bias = _accumulate(grad_c, hidden_c, weight, start, stop, grad_hidden,
-                                                          grad_weight, grad_bias, need_hidden, need_weight,
-                                                          need_bias)
-        del grad_c  # free it before the next chunk's is allocated: two C x V buffers, not three
     return torch.cat(losses), torch.cat(stats), grad_hidden, grad_weight, grad_bias
 
 

@@ -5,7 +5,7 @@ from typing import NamedTuple
 import torch
 
 from . import backends
-from .function import PRSLFunction
+from .function import PRSLFunction, PRSLGradInForwardFunction
 from .spec import IGNORE_INDEX, NUM_ROW_STATS
 from .validation import check_inputs, check_options, check_target_range
 
@@ -32,7 +32,8 @@ class RowStats(NamedTuple):
 
 
 def prsl_loss(logits, target, k, b, *, ignore_index=IGNORE_INDEX, reduction="mean", backend="auto",
-              check_target=True, return_stats=False, label_smoothing=0.0, z_loss=0.0, softcap=None):
+              check_target=True, return_stats=False, label_smoothing=0.0, z_loss=0.0, softcap=None,
+              inplace_backward=False):
     """Partially Recentralization Softmax Loss: ``CE + b * D`` per token.
 
     Args:
@@ -54,12 +55,32 @@ def prsl_loss(logits, target, k, b, *, ignore_index=IGNORE_INDEX, reduction="mea
             (Gemma 2), and everything (lse, the top-k selection, stats) uses the capped values.
             The options are computed inside the fused kernels (spec, "Options"); all off is
             bit-identical to the plain loss.
+        inplace_backward: with ``reduction="mean"``/``"sum"`` and a gradient to compute, write the
+            gradient over the logits' storage (flash-attention's name): no N x V gradient buffer
+            is allocated, and **the logits tensor holds the gradient after the call** (its
+            version counter is bumped, so an op that saved the same logits for its own backward
+            raises there instead of using the overwritten values). A second backward through a
+            retained graph raises. Ignored by the reference backend, under ``torch.compile``
+            and when no gradient is needed; with ``reduction="none"`` it raises.
+
+    With ``reduction="mean"``/``"sum"`` and a gradient to compute, the fused backends write the
+    gradient in the forward, each row right after its statistics while it is still in cache
+    (one read of the logits from memory instead of two); the backward then only hands it
+    over, scaling it in place when the upstream gradient is not exactly 1 (checked on the
+    device; ``loss.backward()`` gives 1). The gradient buffer therefore exists from the
+    forward on, which is when the old backward would have allocated it anyway when the loss
+    is the last op before ``backward()``.
 
     Returns:
         The loss (float32, or float64 for float64 logits), and the stats if asked.
     """
     check_inputs(logits, target, k, b, ignore_index, reduction, backend)
     options = check_options(label_smoothing, z_loss, softcap)
+    if not isinstance(inplace_backward, bool):
+        raise TypeError(f"inplace_backward must be a bool, got {type(inplace_backward).__name__}")
+    if inplace_backward and reduction == "none":
+        raise ValueError("inplace_backward=True needs reduction='mean' or 'sum': with 'none' the upstream gradient "
+                         "of each row is only known in the backward, after the logits would have been overwritten")
     vocab = logits.shape[-1]
     if check_target:
         check_target_range(target, vocab, ignore_index)
@@ -72,9 +93,14 @@ def prsl_loss(logits, target, k, b, *, ignore_index=IGNORE_INDEX, reduction="mea
         logits2d = logits.reshape(-1, vocab)
         if logits2d.stride(-1) != 1:
             logits2d = logits2d.contiguous()
-        # b == 0 is plain cross-entropy: tell the kernels to skip the top-k selection.
-        loss_rows, row_stats = PRSLFunction.apply(logits2d, target.reshape(-1).long(), k if b != 0 else 0,
-                                                  b, ignore_index, path, options)
+        target1d, k_eff = target.reshape(-1).long(), k if b != 0 else 0  # b == 0: plain CE, no selection
+        if (reduction != "none" and torch.is_grad_enabled() and logits.requires_grad
+                and not torch.compiler.is_compiling()):
+            inplace = inplace_backward and logits2d.data_ptr() == logits.data_ptr()
+            loss, row_stats = PRSLGradInForwardFunction.apply(logits2d, target1d, k_eff, b, ignore_index, path,
+                                                              options, reduction, inplace)
+            return (loss, RowStats.from_columns(row_stats)) if return_stats else loss
+        loss_rows, row_stats = PRSLFunction.apply(logits2d, target1d, k_eff, b, ignore_index, path, options)
         stats = RowStats.from_columns(row_stats)
         loss_rows = loss_rows.reshape(target.shape)
 
@@ -104,20 +130,20 @@ class PRSLLoss(torch.nn.Module):
     """``nn.Module`` form of :func:`prsl_loss`; call as ``loss_fn(logits, target)``."""
 
     def __init__(self, k, b, ignore_index=IGNORE_INDEX, reduction="mean", backend="auto", *, label_smoothing=0.0,
-                 z_loss=0.0, softcap=None):
+                 z_loss=0.0, softcap=None, inplace_backward=False):
         super().__init__()
         check_options(label_smoothing, z_loss, softcap)
-        self.k, self.b = k, b
+        self.k, self.b, self.inplace_backward = k, b, inplace_backward
         self.ignore_index, self.reduction, self.backend = ignore_index, reduction, backend
         self.label_smoothing, self.z_loss, self.softcap = label_smoothing, z_loss, softcap
 
     def forward(self, logits, target):
         return prsl_loss(logits, target, self.k, self.b, ignore_index=self.ignore_index,
                          reduction=self.reduction, backend=self.backend, label_smoothing=self.label_smoothing,
-                         z_loss=self.z_loss, softcap=self.softcap)
+                         z_loss=self.z_loss, softcap=self.softcap, inplace_backward=self.inplace_backward)
 
     def extra_repr(self):
         options = "".join(f", {name}={value}" for name, value, off in (
             ("label_smoothing", self.label_smoothing, 0.0), ("z_loss", self.z_loss, 0.0),
-            ("softcap", self.softcap, None)) if value != off)
+            ("softcap", self.softcap, None), ("inplace_backward", self.inplace_backward, False)) if value != off)
         return f"k={self.k}, b={self.b}, ignore_index={self.ignore_index}, reduction={self.reduction!r}{options}"

@@ -249,8 +249,8 @@ def _edge_chunks(tile0, thr, target, lead, V, cap, VEC: tl.constexpr, acc: tl.co
 
 @triton.jit
 def _prsl_forward_kernel(
-    logits_ptr, target_ptr, loss_ptr, stats_ptr, group_ptr, chunk_ptr, cand_ptr, flag_ptr,
-    stride_row, V, k, b_hi, b_lo, ignore_index, eps_hi, eps_lo, lam_hi, lam_lo, cap_hi, cap_lo,
+    logits_ptr, target_ptr, loss_ptr, stats_ptr, group_ptr, chunk_ptr, cand_ptr, flag_ptr, grad_rows_ptr, grad_ptr,
+    stride_row, grad_stride, V, k, b_hi, b_lo, ignore_index, eps_hi, eps_lo, lam_hi, lam_lo, cap_hi, cap_lo,
     HAS_TOPK: tl.constexpr,  # False when k == 0 (or b == 0): plain cross-entropy, one pass
     KP: tl.constexpr,  # top-k size of the selections, a power of two > k
     CAP: tl.constexpr,  # candidate slots per row
@@ -264,6 +264,9 @@ def _prsl_forward_kernel(
     SOFTCAP: tl.constexpr = False,  # the options (module docstring), all off by default
     SMOOTH: tl.constexpr = False,
     ZLOSS: tl.constexpr = False,
+    WRITE_GRAD: tl.constexpr = False,  # also the gradient (grad_rows-weighted) of unflagged rows, into grad_ptr
+    GRAD_TILE: tl.constexpr = 2048,
+    GRAD_ALIGNED: tl.constexpr = False,  # logits and gradient rows share their offset mod VEC
 ):
     acc: tl.constexpr = loss_ptr.dtype.element_ty
     GROUPS: tl.constexpr = TILE // VEC
@@ -276,12 +279,16 @@ def _prsl_forward_kernel(
         _store_filler_row(loss_ptr + row, stats_row, 0.0, acc)
         if HAS_TOPK:
             tl.store(flag_ptr + row, 0)
+        if WRITE_GRAD:
+            _fill_row_grad(grad_ptr, row, grad_stride, V, 0.0, GRAD_TILE)
         return
     if (target < 0) | (target >= V):
         # Never dereferenced: a NaN loss and lse mark the row (the backward turns it into NaN).
         _store_filler_row(loss_ptr + row, stats_row, float("nan"), acc)
         if HAS_TOPK:
             tl.store(flag_ptr + row, 0)
+        if WRITE_GRAD:
+            _fill_row_grad(grad_ptr, row, grad_stride, V, float("nan"), GRAD_TILE)
         return
 
     row_off = row * stride_row
@@ -386,8 +393,11 @@ def _prsl_forward_kernel(
         loss = _row_loss(lse, z_target, z_sum, V, tl.cast(eps_hi, acc) + tl.cast(eps_lo, acc),
                          tl.cast(lam_hi, acc) + tl.cast(lam_lo, acc), SMOOTH, ZLOSS) + b * dist
         # Flagged rows are rewritten by the exact kernel.
+        unflagged = n_cand <= CAP
         tl.store(flag_ptr + row, (n_cand > CAP).to(tl.int8))
     else:
+        b = tl.cast(b_hi, acc) + tl.cast(b_lo, acc)
+        unflagged = True
         tau = tl.full([], float("inf"), acc)
         spread = tl.full([], 0.0, acc)
         dist = spread
@@ -397,6 +407,11 @@ def _prsl_forward_kernel(
     tl.store(loss_ptr + row, loss)
     stats = _stats_vector(stat_cols, lse, tau, dist, spread, tie_count)
     tl.store(stats_row + stat_cols, stats, mask=stat_cols < _CORRECT)  # correct: stored above
+    if WRITE_GRAD:
+        if unflagged:  # a flagged row's gradient comes with its exact statistics
+            _write_row_grad(logits_ptr, grad_ptr, grad_rows_ptr, row, stride_row, grad_stride, V, target, lse, tau,
+                            dist, spread, tie_count, b, eps_hi, eps_lo, lam_hi, lam_lo, cap_hi, cap_lo, GRAD_TILE,
+                            GRAD_ALIGNED, VEC, acc, USE_EXP2, SOFTCAP, SMOOTH, ZLOSS)
 
 
 @triton.jit
@@ -430,14 +445,16 @@ def _merge_into_top(top, new):
 
 @triton.jit
 def _prsl_forward_exact_kernel(
-    logits_ptr, target_ptr, loss_ptr, stats_ptr, scratch_ptr, flag_ptr,
-    stride_row, V, k, b_hi, b_lo, ignore_index, eps_hi, eps_lo, lam_hi, lam_lo, cap_hi, cap_lo,
+    logits_ptr, target_ptr, loss_ptr, stats_ptr, scratch_ptr, flag_ptr, grad_rows_ptr, grad_ptr,
+    stride_row, grad_stride, V, k, b_hi, b_lo, ignore_index, eps_hi, eps_lo, lam_hi, lam_lo, cap_hi, cap_lo,
     ONLY_FLAGGED: tl.constexpr,  # the two-pass kernel's second launch: skip unflagged rows
     KP: tl.constexpr,  # top-k buffer size, a power of two > k
     BLOCK_V: tl.constexpr,
     SOFTCAP: tl.constexpr = False,  # the options (module docstring); SOFTCAP: scratch_ptr holds acc values
     SMOOTH: tl.constexpr = False,
     ZLOSS: tl.constexpr = False,
+    WRITE_GRAD: tl.constexpr = False,  # as the two-pass kernel's (rows start anywhere: unaligned tiles)
+    USE_EXP2: tl.constexpr = True,  # WRITE_GRAD only: as the backward's (float64 keeps exp)
 ):
     acc: tl.constexpr = loss_ptr.dtype.element_ty
     row = tl.program_id(0).to(tl.int64)
@@ -449,9 +466,13 @@ def _prsl_forward_exact_kernel(
     stats_row = stats_ptr + row * _NUM_STATS
     if target == ignore_index:
         _store_filler_row(loss_ptr + row, stats_row, 0.0, acc)
+        if WRITE_GRAD:
+            _fill_row_grad(grad_ptr, row, grad_stride, V, 0.0, BLOCK_V)
         return
     if (target < 0) | (target >= V):
         _store_filler_row(loss_ptr + row, stats_row, float("nan"), acc)
+        if WRITE_GRAD:
+            _fill_row_grad(grad_ptr, row, grad_stride, V, float("nan"), BLOCK_V)
         return
 
     row_ptr = logits_ptr + row * stride_row
@@ -518,6 +539,10 @@ def _prsl_forward_exact_kernel(
     tl.store(loss_ptr + row, loss)
     stats = _stats_vector(stat_cols, lse, tau, dist, spread, tie_count)
     tl.store(stats_row + stat_cols, stats, mask=stat_cols < _CORRECT)  # correct: stored above
+    if WRITE_GRAD:
+        _write_row_grad(logits_ptr, grad_ptr, grad_rows_ptr, row, stride_row, grad_stride, V, target, lse, tau, dist,
+                        spread, tie_count, b, eps_hi, eps_lo, lam_hi, lam_lo, cap_hi, cap_lo, BLOCK_V, False, 1,
+                        acc, USE_EXP2, SOFTCAP, SMOOTH, ZLOSS)
 
 
 @triton.jit
@@ -548,52 +573,29 @@ def _grad_tile(raw, pos, target, lse, tau, p_min, c1, c3, c4, grad_row, cap, one
 
 
 @triton.jit
-def _prsl_backward_kernel(
-    grad_rows_ptr, logits_ptr, target_ptr, stats_ptr, grad_ptr,
-    stride_row, V, b_hi, b_lo, ignore_index, eps_hi, eps_lo, lam_hi, lam_lo, cap_hi, cap_lo,
-    TILE: tl.constexpr,
-    TILES_PER_PROGRAM: tl.constexpr,  # the per-row setup (five stats, two divisions) is paid once per program
-    ALIGNED: tl.constexpr,  # logits and gradient rows share their alignment: tiles start aligned
-    VEC: tl.constexpr,
-    USE_EXP2: tl.constexpr,  # float32 accumulation (float64 keeps exp)
-    SOFTCAP: tl.constexpr = False,  # the options (module docstring), all off by default
-    SMOOTH: tl.constexpr = False,
-    ZLOSS: tl.constexpr = False,
-):
-    acc: tl.constexpr = stats_ptr.dtype.element_ty
-    out_dtype: tl.constexpr = grad_ptr.dtype.element_ty
-    row = tl.program_id(0).to(tl.int64)
-    if ALIGNED:
-        lead = ((row * V) % VEC).to(tl.int32)
-        in_row = logits_ptr + tl.multiple_of(row * stride_row - lead, VEC)
-        out_row = grad_ptr + tl.multiple_of(row * V - lead, VEC)
-    else:
-        lead = 0
-        in_row = logits_ptr + row * stride_row
-        out_row = grad_ptr + row * V
-    # Tile t covers row positions [t * TILE - lead, (t + 1) * TILE - lead).
-    n_tiles = tl.cdiv(V + lead, TILE)
-    t_first = tl.program_id(1) * TILES_PER_PROGRAM
-    t_end = tl.minimum(t_first + TILES_PER_PROGRAM, n_tiles)
+def _fill_grad_tiles(out_row, lead, t_first, t_end, V, value: tl.constexpr, TILE: tl.constexpr):
+    # An ignored row (0) or one with an out-of-range target (NaN): every gradient column.
+    out_dtype: tl.constexpr = out_row.dtype.element_ty
     cols = tl.arange(0, TILE)
-    target = tl.load(target_ptr + row)
-    # int32 compares in the loop; a valid target is < V < 2^31 (an invalid one has a NaN lse).
-    target32 = target.to(tl.int32)
-    if target == ignore_index:
-        for t in range(t_first, t_end):
-            pos = t * TILE - lead + cols
-            tl.store(out_row + t * TILE + cols, tl.zeros([TILE], out_dtype), mask=(pos >= 0) & (pos < V))
-        return
+    for t in range(t_first, t_end):
+        pos = t * TILE - lead + cols
+        # Made in float32 and cast: the interpreter cannot make a bfloat16 constant.
+        tl.store(out_row + t * TILE + cols, tl.full([TILE], value, tl.float32).to(out_dtype),
+                 mask=(pos >= 0) & (pos < V))
 
-    stats_row = stats_ptr + row * _NUM_STATS
-    lse = tl.load(stats_row + _LSE)
-    tau = tl.load(stats_row + _TAU)
-    dist = tl.load(stats_row + _DIST)
-    spread = tl.load(stats_row + _SPREAD)
-    tie_count = tl.load(stats_row + _TIES)
-    grad_row = tl.load(grad_rows_ptr + row)
-    b = tl.cast(b_hi, acc) + tl.cast(b_lo, acc)
 
+@triton.jit
+def _grad_tiles(in_row, out_row, lead, t_first, t_end, V, target32, lse, tau, dist, spread, tie_count, grad_row,
+                b, eps_hi, eps_lo, lam_hi, lam_lo, cap_hi, cap_lo, TILE: tl.constexpr, acc: tl.constexpr,
+                USE_EXP2: tl.constexpr, SOFTCAP: tl.constexpr, SMOOTH: tl.constexpr, ZLOSS: tl.constexpr):
+    # Tiles [t_first, t_end) of one row's gradient from its statistics: tile t covers row
+    # positions [t * TILE - lead, (t + 1) * TILE - lead), in_row / out_row point at tile 0.
+    # The first and last tiles of the row are masked, interior ones are unmasked vector
+    # loads and stores. in_row == out_row is allowed (the in-place gradient): a tile is
+    # read before it is written, and nothing else of the row is read afterwards.
+    out_dtype: tl.constexpr = out_row.dtype.element_ty
+    n_tiles = tl.cdiv(V + lead, TILE)
+    cols = tl.arange(0, TILE)
     has_dist = dist > 0
     inv_dist = tl.where(has_dist, 1.0 / tl.where(has_dist, dist, 1.0), 0.0)
     g_tie = tl.where(tie_count > 0, -(spread * inv_dist) / tl.maximum(tie_count, 1.0), 0.0)
@@ -623,6 +625,85 @@ def _prsl_backward_kernel(
             dz = _grad_tile(raw, pos, target32, lse, tau, p_min, c1, c3, c4, grad_row, cap, one_minus_eps, smooth,
                             acc, USE_EXP2, SOFTCAP, SMOOTH)
             tl.store(out_row + t * TILE + cols, dz.to(out_dtype))
+
+
+@triton.jit
+def _row_grad_ptrs(logits_ptr, grad_ptr, row, stride_row, grad_stride, ALIGNED: tl.constexpr, VEC: tl.constexpr):
+    # (tile-0 pointers of the logits row and the gradient row, lead). ALIGNED: both rows
+    # share their offset mod VEC (the launcher checks), so tiles start 16-byte aligned.
+    if ALIGNED:
+        lead = ((row * stride_row) % VEC).to(tl.int32)
+        in_row = logits_ptr + tl.multiple_of(row * stride_row - lead, VEC)
+        out_row = grad_ptr + tl.multiple_of(row * grad_stride - lead, VEC)
+    else:
+        lead = 0
+        in_row = logits_ptr + row * stride_row
+        out_row = grad_ptr + row * grad_stride
+    return in_row, out_row, lead
+
+
+@triton.jit
+def _write_row_grad(logits_ptr, grad_ptr, grad_rows_ptr, row, stride_row, grad_stride, V, target, lse, tau, dist,
+                    spread, tie_count, b, eps_hi, eps_lo, lam_hi, lam_lo, cap_hi, cap_lo, GRAD_TILE: tl.constexpr,
+                    GRAD_ALIGNED: tl.constexpr, VEC: tl.constexpr, acc: tl.constexpr, USE_EXP2: tl.constexpr,
+                    SOFTCAP: tl.constexpr, SMOOTH: tl.constexpr, ZLOSS: tl.constexpr):
+    # The forward kernels' WRITE_GRAD: the whole row's gradient, right after its statistics,
+    # while the row is still in L2 (the backward's read of it no longer goes to memory).
+    in_row, out_row, lead = _row_grad_ptrs(logits_ptr, grad_ptr, row, stride_row, grad_stride, GRAD_ALIGNED, VEC)
+    n_tiles = tl.cdiv(V + lead, GRAD_TILE)
+    _grad_tiles(in_row, out_row, lead, 0, n_tiles, V, target.to(tl.int32), lse, tau, dist, spread, tie_count,
+                tl.load(grad_rows_ptr + row), b, eps_hi, eps_lo, lam_hi, lam_lo, cap_hi, cap_lo, GRAD_TILE, acc,
+                USE_EXP2, SOFTCAP, SMOOTH, ZLOSS)
+
+
+@triton.jit
+def _fill_row_grad(grad_ptr, row, grad_stride, V, value: tl.constexpr, GRAD_TILE: tl.constexpr):
+    out_row = grad_ptr + row * grad_stride
+    _fill_grad_tiles(out_row, 0, 0, tl.cdiv(V, GRAD_TILE), V, value, GRAD_TILE)
+
+
+@triton.jit
+def _prsl_backward_kernel(
+    grad_rows_ptr, logits_ptr, target_ptr, stats_ptr, grad_ptr,
+    stride_row, grad_stride, V, b_hi, b_lo, ignore_index, eps_hi, eps_lo, lam_hi, lam_lo, cap_hi, cap_lo,
+    TILE: tl.constexpr,
+    TILES_PER_PROGRAM: tl.constexpr,  # the per-row setup (five stats, two divisions) is paid once per program
+    ALIGNED: tl.constexpr,  # logits and gradient rows share their alignment: tiles start aligned
+    VEC: tl.constexpr,
+    USE_EXP2: tl.constexpr,  # float32 accumulation (float64 keeps exp)
+    SOFTCAP: tl.constexpr = False,  # the options (module docstring), all off by default
+    SMOOTH: tl.constexpr = False,
+    ZLOSS: tl.constexpr = False,
+):
+    acc: tl.constexpr = stats_ptr.dtype.element_ty
+    row = tl.program_id(0).to(tl.int64)
+    in_row, out_row, lead = _row_grad_ptrs(logits_ptr, grad_ptr, row, stride_row, grad_stride, ALIGNED, VEC)
+    n_tiles = tl.cdiv(V + lead, TILE)
+    t_first = tl.program_id(1) * TILES_PER_PROGRAM
+    t_end = tl.minimum(t_first + TILES_PER_PROGRAM, n_tiles)
+    target = tl.load(target_ptr + row)
+    if target == ignore_index:
+        _fill_grad_tiles(out_row, lead, t_first, t_end, V, 0.0, TILE)
+        return
+    # int32 compares in the loop; a valid target is < V < 2^31 (an invalid one has a NaN lse).
+    target32 = target.to(tl.int32)
+    stats_row = stats_ptr + row * _NUM_STATS
+    _grad_tiles(in_row, out_row, lead, t_first, t_end, V, target32, tl.load(stats_row + _LSE),
+                tl.load(stats_row + _TAU), tl.load(stats_row + _DIST), tl.load(stats_row + _SPREAD),
+                tl.load(stats_row + _TIES), tl.load(grad_rows_ptr + row), tl.cast(b_hi, acc) + tl.cast(b_lo, acc),
+                eps_hi, eps_lo, lam_hi, lam_lo, cap_hi, cap_lo, TILE, acc, USE_EXP2, SOFTCAP, SMOOTH, ZLOSS)
+
+
+@triton.jit
+def _scale_unless_one_kernel(x_ptr, scale_ptr, n, BLOCK: tl.constexpr):
+    # x *= scale in place, unless scale == 1: the gradient computed in the forward meets the
+    # upstream scalar of the backward. Read on the device, so no host synchronisation;
+    # with scale == 1 (loss.backward() on the loss itself) nothing of x is touched.
+    scale = tl.load(scale_ptr).to(tl.float32)
+    if scale != 1.0:
+        offs = tl.program_id(0).to(tl.int64) * BLOCK + tl.arange(0, BLOCK)
+        x = tl.load(x_ptr + offs, mask=offs < n)
+        tl.store(x_ptr + offs, (x.to(tl.float32) * scale).to(x_ptr.dtype.element_ty), mask=offs < n)
 
 
 # ----------------------------------------------------------------------------
@@ -748,18 +829,20 @@ def aot_signature(config):
     if config.kernel == "forward":
         fn = _prsl_forward_kernel
         sig = {"logits_ptr": f"*{elem}", "target_ptr": "*i64", "loss_ptr": f"*{acc}", "stats_ptr": f"*{acc}",
-               "group_ptr": "*i32", "chunk_ptr": f"*{acc}", "cand_ptr": f"*{acc}", "flag_ptr": "*i8", "stride_row": "i64", "V": "i32",
-               "k": "i32", "b_hi": "fp32", "b_lo": "fp32", "ignore_index": "i64"}
+               "group_ptr": "*i32", "chunk_ptr": f"*{acc}", "cand_ptr": f"*{acc}", "flag_ptr": "*i8",
+               "grad_rows_ptr": f"*{acc}", "grad_ptr": f"*{elem}", "stride_row": "i64", "grad_stride": "i64",
+               "V": "i32", "k": "i32", "b_hi": "fp32", "b_lo": "fp32", "ignore_index": "i64"}
     elif config.kernel == "forward_exact":
         fn = _prsl_forward_exact_kernel
         sig = {"logits_ptr": f"*{elem}", "target_ptr": "*i64", "loss_ptr": f"*{acc}", "stats_ptr": f"*{acc}",
-               "scratch_ptr": f"*{elem}", "flag_ptr": "*i8", "stride_row": "i64", "V": "i32", "k": "i32",
-               "b_hi": "fp32", "b_lo": "fp32", "ignore_index": "i64"}
+               "scratch_ptr": f"*{elem}", "flag_ptr": "*i8", "grad_rows_ptr": f"*{acc}", "grad_ptr": f"*{elem}",
+               "stride_row": "i64", "grad_stride": "i64", "V": "i32", "k": "i32", "b_hi": "fp32", "b_lo": "fp32",
+               "ignore_index": "i64"}
     else:
         fn = _prsl_backward_kernel
         sig = {"grad_rows_ptr": f"*{acc}", "logits_ptr": f"*{elem}", "target_ptr": "*i64",
-               "stats_ptr": f"*{acc}", "grad_ptr": f"*{elem}", "stride_row": "i64", "V": "i32",
-               "b_hi": "fp32", "b_lo": "fp32", "ignore_index": "i64"}
+               "stats_ptr": f"*{acc}", "grad_ptr": f"*{elem}", "stride_row": "i64", "grad_stride": "i64",
+               "V": "i32", "b_hi": "fp32", "b_lo": "fp32", "ignore_index": "i64"}
     sig.update({name: "fp32" for name in _OPTION_ARGS})
     sig.update({name: "constexpr" for name in config.constexprs})
     return fn, sig, dict(config.constexprs)
@@ -798,9 +881,12 @@ def forward(logits, target, k, b, ignore_index, label_smoothing=0.0, z_loss=0.0,
     return loss_rows, row_stats
 
 
-def forward_with_flags(logits, target, k, b, ignore_index, label_smoothing=0.0, z_loss=0.0, softcap=0.0):
+def forward_with_flags(logits, target, k, b, ignore_index, label_smoothing=0.0, z_loss=0.0, softcap=0.0,
+                       grad=None):
     """:func:`forward`, plus the per-row int8 flags of the two-pass kernel (1: the row
-    was recomputed by the exact kernel; None where the two-pass kernel did not run)."""
+    was recomputed by the exact kernel; None where the two-pass kernel did not run).
+    ``grad=(grad_rows, grad_out)``: also write the gradient of ``sum_i grad_rows[i] loss_i``
+    into ``grad_out`` from the forward kernels (:func:`forward_grad`)."""
     n_rows, vocab = logits.shape
     if logits.stride(1) != 1:
         logits = logits.contiguous()
@@ -812,20 +898,29 @@ def forward_with_flags(logits, target, k, b, ignore_index, label_smoothing=0.0, 
         return loss_rows, row_stats, None
     options = (label_smoothing, z_loss, softcap)
     if k > MAX_K:
-        return (*_forward_torch(logits, target, k, b, ignore_index, options), None)
+        loss_rows, row_stats = _forward_torch(logits, target, k, b, ignore_index, options)
+        if grad is not None:
+            backward(grad[0], logits, target, row_stats, b, ignore_index, *options, out=grad[1])
+        return loss_rows, row_stats, None
     config = forward_config(logits.dtype, vocab, k, options)
     b_hi, b_lo = _split_b(b)
-    args = (logits.stride(0), vocab, k, b_hi, b_lo, ignore_index, *_option_args(options))
+    grad_rows, grad_out = grad if grad is not None else (loss_rows, loss_rows)  # unread without WRITE_GRAD
+    grad_stride = grad_out.stride(0) if grad is not None else 0
+    args = (logits.stride(0), grad_stride, vocab, k, b_hi, b_lo, ignore_index, *_option_args(options))
+    write = {} if grad is None else {"WRITE_GRAD": True}
     # The exact kernel's scratch holds the loaded values: capped ones are in the stats dtype.
     scratch_dtype = acc if softcap > 0 else logits.dtype
     with _device_guard(logits):
         if config.kernel == "forward_exact":
             scratch = torch.empty(n_rows, config.constexprs["KP"], dtype=scratch_dtype, device=logits.device)
             _prsl_forward_exact_kernel[(n_rows,)](
-                logits, target, loss_rows, row_stats, scratch, loss_rows, *args,
-                **config.constexprs, num_warps=config.num_warps)
+                logits, target, loss_rows, row_stats, scratch, loss_rows, grad_rows, grad_out, *args,
+                **config.constexprs, **_exact_write(write, logits.dtype), num_warps=config.num_warps)
             return loss_rows, row_stats, None
         constexprs = dict(config.constexprs, ALIGNED=_aligned(logits))
+        if grad is not None:
+            constexprs.update(write, GRAD_TILE=backward_config(logits.dtype, vocab).constexprs["TILE"],
+                              GRAD_ALIGNED=_aligned(logits, grad_out) and logits.stride(0) == grad_stride)
         has_topk = constexprs["HAS_TOPK"]
         cap = constexprs["CAP"] if has_topk else 1
         # Per-row scratch, CAP entries each (L2-resident): listed groups and candidate values.
@@ -834,30 +929,54 @@ def forward_with_flags(logits, target, k, b, ignore_index, label_smoothing=0.0, 
         cand = torch.empty(n_rows if has_topk else 1, cap, dtype=acc, device=logits.device)
         flags = torch.empty(n_rows if has_topk else 1, dtype=torch.int8, device=logits.device)
         _prsl_forward_kernel[(n_rows,)](
-            logits, target, loss_rows, row_stats, groups, chunks, cand, flags, *args,
+            logits, target, loss_rows, row_stats, groups, chunks, cand, flags, grad_rows, grad_out, *args,
             **constexprs, num_warps=config.num_warps)
         if not has_topk:
             return loss_rows, row_stats, None
         exact = exact_config(logits.dtype, vocab, k, only_flagged=True, options=options)
         scratch = torch.empty(n_rows, exact.constexprs["KP"], dtype=scratch_dtype, device=logits.device)
         _prsl_forward_exact_kernel[(n_rows,)](
-            logits, target, loss_rows, row_stats, scratch, flags, *args,
-            **exact.constexprs, num_warps=exact.num_warps)
+            logits, target, loss_rows, row_stats, scratch, flags, grad_rows, grad_out, *args,
+            **exact.constexprs, **_exact_write(write, logits.dtype), num_warps=exact.num_warps)
     return loss_rows, row_stats, flags
 
 
-def backward(grad_rows, logits, target, row_stats, b, ignore_index, label_smoothing=0.0, z_loss=0.0, softcap=0.0):
-    """``grad_logits[N, V]``, contiguous, in the logits' dtype (see ``prsl_kernels.ops``)."""
+def _exact_write(write, dtype):
+    # The exact kernel's gradient uses the backward's exp flavour, so that the gradient is the same
+    # whichever kernel wrote it.
+    return dict(write, USE_EXP2=dtype != torch.float64) if write else {}
+
+
+def forward_grad(logits, target, grad_rows, grad_out, k, b, ignore_index, label_smoothing=0.0, z_loss=0.0,
+                 softcap=0.0):
+    """prsl::forward_grad: the forward's ``(loss_rows, row_stats)``, and the gradient of
+    ``sum_i grad_rows[i] * loss_i`` written into ``grad_out`` (``[N, V]``, the logits' dtype,
+    unit stride along V; it may be ``logits`` itself) by the forward kernels, each row
+    right after its statistics, while it is still in L2."""
+    if logits.stride(1) != 1 and logits.shape[1] > 1:
+        raise ValueError("forward_grad: logits must have unit stride along V")
+    if grad_out.shape != logits.shape or grad_out.dtype != logits.dtype or (
+            grad_out.stride(1) != 1 and logits.shape[1] > 1):
+        raise ValueError("forward_grad: grad_out must be [N, V] in the logits' dtype with unit stride along V")
+    loss_rows, row_stats, _ = forward_with_flags(logits, target, k, b, ignore_index, label_smoothing, z_loss,
+                                                 softcap, grad=(grad_rows.contiguous(), grad_out))
+    return loss_rows, row_stats
+
+
+def backward(grad_rows, logits, target, row_stats, b, ignore_index, label_smoothing=0.0, z_loss=0.0, softcap=0.0,
+             out=None):
+    """``grad_logits[N, V]``, contiguous, in the logits' dtype (see ``prsl_kernels.ops``);
+    ``out``: write it there instead (``[N, V]``, unit stride along V; may be ``logits``)."""
     n_rows, vocab = logits.shape
     if logits.stride(1) != 1:
         logits = logits.contiguous()
-    grad_logits = torch.empty((n_rows, vocab), dtype=logits.dtype, device=logits.device)
+    grad_logits = torch.empty((n_rows, vocab), dtype=logits.dtype, device=logits.device) if out is None else out
     if n_rows == 0 or vocab == 0:
         return grad_logits
     options = (label_smoothing, z_loss, softcap)
     config = backward_config(logits.dtype, vocab, options)
     # Aligned tiles need the logits rows and the gradient rows to share their offset mod VEC.
-    aligned = _aligned(logits, grad_logits) and logits.stride(0) == vocab
+    aligned = _aligned(logits, grad_logits) and logits.stride(0) == grad_logits.stride(0)
     tile = config.constexprs["TILE"]
     b_hi, b_lo = _split_b(b)
     with _device_guard(logits):
@@ -865,9 +984,24 @@ def backward(grad_rows, logits, target, row_stats, b, ignore_index, label_smooth
         grid = (n_rows, triton.cdiv(max_tiles, config.constexprs["TILES_PER_PROGRAM"]))
         _prsl_backward_kernel[grid](
             grad_rows.contiguous(), logits, target.contiguous(), row_stats.contiguous(), grad_logits,
-            logits.stride(0), vocab, b_hi, b_lo, ignore_index, *_option_args(options),
+            logits.stride(0), grad_logits.stride(0), vocab, b_hi, b_lo, ignore_index, *_option_args(options),
             **dict(config.constexprs, ALIGNED=aligned), num_warps=config.num_warps)
     return grad_logits
+
+
+def scale_unless_one(x, scale):
+    """``x *= scale`` in place (float32 product, one rounding; float64 for float64 ``x``),
+    skipped on the device when the 0-d ``scale`` is exactly 1."""
+    if x.dtype == torch.float64 or not x.is_contiguous():
+        x.mul_(scale)  # not the hot path
+        return
+    n = x.numel()
+    if n == 0:
+        return
+    block = 4096
+    with _device_guard(x):
+        _scale_unless_one_kernel[(triton.cdiv(n, block),)](x, scale.reshape(()).contiguous(), n, BLOCK=block,
+                                                           num_warps=8)
 
 
 def _forward_torch(logits, target, k, b, ignore_index, options=(0.0, 0.0, 0.0), chunk_elems=1 << 24):
@@ -925,7 +1059,8 @@ if os.environ.get("TRITON_INTERPRET", "0") == "1":
 
 ops.forward.register_kernel("cuda")(forward)
 ops.backward.register_kernel("cuda")(backward)
+ops.forward_grad.register_kernel("cuda")(forward_grad)
 
-__all__ = ["forward", "backward", "forward_with_flags", "MAX_K", "FAST_MAX_KP", "TOPK_BUFFER_SIZES",
+__all__ = ["forward", "backward", "forward_grad", "forward_with_flags", "MAX_K", "FAST_MAX_KP", "TOPK_BUFFER_SIZES",
            "launch_configs", "forward_config", "exact_config", "backward_config", "aot_signature",
            "LaunchConfig"]
