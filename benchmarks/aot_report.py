@@ -240,8 +240,9 @@ def hinted_args(config, arch, vocab, k=None):
     fn, sig, cexprs, attrs, _ = runtime_specialisation(config, arch, vocab, k)
     names = fn.arg_names
     hinted = [names[path[0]] for path, value in attrs.items() if value]
+    declared = {p.name for p in fn.params if p.is_constexpr}  # constexpr parameters, set or defaulted
     ones = [names[path[0]] for path, value in cexprs.items() if sig[names[path[0]]] == "constexpr"
-            and names[path[0]] not in config.constexprs]
+            and names[path[0]] not in declared]
     return hinted, ones
 
 
@@ -345,7 +346,8 @@ def _compile_one(args):
     config = module.launch_configs()[index]
     constexprs = config.constexprs
     row = {"kernel": config.kernel, "dtype": str(config.dtype).replace("torch.", ""),
-           "config": " ".join(f"{k}={int(v) if isinstance(v, bool) else v}" for k, v in constexprs.items()),
+           "config": " ".join(f"{k}={int(v) if isinstance(v, bool) else v}" for k, v in constexprs.items())
+           + (f" maxnreg={config.maxnreg}" if getattr(config, "maxnreg", None) else ""),
            "warps": config.num_warps, "arch": f"sm_{arch}", "variant": variant}
     try:
         compiled = compile_runtime(config, arch, VARIANTS[variant], module=module)

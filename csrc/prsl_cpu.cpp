@@ -830,6 +830,8 @@ std::tuple<at::Tensor, at::Tensor> forward_grad_cpu(const at::Tensor& logits, co
   at::Tensor loss = at::empty({N}, logits.options().dtype(acc_type));
   at::Tensor stats = at::empty({N, kNumRowStats}, logits.options().dtype(acc_type));
   if (N == 0) return {loss, stats};
+  // A fresh gradient buffer: huge pages before the first touch, as backward_cpu's.
+  if (!same) advise_huge_pages(grad_out.data_ptr(), grad_out.nbytes());
   const Options opt{label_smoothing, z_loss, softcap};
   const bool has_opt = label_smoothing != 0 || z_loss != 0;
 

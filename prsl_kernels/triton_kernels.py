@@ -733,6 +733,19 @@ class LaunchConfig(NamedTuple):
     dtype: torch.dtype
     constexprs: dict
     num_warps: int
+    maxnreg: int | None = None  # ptxas's register cap per thread (None: its own choice)
+
+    def launch_options(self):
+        return {"num_warps": self.num_warps, **({} if self.maxnreg is None else {"maxnreg": self.maxnreg})}
+
+
+# The two-pass forward with a selection on 16-bit rows: ptxas sizes it by the peak of the row's
+# tail (the top-k selections), 80 / 99 registers at k = 20 / 100 on sm_90 (3 / 2 CTAs of 8 warps
+# per SM), while the streaming loop that dominates its time needs far fewer. Capped at 64, four
+# CTAs fit an SM (twice the rows in flight at k = 100) and the AOT report shows no spills on
+# sm_80 / sm_90 (benchmarks/results/aot_report.txt). float32 rows are left alone: their
+# selections already fit (40-48 registers on sm_90), and a cap there only raised the count.
+_FAST_MAXNREG = 64
 
 
 def _kp(k):
@@ -765,11 +778,13 @@ def forward_config(dtype, vocab, k, options=(0.0, 0.0, 0.0)):
         tile = _fast_tile(dtype, vocab, kp)
         vec = _VEC[dtype]
         num_warps = max(1, min(_FAST_WARPS, tile // (32 * 16 * vec // 8)))
+        capped = k > 0 and num_warps == _FAST_WARPS and dtype in (torch.float16, torch.bfloat16)
         return LaunchConfig("forward", dtype, {
             "HAS_TOPK": k > 0, "KP": kp, "CAP": max(32, 2 * kp), "GCAP": 2 * max(32, 2 * kp),
             "ROWS": 32 * num_warps, "T_BLK": max(1, 32 * num_warps // max(16, kp)),
             "TILE": tile, "VEC": vec,
-            "ALIGNED": True, "USE_EXP2": dtype != torch.float64, **_option_flags(options)}, num_warps)
+            "ALIGNED": True, "USE_EXP2": dtype != torch.float64, **_option_flags(options)}, num_warps,
+            _FAST_MAXNREG if capped else None)
     return exact_config(dtype, vocab, k, only_flagged=False, options=options)
 
 
@@ -799,12 +814,25 @@ def backward_config(dtype, vocab, options=(0.0, 0.0, 0.0)):
                         max(1, min(8, tile // 256)))
 
 
+def with_grad(config, vocab, grad_aligned=True):
+    """The forward ``config`` as ``forward_grad`` launches it: WRITE_GRAD on, the gradient
+    written in the backward's tiles (the exact kernel: its own blocks, unaligned, with the
+    backward's exp flavour)."""
+    if config.kernel == "forward_exact":
+        extra = {"WRITE_GRAD": True, "USE_EXP2": config.dtype != torch.float64}
+    else:
+        extra = {"WRITE_GRAD": True, "GRAD_TILE": backward_config(config.dtype, vocab).constexprs["TILE"],
+                 "GRAD_ALIGNED": grad_aligned}
+    return config._replace(constexprs=dict(config.constexprs, **extra))
+
+
 def launch_configs():
     """Every configuration the launchers can pick (FORCE_BLOCK_V unset), for AOT checks.
 
     ALIGNED is shown True (the usual case: torch allocations are 16-byte aligned);
     the launchers pass False for a misaligned base pointer or, in the backward,
-    strided rows."""
+    strided rows. The forwards' WRITE_GRAD variants (``forward_grad``) are listed for
+    the GPT-2 row length (50257) only: their tails are the backward's loop."""
     configs = []
     # Tiles follow the next power of two of V (short rows), so one V per power of two.
     vocabs = {1 << i for i in range(1, 19)} | {_SMALL_BLOCK_V + 1, 50257}
@@ -817,6 +845,8 @@ def launch_configs():
                 candidates.append(forward_config(dtype, vocab, size - 1))
                 if size <= FAST_MAX_KP:
                     candidates.append(exact_config(dtype, vocab, size - 1, only_flagged=True))
+            if vocab == 50257:
+                candidates += [with_grad(c, vocab) for c in candidates if c.kernel != "backward"]
             for config in candidates:
                 if config not in configs:
                     configs.append(config)
@@ -844,8 +874,11 @@ def aot_signature(config):
                "stats_ptr": f"*{acc}", "grad_ptr": f"*{elem}", "stride_row": "i64", "grad_stride": "i64",
                "V": "i32", "b_hi": "fp32", "b_lo": "fp32", "ignore_index": "i64"}
     sig.update({name: "fp32" for name in _OPTION_ARGS})
-    sig.update({name: "constexpr" for name in config.constexprs})
-    return fn, sig, dict(config.constexprs)
+    # Constexpr parameters a configuration leaves at their defaults (WRITE_GRAD off, ...).
+    constexprs = {p.name: p.default for p in fn.params if p.is_constexpr and p.name not in config.constexprs}
+    constexprs.update(config.constexprs)
+    sig.update({name: "constexpr" for name in constexprs})
+    return fn, sig, constexprs
 
 
 # ----------------------------------------------------------------------------
@@ -907,20 +940,18 @@ def forward_with_flags(logits, target, k, b, ignore_index, label_smoothing=0.0, 
     grad_rows, grad_out = grad if grad is not None else (loss_rows, loss_rows)  # unread without WRITE_GRAD
     grad_stride = grad_out.stride(0) if grad is not None else 0
     args = (logits.stride(0), grad_stride, vocab, k, b_hi, b_lo, ignore_index, *_option_args(options))
-    write = {} if grad is None else {"WRITE_GRAD": True}
     # The exact kernel's scratch holds the loaded values: capped ones are in the stats dtype.
     scratch_dtype = acc if softcap > 0 else logits.dtype
     with _device_guard(logits):
+        if grad is not None:
+            config = with_grad(config, vocab, _aligned(logits, grad_out) and logits.stride(0) == grad_stride)
         if config.kernel == "forward_exact":
             scratch = torch.empty(n_rows, config.constexprs["KP"], dtype=scratch_dtype, device=logits.device)
             _prsl_forward_exact_kernel[(n_rows,)](
                 logits, target, loss_rows, row_stats, scratch, loss_rows, grad_rows, grad_out, *args,
-                **config.constexprs, **_exact_write(write, logits.dtype), num_warps=config.num_warps)
+                **config.constexprs, **config.launch_options())
             return loss_rows, row_stats, None
         constexprs = dict(config.constexprs, ALIGNED=_aligned(logits))
-        if grad is not None:
-            constexprs.update(write, GRAD_TILE=backward_config(logits.dtype, vocab).constexprs["TILE"],
-                              GRAD_ALIGNED=_aligned(logits, grad_out) and logits.stride(0) == grad_stride)
         has_topk = constexprs["HAS_TOPK"]
         cap = constexprs["CAP"] if has_topk else 1
         # Per-row scratch, CAP entries each (L2-resident): listed groups and candidate values.
@@ -930,21 +961,17 @@ def forward_with_flags(logits, target, k, b, ignore_index, label_smoothing=0.0, 
         flags = torch.empty(n_rows if has_topk else 1, dtype=torch.int8, device=logits.device)
         _prsl_forward_kernel[(n_rows,)](
             logits, target, loss_rows, row_stats, groups, chunks, cand, flags, grad_rows, grad_out, *args,
-            **constexprs, num_warps=config.num_warps)
+            **constexprs, **config.launch_options())
         if not has_topk:
             return loss_rows, row_stats, None
         exact = exact_config(logits.dtype, vocab, k, only_flagged=True, options=options)
+        if grad is not None:
+            exact = with_grad(exact, vocab)
         scratch = torch.empty(n_rows, exact.constexprs["KP"], dtype=scratch_dtype, device=logits.device)
         _prsl_forward_exact_kernel[(n_rows,)](
             logits, target, loss_rows, row_stats, scratch, flags, grad_rows, grad_out, *args,
-            **exact.constexprs, **_exact_write(write, logits.dtype), num_warps=exact.num_warps)
+            **exact.constexprs, **exact.launch_options())
     return loss_rows, row_stats, flags
-
-
-def _exact_write(write, dtype):
-    # The exact kernel's gradient uses the backward's exp flavour, so that the gradient is the same
-    # whichever kernel wrote it.
-    return dict(write, USE_EXP2=dtype != torch.float64) if write else {}
 
 
 def forward_grad(logits, target, grad_rows, grad_out, k, b, ignore_index, label_smoothing=0.0, z_loss=0.0,
@@ -1062,5 +1089,5 @@ ops.backward.register_kernel("cuda")(backward)
 ops.forward_grad.register_kernel("cuda")(forward_grad)
 
 __all__ = ["forward", "backward", "forward_grad", "forward_with_flags", "MAX_K", "FAST_MAX_KP", "TOPK_BUFFER_SIZES",
-           "launch_configs", "forward_config", "exact_config", "backward_config", "aot_signature",
+           "launch_configs", "forward_config", "exact_config", "backward_config", "with_grad", "aot_signature",
            "LaunchConfig"]
