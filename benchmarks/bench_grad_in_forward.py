@@ -83,7 +83,7 @@ def run_case(torch, prsl_loss, device, dtype, n, vocab, k, b, reps, warmup, flus
     return {name: statistics.median(ts) for name, ts in times.items()}
 
 
-def main(argv=None):
+def main(argv=None, log=print):
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--device", default="cpu")
     p.add_argument("--shapes", default=None, help="comma list of NxV (default: CPU 2048x50257, CUDA 8192x50257)")
@@ -110,10 +110,10 @@ def main(argv=None):
     header = (f"device: {bp.device_name(device)}, threads: {torch.get_num_threads() if device.type == 'cpu' else '-'}"
               f", b = {args.b}, medians of {args.reps} interleaved rounds, "
               f"{time.strftime('%Y-%m-%d %H:%M UTC', time.gmtime())}")
-    print(header, flush=True)
+    log(header)
     lines = ["| dtype | N x V | k | copy ms | three-pass ms (x copy) | default ms (x copy) | inplace ms (x copy) |",
              "|---|---|---|---|---|---|---|"]
-    print("\n".join(lines), flush=True)
+    log("\n".join(lines))
     for dtype_name in args.dtypes.split(","):
         dtype = getattr(torch, bp.DTYPES[dtype_name])
         for n, vocab in shapes:
@@ -125,7 +125,7 @@ def main(argv=None):
                         f"{t['inplace']:.1f} ({t['inplace'] / c:.2f}) |")
                 lines.append(line)
                 rows.append(dict(dtype=dtype_name, n=n, vocab=vocab, k=k, **t))
-                print(line, flush=True)
+                log(line)
     if args.out:
         Path(args.out).write_text(header + "\n\n" + "\n".join(lines) + "\n")
     return rows

@@ -18,7 +18,7 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 
-def main(argv=None):
+def main(argv=None, log=print):
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--k", type=int, nargs="+", default=[0, 6, 20, 100])
     p.add_argument("--b", type=float, default=0.5)
@@ -30,8 +30,8 @@ def main(argv=None):
 
     if not torch.cuda.is_available():
         raise SystemExit("forward_sweep: needs a CUDA GPU")
-    print(f"# {torch.cuda.get_device_name()}; forward ms (do_bench, warmup 10, rep 100); b = {args.b}")
-    print("shape        dtype  " + "  ".join(f"k={k:<5d}" for k in args.k) + "  ratios to k=0")
+    log(f"# {torch.cuda.get_device_name()}; forward ms (do_bench, warmup 10, rep 100); b = {args.b}")
+    log("shape        dtype  " + "  ".join(f"k={k:<5d}" for k in args.k) + "  ratios to k=0")
     for n, v in ((8192, 50257), (4096, 128256)):
         for dtype in (torch.bfloat16, torch.float32):
             z = torch.randn(n, v, device="cuda", dtype=dtype)
@@ -44,7 +44,7 @@ def main(argv=None):
                 torch.cuda.synchronize()
                 times.append(do_bench(run, warmup=10, rep=100))
             ratios = " ".join(f"{x / times[0]:.2f}" for x in times[1:])
-            print(f"{n}x{v:<7d} {str(dtype)[6:]:5s}  " + "  ".join(f"{x:.4f} " for x in times) + f"  {ratios}")
+            log(f"{n}x{v:<7d} {str(dtype)[6:]:5s}  " + "  ".join(f"{x:.4f} " for x in times) + f"  {ratios}")
     return 0
 
 

@@ -17,7 +17,10 @@
    Liger's cross-entropy where importable), within a time budget.
 3. The fused linear + PRSL benchmark (bench_linear.py --check at its CUDA shapes: the fused
    op against F.linear + the float64 reference first); --skip-linear skips it.
-4. A LLaVA-shaped training step through apply_prsl (bench_hf_step.py: V = 32064, 4096 tokens,
+4. The forward against k (forward_sweep.py, do_bench) and forward + backward against one
+   read + write of the logits (bench_grad_in_forward.py: three-pass, the gradient made in
+   the forward, inplace_backward) at 8192 x 50257 and 4096 x 128256.
+5. A LLaVA-shaped training step through apply_prsl (bench_hf_step.py: V = 32064, 4096 tokens,
    hidden 4096, bf16): peak memory and time of HF's CE, unfused and fused PRSL;
    --skip-hf-step skips it (it needs transformers).
 
@@ -286,6 +289,33 @@ def check_case(case, device, gen, backend):
     return not problems, msg + ("" if not problems else "  <- " + "; ".join(problems))
 
 
+def check_grad_in_forward(device, gen, backend):
+    """The gradient made in the forward (mean / sum) and inplace_backward: bit for bit what the
+    forward + backward kernels write (reduction="none" summed), upstream 1; flagged rows included."""
+    problems = []
+    for dtype in (torch.bfloat16, torch.float32):
+        for k in (0, 20, 100, 200):
+            logits = (torch.randn(512, 50257, generator=gen, device=device) * 2).to(dtype)
+            logits[3] = torch.randint(-3, 3, (50257,), generator=gen, device=device).to(dtype)  # flagged: ties
+            target = torch.randint(0, 50257, (512,), generator=gen, device=device)
+            target[5] = -100
+            x = logits.clone().requires_grad_(True)
+            prsl_loss(x, target, k, 0.5, reduction="none", backend=backend).sum().backward()
+            want = x.grad
+            y = logits.clone().requires_grad_(True)
+            prsl_loss(y, target, k, 0.5, reduction="sum", backend=backend).backward()
+            z = logits.clone().requires_grad_(True)
+            z2 = z * 1.0
+            prsl_loss(z2, target, k, 0.5, reduction="sum", backend=backend, inplace_backward=True).backward()
+            for label, got in (("default", y.grad), ("inplace", z.grad)):
+                if not bitwise_equal(got, want):
+                    problems.append(f"{DTYPE_NAMES[dtype]} k={k} {label}: max diff "
+                                    f"{(got.float() - want.float()).abs().max().item():.2e}")
+            if not bitwise_equal(z2.detach(), want):
+                problems.append(f"{DTYPE_NAMES[dtype]} k={k}: the logits do not hold the gradient")
+    return not problems, "bit-identical to forward + backward" if not problems else "; ".join(problems)
+
+
 def check_int64_offsets(device, gen, backend):
     """N * V > 2^31 elements (bf16, ~4.3 GB): rows at the far end must still be right."""
     vocab, k, b = 50257, 20, 0.5
@@ -446,6 +476,7 @@ def correctness_checks(device, log, dry, seed, backend):
         first.append(("auto + compile", lambda: check_auto_and_compile(device, gen)))
         first.append(("out-of-range targets", lambda: check_out_of_range_targets(device, gen, "triton")))
         first.append(("two-pass paths", lambda: check_two_pass_paths(device, gen, "triton")))
+        first.append(("gradient in the forward", lambda: check_grad_in_forward(device, gen, "triton")))
         last.append(("int64 offsets", lambda: check_int64_offsets(device, gen, "triton")))
     return first, last
 
@@ -535,6 +566,20 @@ def main(argv=None):
             bench_linear.run(linear_argv, log=log)
         except SystemExit as exit_:
             bench_errors += bool(exit_.code)
+        except Exception:
+            log(traceback.format_exc().rstrip())
+            bench_errors += 1
+
+    if not args.skip_bench and not args.dry_run:
+        # Issue 18: the forward against k (do_bench), and forward + backward against the copy floor:
+        # three-pass, the gradient in the forward, inplace_backward.
+        try:
+            import bench_grad_in_forward
+            import forward_sweep
+            forward_sweep.main(["--k", "0", "6", "20", "100"], log=log)
+            bench_grad_in_forward.main(["--device", "cuda", "--shapes", "8192x50257,4096x128256", "--k", "0,20,100",
+                                        "--reps", "10"] + (["--out", str(out_dirs[0] / "grad-in-forward.md")]
+                                                           if out_dirs else []), log=log)
         except Exception:
             log(traceback.format_exc().rstrip())
             bench_errors += 1

@@ -128,3 +128,59 @@ def test_study_smoke_end_to_end_and_resume(tmp_path):
     retrained = [ln for ln in new_lines if '"reused": false' in ln]
     assert len(retrained) == 1 and "prsl-released-base0-s1" in retrained[0]
     assert again["primary"]["diff"] == pytest.approx(summary["primary"]["diff"])
+
+
+def test_dose_slope_recovers_a_planted_slope():
+    rng = np.random.default_rng()
+    doses = {"b1": 0.0, "b4": 2.0, "b16": 4.0, "b64": 6.0}
+    level = rng.normal(0.8, 0.05, 8)  # a per-pair level the paired slope must ignore
+    endpoint = {a: {f"p{i}": level[i] - 0.01 * x for i in range(8)} for a, x in doses.items()}
+    r = st.dose_slope(endpoint, doses)
+    assert r["n"] == 8 and r["estimate"] == pytest.approx(-0.01, abs=1e-12) and r["p"] < 1e-10
+    noisy = {a: {p: v + rng.normal(0, 0.002) for p, v in e.items()} for a, e in endpoint.items()}
+    r = st.dose_slope(noisy, doses)
+    assert r["ci95"][0] < r["estimate"] < r["ci95"][1] and r["ci95"][1] < 0 and r["p"] < 0.05
+    # A pair with a single dose has no slope and is left out.
+    partial = {a: dict(e) for a, e in endpoint.items()}
+    for a in ("b4", "b16", "b64"):
+        del partial[a]["p0"]
+    assert st.dose_slope(partial, doses)["n"] == 7
+
+
+@pytest.mark.usefixtures("one_torch_thread")
+def test_dose_design_smoke(tmp_path):
+    """prsl-study --design dose at smoke size: CE and PRSL k=20 at the four b, BIM and APGD per
+    model, the slope and the per-b comparisons in summary.json, the frontier figure."""
+    from prsl_kernels.drivers import study
+
+    out, rep = tmp_path / "out", tmp_path / "rep"
+    args = study.build_parser().parse_args(["--design", "dose", "--size", "smoke", "--output-dir", str(out),
+                                           "--report-dir", str(rep), "--workers", "1", "--no-progress"])
+    summary = study.run(args)
+    saved = json.loads((rep / "summary.json").read_text())
+    assert set(saved["arms"]) == {"ce", "prsl-k20-b1", "prsl-k20-b4", "prsl-k20-b16", "prsl-k20-b64"}
+    assert set(saved["dose"]) == {"0", "1", "4", "16", "64"}
+    for b, d in saved["dose"].items():
+        assert d["n_models"] == 2 and 0.0 <= d["clean_exact_match_mean"] <= 1.0
+        assert 0.0 <= d["endpoint_mean"] <= 1.0 and 0.0 <= d["apgd_endpoint_mean"] <= 1.0
+        assert ("vs_ce" in d) == (b != "0")
+    assert set(saved["slope"]) >= {"estimate", "ci95", "p"} and saved["slope"]["n"] == 2
+    assert saved["slope"]["estimate"] == pytest.approx(summary["slope"]["estimate"])
+    # The slope is the mean over pairs of each pair's least-squares slope against log2 b.
+    rows = list(__import__("csv").DictReader((rep / "models.csv").open()))
+    assert len(rows) == 10
+    slopes = []
+    for pair in ("base0-s0", "base0-s1"):
+        xs = np.log2([1, 4, 16, 64])
+        ys = [float(next(r["endpoint"] for r in rows if r["arm"] == f"prsl-k20-b{b}" and r["pair"] == pair))
+              for b in (1, 4, 16, 64)]
+        slopes.append(np.polyfit(xs, ys, 1)[0])
+    assert saved["slope"]["estimate"] == pytest.approx(float(np.mean(slopes)), abs=1e-5)  # CSV keeps 6 digits
+    # APGD ran in pixel space at 4/255 for 2 steps, one round, on every model.
+    cfg = json.loads((out / "attack-apgd" / "ce" / "base0-s0" / "attack_config.json").read_text())["attack"]
+    assert cfg["attack"] == "apgd" and cfg["space"] == "pixel" and cfg["steps_per_round"] == 2
+    assert cfg["eps"] == pytest.approx(4 / 255)
+    text = (rep / "report.md").read_text()
+    assert text.index("## Pre-registered analysis of the dose design") < text.index("## Results")
+    assert (rep / "figures" / "frontier.png").is_file() and (rep / "figures" / "dose.png").is_file()
+    assert not (out / "attack" / "ce" / "base0-s0" / "jpeg_round_trip.json").exists()
