@@ -612,19 +612,38 @@ def _grad_tiles(in_row, out_row, lead, t_first, t_end, V, target32, lse, tau, di
     one_minus_eps = 1.0 - eps
     smooth = eps / V
 
-    for t in range(t_first, t_end):
-        pos = t * TILE - lead + cols
-        if (t == 0) | (t == n_tiles - 1):
-            in_bounds = (pos >= 0) & (pos < V)
-            raw = tl.load(in_row + t * TILE + cols, mask=in_bounds, other=float("-inf"))
-            dz = _grad_tile(raw, pos, target32, lse, tau, p_min, c1, c3, c4, grad_row, cap, one_minus_eps, smooth,
-                            acc, USE_EXP2, SOFTCAP, SMOOTH)
-            tl.store(out_row + t * TILE + cols, dz.to(out_dtype), mask=in_bounds)
-        else:  # interior: unmasked 16-byte vector loads and stores
-            raw = tl.load(in_row + t * TILE + cols)
-            dz = _grad_tile(raw, pos, target32, lse, tau, p_min, c1, c3, c4, grad_row, cap, one_minus_eps, smooth,
-                            acc, USE_EXP2, SOFTCAP, SMOOTH)
+    # The row's first and last tiles (masked), where they fall in [t_first, t_end).
+    if (t_first == 0) & (t_end > 0):
+        _grad_edge_tile(in_row, out_row, 0, lead, V, cols, target32, lse, tau, p_min, c1, c3, c4, grad_row, cap,
+                        one_minus_eps, smooth, TILE, acc, USE_EXP2, SOFTCAP, SMOOTH)
+    if (t_end == n_tiles) & (t_end > t_first) & (n_tiles > 1):
+        _grad_edge_tile(in_row, out_row, n_tiles - 1, lead, V, cols, target32, lse, tau, p_min, c1, c3, c4,
+                        grad_row, cap, one_minus_eps, smooth, TILE, acc, USE_EXP2, SOFTCAP, SMOOTH)
+    # Interior tiles: unmasked 16-byte vector loads and stores, the next tile's load issued before
+    # this tile's store (the compiler must otherwise assume that the store may alias it and wait).
+    # In place (in_row == out_row) this is still exact: the prefetched tile is not the stored one.
+    lo = tl.maximum(t_first, 1)
+    hi = tl.minimum(t_end, n_tiles - 1)
+    if lo < hi:
+        raw = tl.load(in_row + lo * TILE + cols)
+        for t in range(lo, hi):
+            nxt = tl.load(in_row + tl.minimum(t + 1, hi - 1) * TILE + cols)
+            dz = _grad_tile(raw, t * TILE - lead + cols, target32, lse, tau, p_min, c1, c3, c4, grad_row, cap,
+                            one_minus_eps, smooth, acc, USE_EXP2, SOFTCAP, SMOOTH)
             tl.store(out_row + t * TILE + cols, dz.to(out_dtype))
+            raw = nxt
+
+
+@triton.jit
+def _grad_edge_tile(in_row, out_row, t, lead, V, cols, target32, lse, tau, p_min, c1, c3, c4, grad_row, cap,
+                    one_minus_eps, smooth, TILE: tl.constexpr, acc: tl.constexpr, USE_EXP2: tl.constexpr,
+                    SOFTCAP: tl.constexpr, SMOOTH: tl.constexpr):
+    pos = t * TILE - lead + cols
+    in_bounds = (pos >= 0) & (pos < V)
+    raw = tl.load(in_row + t * TILE + cols, mask=in_bounds, other=float("-inf"))
+    dz = _grad_tile(raw, pos, target32, lse, tau, p_min, c1, c3, c4, grad_row, cap, one_minus_eps, smooth,
+                    acc, USE_EXP2, SOFTCAP, SMOOTH)
+    tl.store(out_row + t * TILE + cols, dz.to(out_row.dtype.element_ty), mask=in_bounds)
 
 
 @triton.jit
@@ -679,8 +698,11 @@ def _prsl_backward_kernel(
     row = tl.program_id(0).to(tl.int64)
     in_row, out_row, lead = _row_grad_ptrs(logits_ptr, grad_ptr, row, stride_row, grad_stride, ALIGNED, VEC)
     n_tiles = tl.cdiv(V + lead, TILE)
-    t_first = tl.program_id(1) * TILES_PER_PROGRAM
-    t_end = tl.minimum(t_first + TILES_PER_PROGRAM, n_tiles)
+    # The row's tiles split evenly over the row's programs (the grid holds about TILES_PER_PROGRAM
+    # tiles a program): 25 tiles over 4 programs run 6 / 6 / 6 / 7, not 8 / 8 / 8 / 1.
+    n_prog = tl.num_programs(1)
+    t_first = (tl.program_id(1) * n_tiles) // n_prog
+    t_end = ((tl.program_id(1) + 1) * n_tiles) // n_prog
     target = tl.load(target_ptr + row)
     if target == ignore_index:
         _fill_grad_tiles(out_row, lead, t_first, t_end, V, 0.0, TILE)

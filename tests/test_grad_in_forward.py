@@ -94,6 +94,25 @@ def test_triton_forward_grad_is_forward_then_backward(monkeypatch, dtype, vocab,
     _assert_same_as_forward_then_backward(tk, logits, target, k, 2.0, options, gen)
 
 
+def test_triton_backward_splits_long_rows_over_programs_and_may_write_in_place(monkeypatch):
+    """Rows of many tiles: the backward's programs split a row's tiles evenly (33 tiles over 5
+    programs), each with its masked ends and prefetched interior; k > MAX_K takes the torch
+    statistics and the backward kernel, which forward_grad runs in place over the logits."""
+    monkeypatch.setattr(tk, "FORCE_BLOCK_V", 64)
+    gen = torch.Generator().manual_seed(8)
+    vocab = 2100
+    logits, target = _rows(3, vocab, torch.float32, gen)
+    grad_rows = torch.rand(3, generator=gen) + 0.5
+    for k in (20, tk.MAX_K + 3):
+        loss, stats = tk.forward(logits, target, k, 0.5, -100)
+        grad = tk.backward(grad_rows, logits, target, stats, 0.5, -100)
+        want = ref.grad_closed_form(logits, target, k, 0.5, grad_rows=grad_rows)
+        torch.testing.assert_close(grad.to(want.dtype), want, rtol=1e-5, atol=1e-9)
+        inplace = logits.clone()
+        tk.forward_grad(inplace, target, grad_rows, inplace, k, 0.5, -100)
+        assert torch.equal(inplace, grad)
+
+
 def test_triton_flagged_rows_get_their_gradient_from_the_exact_kernel():
     """Rows the two-pass kernel cannot settle (heavy ties, fewer than k finite groups) are
     skipped by its gradient loop and written by the exact kernel, with the exact statistics;
