@@ -41,14 +41,21 @@ with a second pass over the row only when the buffer may not hold every tie.
 For k > MAX_K the launcher computes the row statistics with torch ops
 (``torch.topk``, row-chunked, O(N * k) memory); the backward is unchanged.
 
-Backward (a 2-D grid, rows x runs of 8 tiles, the tiles aligned like the
-forward's, interior ones as unmasked vector loads and stores): from lse, tau,
-D, S, |T| and the target,
+Backward (a 2-D grid, rows x about 8 tiles a program, a row's tiles split
+evenly over its programs, aligned like the forward's; interior tiles as unmasked
+vector loads and stores, each next tile's load issued before this tile's store):
+from lse, tau, D, S, |T| and the target,
 
     dz_j = grad_row * (p_j (1 - b D) - [j == s] + b p_j g_j),
     g_j = u_j / D on A, -(S / D) / |T| on T, 0 elsewhere (g = 0 when D == 0),
 
 read once, written once, in the logits' dtype.
+
+Gradient in the forward (``forward_grad``; ``prsl_loss`` for mean / sum, and
+``linear_prsl_loss``): the forward kernels with WRITE_GRAD run that same tile loop
+over each row right after its statistics, while the row is in L2, into a fresh
+buffer or over the logits themselves (every tile is read before it is written).
+The two-pass kernel skips the rows it flags; the exact kernel writes theirs.
 
 Options (spec, "Options"), each a constexpr flag, so that with all of them off
 every kernel is the code above: SOFTCAP replaces each loaded logit by
