@@ -17,9 +17,9 @@ import numpy as np
 
 from . import study_stats as st
 from .report import _group_curve, _plt, _table, attack_loss, load_run, mean_ci, relative_path, run_value
-from .study_report import _by_arm, _ci, _fmt, _mc, _model_rows, _pval, here_bertscore_baseline, \
-    paper_bertscore_baseline
 from .report import THRESHOLDS
+from .study_report import _by_arm, _ci, _fmt, _mc, _model_rows, _pval, here_bertscore_baseline, \
+    paper_bertscore_baseline, write_models_csv
 
 
 def _b_of(plan, arm):
@@ -64,14 +64,7 @@ def write_dose_report(plan, report_dir):
     top = prsl_arms[-1]
     rounds = sorted(rows[0]["_run"]["rounds"])
 
-    cols = [c for c in rows[0] if c != "_run"]
-    import csv
-
-    with open(report_dir / "models.csv", "w", newline="") as f:
-        w = csv.DictWriter(f, fieldnames=cols, extrasaction="ignore")
-        w.writeheader()
-        for r in rows:
-            w.writerow({k: (f"{v:.6g}" if isinstance(v, float) else v) for k, v in r.items() if k != "_run"})
+    write_models_csv(rows, report_dir / "models.csv")
 
     endpoint, apgd = _by_arm(rows, "endpoint"), _by_arm(rows, "apgd_endpoint")
     clean_em = _by_arm(rows, "clean_exact_match")

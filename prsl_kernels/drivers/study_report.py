@@ -70,6 +70,16 @@ def _model_rows(plan):
     return rows
 
 
+def write_models_csv(rows, path):
+    """One row per model, floats to 6 significant digits (the loaded runs left out)."""
+    cols = [c for c in rows[0] if c != "_run"]
+    with open(path, "w", newline="") as f:
+        w = csv.DictWriter(f, fieldnames=cols, extrasaction="ignore")
+        w.writeheader()
+        for r in rows:
+            w.writerow({k: (f"{v:.6g}" if isinstance(v, float) else v) for k, v in r.items() if k != "_run"})
+
+
 def _by_arm(rows, key):
     out = {}
     for r in rows:
@@ -101,13 +111,7 @@ def write_study_report(plan, report_dir):
     arms = [a for a in ARM_LABELS if any(r["arm"] == a for r in rows)]
     rounds = sorted(rows[0]["_run"]["rounds"])
 
-    # per-model CSV
-    cols = [c for c in rows[0] if c != "_run"]
-    with open(report_dir / "models.csv", "w", newline="") as f:
-        w = csv.DictWriter(f, fieldnames=cols, extrasaction="ignore")
-        w.writeheader()
-        for r in rows:
-            w.writerow({k: (f"{v:.6g}" if isinstance(v, float) else v) for k, v in r.items() if k != "_run"})
+    write_models_csv(rows, report_dir / "models.csv")
 
     endpoint, clean_em = _by_arm(rows, "endpoint"), _by_arm(rows, "clean_exact_match")
     arm, vs = plan["primary"]
