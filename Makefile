@@ -1,6 +1,6 @@
 PY ?= python3
 
-.PHONY: setup test demo study
+.PHONY: setup test demo study study-dose
 setup:
 	bash scripts/setup.sh
 test: setup
@@ -9,3 +9,5 @@ demo: setup
 	$(PY) -m prsl_kernels.drivers.demo
 study: setup
 	$(PY) -m prsl_kernels.drivers.study
+study-dose: setup
+	$(PY) -m prsl_kernels.drivers.study --design dose

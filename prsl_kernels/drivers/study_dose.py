@@ -130,12 +130,21 @@ def write_dose_report(plan, report_dir):
 def sentence(summary):
     """The headline: the slope per doubling of b, and where the doses stand against CE."""
     sl = summary["slope"]
-    core = (f"PRSL k=20's dose-response slope is {_fmt(sl['estimate'], 4, True)} BERTScore F1 per doubling of b "
-            f"(95% CI {_ci(sl['ci95'], 4)}, p = {_pval(sl['p'])}, {sl['n']} pairs) under BIM")
+    core = (f"PRSL k=20's dose-response slope is {_fmt(sl['estimate'], 5, True)} BERTScore F1 per doubling of b "
+            f"(95% CI {_ci(sl['ci95'], 5)}, p = {_pval(sl['p'])}, {sl['n']} pairs) under BIM")
     sig = [b for b, d in summary["dose"].items() if "vs_ce" in d and d["vs_ce"]["p_holm"] < 0.05]
-    tail = ("; no b differs from CE after Holm correction" if not sig else
-            "; b = " + ", ".join(sig) + " differ from CE after Holm correction")
-    return core + tail + "."
+    if not sig:
+        tail = "; no b differs from CE after Holm correction"
+    else:
+        tail = "; " + "; ".join(
+            f"b = {b} differs from CE by {_fmt(summary['dose'][b]['vs_ce']['diff'], 4, True)} "
+            f"(95% CI {_ci(summary['dose'][b]['vs_ce']['ci95'], 4)}, Holm p = {_pval(summary['dose'][b]['vs_ce']['p_holm'])})"
+            for b in sig)
+    top = max(summary["dose"], key=float)
+    eq = summary["dose"][top]["equivalence"]
+    margin = eq["margin"]
+    within = all(d["equivalence"]["p"] < 0.05 for d in summary["dose"].values() if "equivalence" in d)
+    return core + tail + (f"; every b is equivalent to CE within ±{margin}" if within else "") + "."
 
 
 def _figures(plan, rows, arms, rounds, fig_dir):
@@ -166,23 +175,29 @@ def _figures(plan, rows, arms, rounds, fig_dir):
     fig.savefig(out["frontier"], dpi=110)
     plt.close(fig)
 
-    # the dose response: endpoint against log2 b, CE as a band
+    # the dose response as analysed: each b minus CE within pairs (the bases' spread cancels)
     fig, axes = plt.subplots(1, 2, figsize=(11, 4))
     prsl = [a for a in arms if _b_of(plan, a) > 0]
     xs = [math.log2(_b_of(plan, a)) for a in prsl]
     for ax, key, title in ((axes[0], "endpoint", "BIM endpoint"), (axes[1], "apgd_endpoint", "APGD endpoint")):
-        ce_m, ce_h = mean_ci([r[key] for r in rows if r["arm"] == "ce"])
-        ax.axhspan(ce_m - np.nan_to_num(ce_h), ce_m + np.nan_to_num(ce_h), color="grey", alpha=0.25,
-                   label="CE (mean ± 95% CI)")
-        ax.axhline(ce_m, color="grey")
-        stats = [mean_ci([r[key] for r in rows if r["arm"] == a]) for a in prsl]
-        ax.errorbar(xs, [m for m, _ in stats], yerr=[np.nan_to_num(h) for _, h in stats], fmt="o-", color="C2",
-                    capsize=4, label="PRSL k=20 (mean ± 95% CI)")
+        ce = {r["pair"]: r[key] for r in rows if r["arm"] == "ce"}
+        means, halves = [], []
+        for x, a in zip(xs, prsl):
+            d = [r[key] - ce[r["pair"]] for r in rows if r["arm"] == a and r["pair"] in ce]
+            ax.scatter([x] * len(d), d, color=colours[a], alpha=0.5, s=14)
+            m, h = mean_ci(d)
+            means.append(m)
+            halves.append(np.nan_to_num(h))
+        ax.errorbar([x + 0.15 for x in xs], means, yerr=halves, fmt="s-", color="k", capsize=4,
+                    label="mean ± 95% CI (paired)")
+        ax.axhline(0, color="grey", lw=1)
         ax.set_xticks(xs, [f"{_b_of(plan, a):g}" for a in prsl])
         ax.set_xlabel("b (log scale)")
+        ax.set_ylabel("PRSL minus CE, same (base, seed)")
         ax.set_title(title)
         ax.grid(alpha=0.3)
     axes[0].legend(fontsize=8)
+    fig.suptitle("Dose response: BERTScore F1 vs the clean caption, PRSL k=20 minus CE per pair")
     fig.tight_layout()
     out["dose"] = fig_dir / "dose.png"
     fig.savefig(out["dose"], dpi=110)
