@@ -666,9 +666,13 @@ inline void advise_huge_pages(void* data, size_t bytes) {
 
 // kCap: soft-capped logits (the gradient through the cap is the slope 1 - tanh^2);
 // kOpt: label smoothing and / or z-loss (row constants). Both false: the plain loss.
+// next_row (forward_grad only): the row this thread streams next. One prefetch of it per line
+// of this row: the gradient pass computes from L2 and leaves the memory bus idle, so the next
+// row's first pass then finds its lines in cache, and the two passes overlap compute with traffic.
 template <typename scalar_t, bool kCap, bool kOpt>
 void backward_row(const scalar_t* z, scalar_t* out, int64_t V, int64_t target, typename Io<scalar_t>::acc_t grad,
-                  const typename Io<scalar_t>::acc_t* st, double b_in, const Options& opt) {
+                  const typename Io<scalar_t>::acc_t* st, double b_in, const Options& opt,
+                  const scalar_t* next_row) {
   using IO = Io<scalar_t>;
   using acc_t = typename IO::acc_t;
   using vec = typename IO::vec;
@@ -723,7 +727,10 @@ void backward_row(const scalar_t* z, scalar_t* out, int64_t V, int64_t target, t
 #if defined(__AVX2__)
   if constexpr (std::is_same_v<scalar_t, c10::BFloat16>) {
     for (; j + 16 <= V; j += 16) {
-      if (j % (kCacheLine / sizeof(scalar_t)) == 0) prefetch_ahead(z + j);
+      if (j % (kCacheLine / sizeof(scalar_t)) == 0) {
+        prefetch_ahead(z + j);
+        if (next_row != nullptr) __builtin_prefetch(next_row + j, 0, 2);
+      }
       vec a, c;
       IO::load16(z + j, a, c);
       IO::store16(out + j, column_grads(a), column_grads(c));
@@ -731,7 +738,10 @@ void backward_row(const scalar_t* z, scalar_t* out, int64_t V, int64_t target, t
   }
 #endif
   for (; j + W <= V; j += W) {
-    if (j % (kCacheLine / sizeof(scalar_t)) == 0) prefetch_ahead(z + j);
+    if (j % (kCacheLine / sizeof(scalar_t)) == 0) {
+      prefetch_ahead(z + j);
+      if (next_row != nullptr) __builtin_prefetch(next_row + j, 0, 2);
+    }
     IO::store(out + j, column_grads(IO::load(z + j)));
   }
   if (j < V) store_partial(out + j, column_grads(load_partial(z + j, V - j)), V - j);
@@ -792,7 +802,7 @@ at::Tensor backward_cpu(const at::Tensor& grad_rows_in, const at::Tensor& logits
           continue;
         }
         TORCH_CHECK(s >= 0 && s < V, "prsl_cpu: target ", s, " out of range [0, ", V, ") in row ", i);
-        row_kernel(base + i * row_stride, out_row, V, s, g[i], st + i * kNumRowStats, b, opt);
+        row_kernel(base + i * row_stride, out_row, V, s, g[i], st + i * kNumRowStats, b, opt, nullptr);
       }
     });
   });
@@ -864,7 +874,7 @@ std::tuple<at::Tensor, at::Tensor> forward_grad_cpu(const at::Tensor& logits, co
         TORCH_CHECK(s >= 0 && s < V, "prsl_cpu: target ", s, " out of range [0, ", V, ") in row ", i);
         const scalar_t* z = base + i * in_stride;
         fwd(z, V, s, k, b, opt, scratch.data(), loss_ptr + i, row_stats);
-        bwd(z, out_row, V, s, g[i], row_stats, b, opt);
+        bwd(z, out_row, V, s, g[i], row_stats, b, opt, i + 1 < end ? z + in_stride : nullptr);
       }
     });
   });
