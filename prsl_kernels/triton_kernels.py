@@ -768,13 +768,22 @@ class LaunchConfig(NamedTuple):
         return {"num_warps": self.num_warps, **({} if self.maxnreg is None else {"maxnreg": self.maxnreg})}
 
 
-# The two-pass forward with a selection on 16-bit rows: ptxas sizes it by the peak of the row's
-# tail (the top-k selections), 80 / 99 registers at k = 20 / 100 on sm_90 (3 / 2 CTAs of 8 warps
-# per SM), while the streaming loop that dominates its time needs far fewer. Capped at 64, four
-# CTAs fit an SM (twice the rows in flight at k = 100) and the AOT report shows no spills on
-# sm_80 / sm_90 (benchmarks/results/aot_report.txt). float32 rows are left alone: their
-# selections already fit (40-48 registers on sm_90), and a cap there only raised the count.
+# The two-pass forward with a selection: ptxas sizes it by the peak of the row's tail (the top-k
+# selections), e.g. 80 / 99 registers for 16-bit rows at k = 20 / 100 on sm_90 (3 / 2 CTAs of 8
+# warps per SM), while the streaming loop that dominates its time needs far fewer. Capped at 64,
+# four CTAs fit an SM (twice the rows in flight at k = 100); the AOT report shows no spills or a
+# few in the per-row tail (benchmarks/results/aot_report.txt). float32 rows at k < 64 fit in
+# 40-48 registers on sm_90 (5-6 CTAs) and a cap there only raised the count: they are capped
+# only at KP = 128 (93 registers, 2 CTAs) and with WRITE_GRAD (79-80 registers, 3 CTAs).
 _FAST_MAXNREG = 64
+
+
+def _fast_maxnreg(dtype, kp, num_warps, write_grad):
+    if kp <= 1 or num_warps != _FAST_WARPS:
+        return None
+    if dtype in (torch.float16, torch.bfloat16) or (dtype == torch.float32 and (kp >= 128 or write_grad)):
+        return _FAST_MAXNREG
+    return None
 
 
 def _kp(k):
@@ -807,13 +816,12 @@ def forward_config(dtype, vocab, k, options=(0.0, 0.0, 0.0)):
         tile = _fast_tile(dtype, vocab, kp)
         vec = _VEC[dtype]
         num_warps = max(1, min(_FAST_WARPS, tile // (32 * 16 * vec // 8)))
-        capped = k > 0 and num_warps == _FAST_WARPS and dtype in (torch.float16, torch.bfloat16)
         return LaunchConfig("forward", dtype, {
             "HAS_TOPK": k > 0, "KP": kp, "CAP": max(32, 2 * kp), "GCAP": 2 * max(32, 2 * kp),
             "ROWS": 32 * num_warps, "T_BLK": max(1, 32 * num_warps // max(16, kp)),
             "TILE": tile, "VEC": vec,
             "ALIGNED": True, "USE_EXP2": dtype != torch.float64, **_option_flags(options)}, num_warps,
-            _FAST_MAXNREG if capped else None)
+            _fast_maxnreg(dtype, kp, num_warps, write_grad=False))
     return exact_config(dtype, vocab, k, only_flagged=False, options=options)
 
 
@@ -849,10 +857,12 @@ def with_grad(config, vocab, grad_aligned=True):
     backward's exp flavour)."""
     if config.kernel == "forward_exact":
         extra = {"WRITE_GRAD": True, "USE_EXP2": config.dtype != torch.float64}
-    else:
-        extra = {"WRITE_GRAD": True, "GRAD_TILE": backward_config(config.dtype, vocab).constexprs["TILE"],
-                 "GRAD_ALIGNED": grad_aligned}
-    return config._replace(constexprs=dict(config.constexprs, **extra))
+        return config._replace(constexprs=dict(config.constexprs, **extra))
+    extra = {"WRITE_GRAD": True, "GRAD_TILE": backward_config(config.dtype, vocab).constexprs["TILE"],
+             "GRAD_ALIGNED": grad_aligned}
+    kp = config.constexprs["KP"] if config.constexprs["HAS_TOPK"] else 1
+    return config._replace(constexprs=dict(config.constexprs, **extra),
+                           maxnreg=_fast_maxnreg(config.dtype, kp, config.num_warps, write_grad=True))
 
 
 def launch_configs():
