@@ -456,9 +456,13 @@ struct RowForward {
 
   // Computes loss and (lse, tau, D, S, |T|, correct) of one counted row. kCap: soft-cap
   // every logit first; kSmooth: also sum the (capped) row for label smoothing.
-  template <bool kCap, bool kSmooth>
+  // kKeep (forward_grad): also leave pass 1's exponentials in keep_exp (BLOCK per block, in the
+  // lanes' order) and the shift they were taken against in keep_shift (one per block), so that the
+  // gradient pass gets p_j = exp(z_j - shift) exp(shift - lse) with one multiply, not one exp.
+  template <bool kCap, bool kSmooth, bool kKeep = false>
   static void run(const scalar_t* z, int64_t V, int64_t target, int64_t k, double b, const Options& opt,
-                  acc_t* scratch, acc_t* loss, acc_t* stats) {
+                  acc_t* scratch, acc_t* loss, acc_t* stats, acc_t* keep_exp = nullptr,
+                  acc_t* keep_shift = nullptr) {
     const acc_t cap = static_cast<acc_t>(opt.softcap);
     const int64_t blocks = (V + BLOCK - 1) / BLOCK;
     acc_t* cand = scratch;           // pass 2's candidates (the segment maxima before that)
@@ -493,10 +497,18 @@ struct RowForward {
         s0 = s0 * factor, s1 = s1 * factor, s2 = s2 * factor, s3 = s3 * factor;
         run_max = shift = new_max;
       }
-      s0 += vexp(x0 - shift);
-      s1 += vexp(x1 - shift);
-      s2 += vexp(x2 - shift);
-      s3 += vexp(x3 - shift);
+      if constexpr (kKeep) {
+        const vec e0 = vexp(x0 - shift), e1 = vexp(x1 - shift), e2 = vexp(x2 - shift), e3 = vexp(x3 - shift);
+        storeu(keep_exp + j0, e0), storeu(keep_exp + j0 + W, e1);
+        storeu(keep_exp + j0 + 2 * W, e2), storeu(keep_exp + j0 + 3 * W, e3);
+        keep_shift[j0 / BLOCK] = shift;
+        s0 += e0, s1 += e1, s2 += e2, s3 += e3;
+      } else {
+        s0 += vexp(x0 - shift);
+        s1 += vexp(x1 - shift);
+        s2 += vexp(x2 - shift);
+        s3 += vexp(x3 - shift);
+      }
     }, cap);
     const vec total = (s0 + s1) + (s2 + s3);
     acc_t sum = 0;
@@ -639,7 +651,7 @@ std::tuple<at::Tensor, at::Tensor> forward_cpu(const at::Tensor& logits, const a
           continue;
         }
         TORCH_CHECK(s >= 0 && s < V, "prsl_cpu: target ", s, " out of range [0, ", V, ") in row ", i);
-        row_kernel(base + i * row_stride, V, s, k, b, opt, scratch.data(), loss_ptr + i, row_stats);
+        row_kernel(base + i * row_stride, V, s, k, b, opt, scratch.data(), loss_ptr + i, row_stats, nullptr, nullptr);
       }
     });
   });
@@ -669,10 +681,15 @@ inline void advise_huge_pages(void* data, size_t bytes) {
 // next_row (forward_grad only): the row this thread streams next. One prefetch of it per line
 // of this row: the gradient pass computes from L2 and leaves the memory bus idle, so the next
 // row's first pass then finds its lines in cache, and the two passes overlap compute with traffic.
-template <typename scalar_t, bool kCap, bool kOpt>
+// kCached (forward_grad, no softcap): p_j from pass 1's kept exponentials (RowForward::run's
+// kKeep), one multiply per column instead of an exp: two roundings instead of one, so this
+// gradient differs from backward_cpu's in the last bits.
+template <typename scalar_t, bool kCap, bool kOpt, bool kCached = false>
 void backward_row(const scalar_t* z, scalar_t* out, int64_t V, int64_t target, typename Io<scalar_t>::acc_t grad,
                   const typename Io<scalar_t>::acc_t* st, double b_in, const Options& opt,
-                  const scalar_t* next_row) {
+                  const scalar_t* next_row, const typename Io<scalar_t>::acc_t* kept_exp = nullptr,
+                  const typename Io<scalar_t>::acc_t* kept_shift = nullptr) {
+  static_assert(!(kCap && kCached), "the kept exponentials are of uncapped logits' pass: not with softcap");
   using IO = Io<scalar_t>;
   using acc_t = typename IO::acc_t;
   using vec = typename IO::vec;
@@ -699,16 +716,33 @@ void backward_row(const scalar_t* z, scalar_t* out, int64_t V, int64_t target, t
 
   // A vector with no column at or above tau takes the short path, which computes
   // exactly what the long path computes for such columns.
-  auto plain_grads = [&](vec x) __attribute__((always_inline)) {
-    const vec p = vexp(x - lse);
+  // The scale exp(shift - lse) of the kept exponentials of column j's block, recomputed only
+  // when the shift moved (about log V times a row).
+  constexpr int64_t kBlock = 4 * W;
+  acc_t scale_shift = std::numeric_limits<acc_t>::quiet_NaN(), scale = 0;
+  auto scale_at = [&](int64_t col) __attribute__((always_inline)) {
+    const acc_t sh = kept_shift[col / kBlock];
+    if (!(sh == scale_shift)) scale_shift = sh, scale = std::exp(sh - lse);
+    return scale;
+  };
+  auto probs = [&](vec x, int64_t col) __attribute__((always_inline)) {
+    if constexpr (kCached) {
+      return loadu<vec>(kept_exp + col) * scale_at(col);
+    } else {
+      (void)col;
+      return vexp(x - lse);
+    }
+  };
+  auto plain_grads = [&](vec x, int64_t col) __attribute__((always_inline)) {
+    const vec p = probs(x, col);
     if (!penalised || lane_bits(x >= tau) == 0) return p * below_coef;
     const vec on_ties = x == tau ? splat<vec>(tie_coef) : splat<vec>(below_coef);
     const vec coef = x > tau ? grad * (keep + above_scale * (p - p_min)) : on_ties;
     return p * coef;
   };
-  auto column_grads = [&](vec raw) __attribute__((always_inline)) {
+  auto column_grads = [&](vec raw, int64_t col) __attribute__((always_inline)) {
     if constexpr (!kCap && !kOpt) {
-      return plain_grads(raw);
+      return plain_grads(raw, col);
     } else {
       vec slope, x = raw;
       if constexpr (kCap) {
@@ -716,7 +750,7 @@ void backward_row(const scalar_t* z, scalar_t* out, int64_t V, int64_t target, t
         x = cap * t;
         slope = acc_t(1) - t * t;
       }
-      vec dz = plain_grads(x);
+      vec dz = plain_grads(x, col);
       if constexpr (kOpt) dz = dz - smooth;
       if constexpr (kCap) dz = dz * slope;
       return dz;
@@ -726,14 +760,17 @@ void backward_row(const scalar_t* z, scalar_t* out, int64_t V, int64_t target, t
   int64_t j = 0;
 #if defined(__AVX2__)
   if constexpr (std::is_same_v<scalar_t, c10::BFloat16>) {
-    for (; j + 16 <= V; j += 16) {
+    // Kept exponentials are in pass 1's lane order: the unpack order on its full blocks, the
+    // column order on its padded last block, which the loop below then takes.
+    const int64_t end16 = kCached ? V - V % kBlock : V;
+    for (; j + 16 <= end16; j += 16) {
       if (j % (kCacheLine / sizeof(scalar_t)) == 0) {
         prefetch_ahead(z + j);
         if (next_row != nullptr) __builtin_prefetch(next_row + j, 0, 2);
       }
       vec a, c;
       IO::load16(z + j, a, c);
-      IO::store16(out + j, column_grads(a), column_grads(c));
+      IO::store16(out + j, column_grads(a, j), column_grads(c, j + 8));
     }
   }
 #endif
@@ -742,9 +779,9 @@ void backward_row(const scalar_t* z, scalar_t* out, int64_t V, int64_t target, t
       prefetch_ahead(z + j);
       if (next_row != nullptr) __builtin_prefetch(next_row + j, 0, 2);
     }
-    IO::store(out + j, column_grads(IO::load(z + j)));
+    IO::store(out + j, column_grads(IO::load(z + j), j));
   }
-  if (j < V) store_partial(out + j, column_grads(load_partial(z + j, V - j)), V - j);
+  if (j < V) store_partial(out + j, column_grads(load_partial(z + j, V - j), j), V - j);
   // The target is in neither A nor T: only p_s (1 - b D) - 1.
   if constexpr (!kCap && !kOpt) {
     const acc_t p_s = std::exp(z_target_raw - lse);
@@ -802,7 +839,8 @@ at::Tensor backward_cpu(const at::Tensor& grad_rows_in, const at::Tensor& logits
           continue;
         }
         TORCH_CHECK(s >= 0 && s < V, "prsl_cpu: target ", s, " out of range [0, ", V, ") in row ", i);
-        row_kernel(base + i * row_stride, out_row, V, s, g[i], st + i * kNumRowStats, b, opt, nullptr);
+        row_kernel(base + i * row_stride, out_row, V, s, g[i], st + i * kNumRowStats, b, opt, nullptr, nullptr,
+                   nullptr);
       }
     });
   });
@@ -848,10 +886,16 @@ std::tuple<at::Tensor, at::Tensor> forward_grad_cpu(const at::Tensor& logits, co
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, logits.scalar_type(), "prsl_forward_grad_cpu", [&] {
     using acc_t = typename Io<scalar_t>::acc_t;
     using Row = RowForward<scalar_t>;
+    // Without softcap the gradient pass takes p from pass 1's kept exponentials (kKeep / kCached);
+    // with it, the capped logits' slope needs a tanh per column anyway: the plain pair.
     auto fwd = softcap > 0 ? (label_smoothing > 0 ? &Row::template run<true, true> : &Row::template run<true, false>)
-                           : (label_smoothing > 0 ? &Row::template run<false, true> : &Row::template run<false, false>);
+                           : (label_smoothing > 0 ? &Row::template run<false, true, true>
+                                                  : &Row::template run<false, false, true>);
     auto bwd = softcap > 0 ? (has_opt ? &backward_row<scalar_t, true, true> : &backward_row<scalar_t, true, false>)
-                           : (has_opt ? &backward_row<scalar_t, false, true> : &backward_row<scalar_t, false, false>);
+                           : (has_opt ? &backward_row<scalar_t, false, true, true>
+                                      : &backward_row<scalar_t, false, false, true>);
+    constexpr int64_t kBlock = 4 * Io<scalar_t>::W;
+    const int64_t blocks = (V + kBlock - 1) / kBlock;
     const scalar_t* base = logits.const_data_ptr<scalar_t>();
     scalar_t* out = grad_out.mutable_data_ptr<scalar_t>();
     const int64_t in_stride = logits.stride(0), out_stride = grad_out.stride(0);
@@ -861,6 +905,9 @@ std::tuple<at::Tensor, at::Tensor> forward_grad_cpu(const at::Tensor& logits, co
     acc_t* stats_ptr = stats.mutable_data_ptr<acc_t>();
     at::parallel_for(0, N, row_grain(V), [&](int64_t begin, int64_t end) {
       std::vector<acc_t> scratch(Row::scratch_size(V));
+      std::vector<acc_t> kept(softcap > 0 ? 0 : blocks * kBlock + blocks);  // per task: L2-resident
+      acc_t* kept_exp = kept.data();
+      acc_t* kept_shift = softcap > 0 ? nullptr : kept.data() + blocks * kBlock;
       for (int64_t i = begin; i < end; ++i) {
         acc_t* row_stats = stats_ptr + i * kNumRowStats;
         scalar_t* out_row = out + i * out_stride;
@@ -873,8 +920,8 @@ std::tuple<at::Tensor, at::Tensor> forward_grad_cpu(const at::Tensor& logits, co
         }
         TORCH_CHECK(s >= 0 && s < V, "prsl_cpu: target ", s, " out of range [0, ", V, ") in row ", i);
         const scalar_t* z = base + i * in_stride;
-        fwd(z, V, s, k, b, opt, scratch.data(), loss_ptr + i, row_stats);
-        bwd(z, out_row, V, s, g[i], row_stats, b, opt, i + 1 < end ? z + in_stride : nullptr);
+        fwd(z, V, s, k, b, opt, scratch.data(), loss_ptr + i, row_stats, kept_exp, kept_shift);
+        bwd(z, out_row, V, s, g[i], row_stats, b, opt, i + 1 < end ? z + in_stride : nullptr, kept_exp, kept_shift);
       }
     });
   });

@@ -13,6 +13,8 @@ L2: one read of the logits from memory and one write of the gradient in all. The
 upstream scalar is applied in the backward, only when it is not exactly 1 (a
 device-side check: no host synchronisation; otherwise one extra read + write pass).
 With ``inplace`` the gradient overwrites the logits' storage (no N x V buffer at all).
+The C++ kernel takes p_j from its first pass's exponentials here (spec-exact, last bits
+differ from ``PRSLFunction``'s backward); the Triton kernels write what the backward writes.
 """
 
 import torch
@@ -59,18 +61,18 @@ class PRSLGradInForwardFunction(torch.autograd.Function):
             # Anything else that saved these logits for its backward now fails loudly there.
             torch.autograd.graph.increment_version(logits)
         loss = loss_rows.sum() if reduction == "sum" else loss_rows.sum() / count
-        ctx.grad, ctx.inplace = grad, inplace
+        ctx.grad, ctx.inplace, ctx.k = grad, inplace, k
         ctx.b, ctx.ignore_index, ctx.path, ctx.options = b, ignore_index, path, options
         # References only (the logits were kept alive by PRSLFunction too): a second backward
         # through a retained graph recomputes from them.
-        ctx.save_for_backward(None if inplace else logits, target, row_stats, scale, count)
+        ctx.save_for_backward(None if inplace else logits, target, scale, count)
         ctx.mark_non_differentiable(row_stats)
         return loss, row_stats
 
     @staticmethod
     @torch.autograd.function.once_differentiable
     def backward(ctx, grad_loss, _grad_stats):
-        logits, target, row_stats, scale, count = ctx.saved_tensors
+        logits, target, scale, count = ctx.saved_tensors
         # All rows ignored: the gradient is exactly zero, whatever the caller did with the NaN loss.
         grad_loss = torch.where(count > 0, grad_loss, torch.zeros_like(grad_loss))
         if ctx.grad is not None:  # the first backward: hand the forward's gradient over
@@ -81,9 +83,12 @@ class PRSLGradInForwardFunction(torch.autograd.Function):
             raise RuntimeError("prsl_loss(inplace_backward=True): the logits were overwritten by the gradient in "
                                "the forward and handed to the first backward; a second backward through the graph "
                                "(retain_graph=True) cannot recompute it. Use inplace_backward=False.")
-        _, backward_kernel = backends.kernels(ctx.path)
+        # Recomputed by the same kernel as the first time (the C++ one takes p from its first pass's
+        # exponentials, the backward kernel from exp(z - lse)), so that backward is reentrant.
         grad_rows = (grad_loss * scale).expand(logits.shape[0]).contiguous()
-        grad = backward_kernel(grad_rows, logits, target, row_stats, ctx.b, ctx.ignore_index, *ctx.options)
+        grad = torch.empty_like(logits, memory_format=torch.contiguous_format)
+        backends.forward_grad_kernel(ctx.path)(logits, target, grad_rows, grad, ctx.k, ctx.b, ctx.ignore_index,
+                                               *ctx.options)
         return grad, None, None, None, None, None, None, None, None
 
 

@@ -20,7 +20,8 @@ same scalar, so the gradients are computed in the forward with unit (sum) or
 backward (N x H and V x H, not N x V); the chunk's gradient is written over its logits,
 so the peak beyond the inputs and the gradients is one C x V buffer. For
 ``reduction="none"`` (and a second backward through a retained graph) the forward keeps
-the row statistics and the backward recomputes each chunk's logits (two C x V buffers).
+the row statistics and the backward recomputes each chunk's logits and, with the same
+kernel, its gradient over them (one C x V buffer too).
 
 bf16/fp16: each matmul accumulates in fp32 inside (MKL / cuBLAS) and rounds its
 output once; ``grad_weight`` is accumulated in the weight's dtype by ``addmm_``
@@ -42,8 +43,8 @@ from .loss import RowStats, prsl_loss, reduce_rows
 from .spec import IGNORE_INDEX, stats_dtype
 from .validation import check_inputs, check_linear_inputs, check_options, check_target_range
 
-# Bytes of one C x V chunk buffer (one live at once for mean / sum, where the gradient overwrites
-# the logits in the forward kernel; two for reduction="none": the logits and their gradient).
+# Bytes of one C x V chunk buffer (one live at once: the chunk's gradient overwrites its logits
+# in the forward kernel, in the forward for mean / sum, in the backward for reduction="none").
 # CPU: 64 MiB for 32/64-bit logits, 32 MiB for 16-bit ones. Per chunk, grad_W +=
 # grad.T @ hidden[c] reads and writes all of V x H, so fewer, larger chunks pay off where
 # the matmuls are fast: measured on the project's 2-core EPYC (fp32, k = 20, N = 4096,
@@ -94,8 +95,7 @@ def linear_prsl_loss(hidden, weight, target, k, b, *, bias=None, ignore_index=IG
         label_smoothing, z_loss, softcap: the options of :func:`prsl_loss` (spec, "Options"),
             applied to the chunk's logits inside the same fused kernels.
         chunk_size: rows per chunk (default: :func:`default_chunk_size`); peak memory beyond
-            inputs and gradients is about ``chunk_size * V`` elements (twice that for
-            ``reduction="none"``).
+            inputs and gradients is about ``chunk_size * V`` elements.
 
     Returns:
         The loss (float32, or float64 for float64 inputs), and :class:`RowStats` if asked.
@@ -221,12 +221,13 @@ class LinearPRSLFunction(torch.autograd.Function):
                 options=(0.0, 0.0, 0.0)):
         needs = ctx.needs_input_grad[:3]
         ctx.b, ctx.ignore_index, ctx.path, ctx.chunk, ctx.reduction = b, ignore_index, path, chunk, reduction
+        ctx.k = k
         ctx.options = options
         ctx.grads = None
         if reduction == "none":
             loss_rows, row_stats, *_ = _forward_chunks(hidden, weight, bias, target, k, b, ignore_index, path,
                                                        chunk, None, options)
-            ctx.save_for_backward(hidden, weight, bias, target, row_stats, None, None)
+            ctx.save_for_backward(hidden, weight, bias, target, None, None)
             ctx.mark_non_differentiable(row_stats)
             return loss_rows, row_stats
         count = (target != ignore_index).sum()
@@ -245,14 +246,14 @@ class LinearPRSLFunction(torch.autograd.Function):
         # over, so autograd adopts them as .grad without a copy. The inputs are saved too
         # (references only) for a second backward through a retained graph, which recomputes.
         ctx.grads = [grad_hidden, grad_weight, grad_bias]
-        ctx.save_for_backward(hidden, weight, bias, target, row_stats, scale, count)
+        ctx.save_for_backward(hidden, weight, bias, target, scale, count)
         ctx.mark_non_differentiable(row_stats)
         return loss, row_stats
 
     @staticmethod
     @torch.autograd.function.once_differentiable
     def backward(ctx, grad_loss, _grad_stats):
-        hidden, weight, bias, target, row_stats, scale, count = ctx.saved_tensors
+        hidden, weight, bias, target, scale, count = ctx.saved_tensors
         if ctx.grads is not None:  # mean / sum, first backward: scale the forward's gradients
             grads, ctx.grads = ctx.grads, None  # drop our references: autograd can adopt the tensors
             # All rows ignored: the gradients are exact zeros, and stay so even when the caller divided
@@ -261,14 +262,15 @@ class LinearPRSLFunction(torch.autograd.Function):
             grad_hidden, grad_weight, grad_bias = (None if g is None else g.mul_(grad_loss) for g in grads)
         else:  # reduction="none", or a second backward through a retained graph: recompute
             grad_rows = grad_loss if scale is None else (grad_loss * scale).expand(hidden.shape[0])
-            grad_hidden, grad_weight, grad_bias = _backward_chunks(ctx, grad_rows, hidden, weight, bias, target,
-                                                                   row_stats)
+            grad_hidden, grad_weight, grad_bias = _backward_chunks(ctx, grad_rows, hidden, weight, bias, target)
         return grad_hidden, grad_weight, grad_bias, None, None, None, None, None, None, None, None
 
 
-def _backward_chunks(ctx, grad_rows, hidden, weight, bias, target, row_stats):
-    """reduction='none': recompute each chunk's logits, then the kernels' gradient and the matmuls."""
-    _, backward_kernel = backends.kernels(ctx.path)
+def _backward_chunks(ctx, grad_rows, hidden, weight, bias, target):
+    """reduction='none' (or a second backward): recompute each chunk's logits, then the gradient over
+    them by the forward's own kernel (``forward_grad``, as the mean / sum forward computes it, so a
+    second backward gives what the first gave), and the matmuls."""
+    forward_grad_kernel = backends.forward_grad_kernel(ctx.path)
     need_hidden, need_weight, need_bias = ctx.needs_input_grad[:3]
     n_rows, vocab, chunk = hidden.shape[0], weight.shape[0], ctx.chunk
     grad_rows = grad_rows.contiguous()
@@ -279,12 +281,11 @@ def _backward_chunks(ctx, grad_rows, hidden, weight, bias, target, row_stats):
         stop = min(start + chunk, n_rows)
         hidden_c, target_c = hidden[start:stop], target[start:stop]
         logits_c = _chunk_logits(hidden_c, weight, bias, buffer[:stop - start])
-        grad_c = backward_kernel(grad_rows[start:stop], logits_c, target_c, row_stats[start:stop], ctx.b,
-                                 ctx.ignore_index, *ctx.options)
-        grad_hidden, grad_weight, grad_bias = _accumulate(grad_c, hidden_c, weight, start, stop, grad_hidden,
+        forward_grad_kernel(logits_c, target_c, grad_rows[start:stop], logits_c, ctx.k, ctx.b, ctx.ignore_index,
+                            *ctx.options)  # the statistics come again with it (cheaper than saving N x 6)
+        grad_hidden, grad_weight, grad_bias = _accumulate(logits_c, hidden_c, weight, start, stop, grad_hidden,
                                                           grad_weight, grad_bias, need_hidden, need_weight,
                                                           need_bias)
-        del grad_c  # as in _forward_chunks
     if grad_bias is not None:
         grad_bias = grad_bias.to(bias.dtype)  # accumulated in fp32
     return grad_hidden, grad_weight, grad_bias
