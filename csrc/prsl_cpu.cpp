@@ -20,6 +20,9 @@
 //   statistics (lse, tau, D, S, |T|): one exp per element, no top-k indices.
 // Gradient in the forward (forward_grad): both, row by row, so the backward's read
 //   of the row comes from L2; the gradient may overwrite the logits (inplace_backward).
+//   Without softcap, pass 1 also keeps its exponentials exp(z_j - shift) (an fp32 row in
+//   L2) and the shift of each block, so the gradient pass gets p_j with one multiply by
+//   exp(shift - lse) instead of an exp: the fused step's compute was two exps per logit.
 // Options (spec, "Options"), each a compile-time flag so that the default kernels are
 //   the code above, unchanged: softcap replaces every loaded logit by c tanh(z / c)
 //   in both passes of the forward and in the backward (which also multiplies by the
