@@ -504,7 +504,10 @@ struct RowForward {
         const vec e0 = vexp(x0 - shift), e1 = vexp(x1 - shift), e2 = vexp(x2 - shift), e3 = vexp(x3 - shift);
         storeu(keep_exp + j0, e0), storeu(keep_exp + j0 + W, e1);
         storeu(keep_exp + j0 + 2 * W, e2), storeu(keep_exp + j0 + 3 * W, e3);
-        keep_shift[j0 / BLOCK] = shift;
+        // run_max, not shift: before the first finite logit shift is 0 and these e are 0, and
+        // exp(0 - lse) would overflow for a very negative lse (0 * inf); exp(-inf - lse) = 0.
+        // Afterwards the two are equal, and the scale exp(run_max - lse) is at most 1.
+        keep_shift[j0 / BLOCK] = run_max;
         s0 += e0, s1 += e1, s2 += e2, s3 += e3;
       } else {
         s0 += vexp(x0 - shift);

@@ -78,6 +78,25 @@ def test_cpp_forward_grad_is_forward_then_backward(dtype, options, k):
     _assert_same_as_forward_then_backward(cpp_kernels, logits, target, k, 1.5, options, gen)
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_cpp_kept_exponentials_on_masked_and_very_negative_rows(dtype):
+    """Rows whose first blocks are all -inf and whose logits sit far below 0 (lse < -88: exp(-lse)
+    overflows float32): the kept exponentials' scale must stay finite, the gradient equal the
+    backward kernel's."""
+    gen = torch.Generator().manual_seed(9)
+    logits = (torch.randn(4, 300, generator=gen) * 2 - 200.0).to(dtype)
+    logits[:, :100] = float("-inf")
+    target = torch.randint(100, 300, (4,), generator=gen)
+    grad_rows = torch.rand(4, generator=gen) + 0.5
+    loss, stats = cpp_kernels.forward(logits, target, 6, 2.0, -100)
+    want = cpp_kernels.backward(grad_rows, logits, target, stats, 2.0, -100)
+    out = torch.empty_like(logits)
+    cpp_kernels.forward_grad(logits, target, grad_rows, out, 6, 2.0, -100)
+    assert torch.isfinite(out).all() and torch.all(out[:, :100] == 0)
+    torch.testing.assert_close(out.double(), want.double(), rtol=KEPT_EXP_RTOL[dtype],
+                               atol=KEPT_EXP_RTOL[dtype] * float(want.double().abs().max()))
+
+
 def test_cpp_forward_grad_strided_rows_and_overlap_check():
     gen = torch.Generator().manual_seed(5)
     storage = torch.randn(6, 520, generator=gen)
