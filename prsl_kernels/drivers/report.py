@@ -242,6 +242,14 @@ def _plt():
     return plt
 
 
+def save_figure(fig, path):
+    """Lay out, write (110 dpi) and close ``fig``; returns ``path``."""
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    _plt().close(fig)
+    return path
+
+
 def _group_curve(group_runs, rounds, fn):
     vals = np.array([[fn(run, r) for r in rounds] for run in group_runs], dtype=np.float64)
     stats = [mean_ci(vals[:, j][np.isfinite(vals[:, j])]) if np.isfinite(vals[:, j]).any() else
@@ -271,9 +279,7 @@ def plot_score_vs_round(runs, against, path):
     axes.flat[0].legend(fontsize=8)
     what = "the clean output" if against == "clean" else "the references"
     fig.suptitle(f"Mean per-sample score against {what} vs attack round (bands: 95% CI over seeds)")
-    fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
+    save_figure(fig, path)
 
 
 def plot_below_thresholds(runs, rnd, path, against="clean"):
@@ -301,9 +307,7 @@ def plot_below_thresholds(runs, rnd, path, against="clean"):
     axes.flat[0].set_ylabel("proportion of outputs")
     axes.flat[0].legend(fontsize=8)
     fig.suptitle(f"Outputs scoring below each threshold against the clean output after round {rnd}")
-    fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
+    save_figure(fig, path)
     return True
 
 
@@ -321,9 +325,7 @@ def plot_attack_loss(runs, path):
     ax.set_xticks(rounds)
     ax.grid(alpha=0.3)
     ax.legend(fontsize=8)
-    fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
+    save_figure(fig, path)
 
 
 def _wrap(text, width=28, lines=3):
@@ -366,9 +368,7 @@ def plot_image_grid(runs, path, n_rows=4):
     for j, run in enumerate(shown, start=1):
         axes[-1, j].set_xlabel(run["group"], fontsize=9)
     axes[-1, 0].set_xlabel("clean image", fontsize=9)
-    fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
+    save_figure(fig, path)
     return True
 
 

@@ -16,7 +16,8 @@ from pathlib import Path
 import numpy as np
 
 from . import study_stats as st
-from .report import _group_curve, _plt, _table, attack_loss, load_run, mean_ci, relative_path, run_value
+from .report import (_group_curve, _plt, _table, attack_loss, load_run, mean_ci, relative_path, run_value,
+                     save_figure)
 from .report import THRESHOLDS
 from .study_report import _by_arm, _ci, _fmt, _mc, _model_rows, _pval, here_bertscore_baseline, \
     paper_bertscore_baseline, write_models_csv
@@ -132,19 +133,15 @@ def sentence(summary):
     sl = summary["slope"]
     core = (f"PRSL k=20's dose-response slope is {_fmt(sl['estimate'], 5, True)} BERTScore F1 per doubling of b "
             f"(95% CI {_ci(sl['ci95'], 5)}, p = {_pval(sl['p'])}, {sl['n']} pairs) under BIM")
-    sig = [b for b, d in summary["dose"].items() if "vs_ce" in d and d["vs_ce"]["p_holm"] < 0.05]
+    sig = {b: d["vs_ce"] for b, d in summary["dose"].items() if "vs_ce" in d and d["vs_ce"]["p_holm"] < 0.05}
     if not sig:
         tail = "; no b differs from CE after Holm correction"
     else:
-        tail = "; " + "; ".join(
-            f"b = {b} differs from CE by {_fmt(summary['dose'][b]['vs_ce']['diff'], 4, True)} "
-            f"(95% CI {_ci(summary['dose'][b]['vs_ce']['ci95'], 4)}, Holm p = {_pval(summary['dose'][b]['vs_ce']['p_holm'])})"
-            for b in sig)
-    top = max(summary["dose"], key=float)
-    eq = summary["dose"][top]["equivalence"]
-    margin = eq["margin"]
-    within = all(d["equivalence"]["p"] < 0.05 for d in summary["dose"].values() if "equivalence" in d)
-    return core + tail + (f"; every b is equivalent to CE within ±{margin}" if within else "") + "."
+        tail = "; " + "; ".join(f"b = {b} differs from CE by {_fmt(v['diff'], 4, True)} (95% CI {_ci(v['ci95'], 4)}, "
+                                f"Holm p = {_pval(v['p_holm'])})" for b, v in sig.items())
+    tests = [d["equivalence"] for d in summary["dose"].values() if "equivalence" in d]
+    within = all(t["p"] < 0.05 for t in tests)
+    return core + tail + (f"; every b is equivalent to CE within ±{tests[0]['margin']}" if within else "") + "."
 
 
 def _figures(plan, rows, arms, rounds, fig_dir):
@@ -170,10 +167,7 @@ def _figures(plan, rows, arms, rounds, fig_dir):
         ax.grid(alpha=0.3)
     axes[0].legend(fontsize=8)
     fig.suptitle("Robustness-accuracy frontier: one point per model; diamonds: arm mean ± 95% CI")
-    fig.tight_layout()
-    out["frontier"] = fig_dir / "frontier.png"
-    fig.savefig(out["frontier"], dpi=110)
-    plt.close(fig)
+    out["frontier"] = save_figure(fig, fig_dir / "frontier.png")
 
     # the dose response as analysed: each b minus CE within pairs (the bases' spread cancels)
     fig, axes = plt.subplots(1, 2, figsize=(11, 4))
@@ -198,10 +192,7 @@ def _figures(plan, rows, arms, rounds, fig_dir):
         ax.grid(alpha=0.3)
     axes[0].legend(fontsize=8)
     fig.suptitle("Dose response: BERTScore F1 vs the clean caption, PRSL k=20 minus CE per pair")
-    fig.tight_layout()
-    out["dose"] = fig_dir / "dose.png"
-    fig.savefig(out["dose"], dpi=110)
-    plt.close(fig)
+    out["dose"] = save_figure(fig, fig_dir / "dose.png")
 
     fig, ax = plt.subplots(figsize=(6, 4))
     for a in arms:
@@ -213,10 +204,7 @@ def _figures(plan, rows, arms, rounds, fig_dir):
     ax.set_title("BERTScore F1 vs the clean caption, per round")
     ax.grid(alpha=0.3)
     ax.legend(fontsize=8)
-    fig.tight_layout()
-    out["rounds"] = fig_dir / "rounds.png"
-    fig.savefig(out["rounds"], dpi=110)
-    plt.close(fig)
+    out["rounds"] = save_figure(fig, fig_dir / "rounds.png")
     return out
 
 

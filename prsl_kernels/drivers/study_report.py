@@ -11,7 +11,8 @@ import numpy as np
 
 from . import study_stats as st
 from .report import _fmt as _mean_half
-from .report import _group_curve, _plt, _table, attack_loss, load_run, mean_ci, relative_path, run_value
+from .report import (_group_curve, _plt, _table, attack_loss, load_run, mean_ci, relative_path, run_value,
+                     save_figure)
 from .report import THRESHOLDS
 
 ARM_LABELS = {"ce": "CE", "prsl-k6": "PRSL k=6", "prsl-k20": "PRSL k=20", "prsl-released": "PRSL released"}
@@ -201,10 +202,7 @@ def _figures(rows, arms, rounds, endpoint, vs, fig_dir, spec):
         ax.grid(alpha=0.3)
     axes[0].legend(fontsize=8)
     fig.suptitle("Per round, mean over models (bands: 95% CI)")
-    fig.tight_layout()
-    out["rounds"] = fig_dir / "rounds.png"
-    fig.savefig(out["rounds"], dpi=110)
-    plt.close(fig)
+    out["rounds"] = save_figure(fig, fig_dir / "rounds.png")
 
     fig, axes = plt.subplots(1, 2, figsize=(11, 4))
     others = [a for a in arms if a != vs]
@@ -231,10 +229,7 @@ def _figures(rows, arms, rounds, endpoint, vs, fig_dir, spec):
     axes[1].set_title("clean quality vs robustness, per model")
     for ax in axes:
         ax.grid(alpha=0.3)
-    fig.tight_layout()
-    out["paired"] = fig_dir / "paired.png"
-    fig.savefig(out["paired"], dpi=110)
-    plt.close(fig)
+    out["paired"] = save_figure(fig, fig_dir / "paired.png")
     return out
 
 
