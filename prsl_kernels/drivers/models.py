@@ -517,7 +517,6 @@ def tiny_bundle(preset: str, texts: Sequence[str], *, size: TinySize | None = No
     """A fresh tiny preset: tokenizer trained on ``texts``, random weights (by ``seed``)."""
     tokenizer = train_tokenizer(texts, vocab_size)
     model, processor = make_tiny_model(preset, tokenizer, size, seed)
-    s = size or TinySize()
     return ModelBundle(model, tokenizer, processor, model_kind(model))
 
 
