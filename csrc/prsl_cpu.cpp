@@ -144,35 +144,39 @@ PRSL_INLINE vfloat clamp_below(vfloat x, vfloat lo) {
 #endif
 }
 
-// exp for float lanes: Cody-Waite reduction x = n ln2 + r, |r| <= ln2/2, then
-// e^r = 1 + r + r^2 q(r) with q a degree-4 near-minimax fit (relative error 3e-9
-// before rounding; 8e-8 measured in float32, as Cephes' degree-7 form gives with
-// two more FMAs). Domain: x <= 88, which holds for every argument here (z - running
-// max, z - lse: <= 0 up to rounding, -inf, or NaN). Inputs are clamped at -88,
-// where n = -127 makes the scale 2^n exactly +0: results below ~1.2e-38 (float32
-// subnormals, negligible in every sum and gradient) flush to 0 and -inf logits get
-// p = 0 exactly, with no extra blend; the clamp is one maxps that keeps a NaN x.
-// n is rounded with the 1.5*2^23 trick, and 2^n is built by converting
-// (n + 127) * 2^23, an exact integer, straight to the float's bit pattern: one FMA
-// and one conversion instead of integer subtract, add and shift. A NaN converts to
-// 0x80000000 (-0.0) and y stays NaN, so NaN still propagates. This is the inner
-// loop of both passes.
-PRSL_INLINE vfloat vexp(vfloat x) {
-  const vfloat lo = splat<vfloat>(-88.0f);
+// 2^t for float lanes: t = n + f with n = round(t), |f| <= 1/2, then 2^f = 1 + f q(f), q a
+// degree-5 near-minimax fit (relative error 2e-9 before rounding, 8e-8 measured in
+// float32, as the natural-base Cody-Waite form with two more multiplies gives). Callers
+// pass t = x log2(e) - s log2(e) as one FMA, so an exp costs 8 multiplies or FMAs (the
+// natural-base form needed 11: the pass-1 loop is bound by the two FMA pipes) and 4
+// adds. Domain: t <= 127, which holds for every argument here (<= 0 up to rounding,
+// -inf, or NaN). t is clamped at -127, where 2^n is built as exactly +0: results below
+// ~1e-38 (float32 subnormals, negligible in every sum and gradient) flush to 0, and
+// -inf logits get p = 0 exactly with no extra blend; the clamp is one maxps that keeps a
+// NaN t. n is rounded with the 1.5*2^23 trick, which leaves n in the low mantissa bits
+// of t + 1.5*2^23: shifted left 23 they are n's exponent field, and adding 127 << 23
+// gives 2^n's bit pattern with two integer ops. A NaN t gives a NaN f and stays NaN.
+// This is the inner loop of both passes.
+constexpr float kLog2e = 1.44269504088896341f;
+constexpr double kLn2 = 0.693147180559945309;
+
+PRSL_INLINE vfloat vexp2(vfloat t) {
   const float magic = 12582912.0f;  // 1.5 * 2^23
-  const vfloat xc = clamp_below(x, lo);
-  const vfloat n = (xc * 1.44269504088896341f + magic) - magic;
-  vfloat r = xc - n * 0.693359375f;  // ln2 split hi + lo: n * hi is exact
-  r = r - n * -2.12194440e-4f;
-  vfloat q = splat<vfloat>(1.3814539900e-3f);
-  q = q * r + 8.3687451515e-3f;
-  q = q * r + 4.1668390791e-2f;
-  q = q * r + 1.6666520399e-1f;
-  q = q * r + 4.9999993432e-1f;
-  const vfloat y = q * (r * r) + r + 1.0f;
-  const vint32 scale_bits = __builtin_convertvector(n * 8388608.0f + 1065353216.0f, vint32);  // (n+127) << 23
+  const vfloat tc = clamp_below(t, splat<vfloat>(-127.0f));
+  const vfloat rounded = tc + magic;
+  const vfloat f = tc - (rounded - magic);
+  vfloat q = splat<vfloat>(1.535336196e-4f);
+  q = q * f + 1.339887502e-3f;
+  q = q * f + 9.618436918e-3f;
+  q = q * f + 5.550332367e-2f;
+  q = q * f + 2.402264774e-1f;
+  q = q * f + 6.931471825e-1f;
+  const vfloat y = q * f + 1.0f;
+  const vint32 scale_bits = ((vint32)rounded << 23) + (127 << 23);  // (n + 127) << 23
   return y * (vfloat)scale_bits;
 }
+
+PRSL_INLINE vfloat vexp(vfloat x) { return vexp2(x * kLog2e); }
 
 // float64 is the accuracy path, not the fast one: libm exp per lane.
 inline vdouble vexp(vdouble x) {
@@ -382,6 +386,59 @@ inline void store_partial(scalar_t* p, typename Io<scalar_t>::vec v, int64_t n) 
 // value: all finite non-target logits become candidates, still linear time.
 // A NaN can hide another lane's value from a block maximum; a row holding one
 // (lse is NaN: its loss is NaN anyway) takes the exact scan over every column.
+// A float's bits as a signed integer that orders as the floats do (-0 just below +0; NaNs
+// beyond the infinities, never used), and back.
+template <typename T>
+struct OrderedKey {
+  using I = std::conditional_t<sizeof(T) == 4, int32_t, int64_t>;
+  static constexpr I kMagnitude = std::numeric_limits<I>::max();
+  static I of(T x) {
+    I b;
+    std::memcpy(&b, &x, sizeof(b));
+    return b ^ ((b >> (8 * sizeof(I) - 1)) & kMagnitude);
+  }
+  static T value(int64_t key) {
+    const I k = static_cast<I>(key), b = k ^ ((k >> (8 * sizeof(I) - 1)) & kMagnitude);
+    T x;
+    std::memcpy(&x, &b, sizeof(x));
+    return x;
+  }
+};
+
+// Pass 1's exponentials exp(z - m) against the running maximum m, kept as a shift s in the
+// units the lanes' exp takes. float lanes work in base 2: s = fl(m log2 e) and the exp is
+// vexp2(z log2e - s), one FMA for the argument; whatever s's rounding, the row's lse is
+// then s ln2 + log(sum), computed in double. float64 lanes keep the natural base.
+template <typename acc_t>
+struct ShiftUnits;
+
+template <>
+struct ShiftUnits<float> {
+  static float of(float m) { return m * kLog2e; }
+  static float rescale(float from, float to) { return std::exp2(from - to); }  // sums at `from` to `to`
+  static PRSL_INLINE vfloat exp(vfloat x, float s) { return vexp2(x * kLog2e - s); }
+  static double natural(float s) { return static_cast<double>(s) * kLn2; }
+  static float lse(float s, float sum) { return static_cast<float>(natural(s) + std::log(static_cast<double>(sum))); }
+  // exp(x - c) for a row constant c (the backward's lse): c log2 e split into hi + lo, so the
+  // argument is as exact as pass 1's.
+  static void split(float c, float& hi, float& lo) {
+    const double e = static_cast<double>(c) * (1 / kLn2);
+    hi = static_cast<float>(e), lo = static_cast<float>(e - hi);
+  }
+  static PRSL_INLINE vfloat exp(vfloat x, float hi, float lo) { return vexp2((x * kLog2e - hi) - lo); }
+};
+
+template <>
+struct ShiftUnits<double> {
+  static double of(double m) { return m; }
+  static double rescale(double from, double to) { return std::exp(from - to); }
+  static PRSL_INLINE vdouble exp(vdouble x, double s) { return vexp(x - s); }
+  static double natural(double s) { return s; }
+  static double lse(double s, double sum) { return s + std::log(sum); }
+  static void split(double c, double& hi, double& lo) { hi = c, lo = 0; }
+  static PRSL_INLINE vdouble exp(vdouble x, double hi, double) { return vexp(x - hi); }
+};
+
 template <typename T>
 inline T hmax(const T* lanes, int n) {
   T r = lanes[0];
@@ -397,9 +454,11 @@ struct RowForward {
   static constexpr int W = IO::W;
   static constexpr int BLOCK = 4 * W;
   static constexpr acc_t kInf = std::numeric_limits<acc_t>::infinity();
+  using Units = ShiftUnits<acc_t>;
 
-  // Per-task scratch, in acc_t values: candidates (V) and block maxima (W per block).
-  static int64_t scratch_size(int64_t V) { return V + (V + BLOCK - 1) / BLOCK * W; }
+  // Per-task scratch, in acc_t values: candidates (V, padded to whole vectors; first the
+  // groups' maxima of segment_bound) and block maxima (W per block).
+  static int64_t scratch_size(int64_t V) { return V + W + (V + BLOCK - 1) / BLOCK * W; }
 
   // Calls body(first_column, x0, x1, x2, x3) on each block of 4 vectors; the last
   // block is padded with -inf. Lanes may hold a block's columns in any order.
@@ -457,6 +516,53 @@ struct RowForward {
     return bits;
   }
 
+  // The count of the n_vec * W values at v that are >= x.
+  static PRSL_INLINE int64_t count_at_least(const acc_t* v, int64_t n_vec, acc_t x) {
+    auto count = loadu<vec>(v) >= x;  // lane counts, negated (a true compare is -1)
+    for (int64_t i = 1; i < n_vec; ++i) count += loadu<vec>(v + i * W) >= x;
+    int64_t total = 0;
+    for (int i = 0; i < W; ++i) total -= count[i];
+    return total;
+  }
+
+  // The r-th largest (1 <= r <= n_vec * W) of the n_vec * W values at v, none of them NaN:
+  // a bisection over the values' order-preserving integer images, each step one vector
+  // compare per W values. Unlike a selection (nth_element), whose branches on random
+  // data mispredict about once per element, it has one branch per step (32 for float).
+  static acc_t kth_largest(const acc_t* v, int64_t n_vec, int64_t r) {
+    using Key = OrderedKey<acc_t>;
+    // count(>= value(lo)) >= r > count(>= value(hi)), the keys of -inf and just above +inf.
+    int64_t lo = Key::of(-kInf), hi = int64_t(Key::of(kInf)) + 1;
+    // Unsigned differences: float64's keys span more than int64_t.
+    while (uint64_t(hi) - uint64_t(lo) > 1) {
+      const int64_t mid = int64_t(uint64_t(lo) + (uint64_t(hi) - uint64_t(lo)) / 2);
+      if (count_at_least(v, n_vec, Key::value(mid)) >= r) lo = mid;
+      else hi = mid;
+    }
+    return Key::value(lo);
+  }
+
+  // A lower bound on tau: the (k+1)-th largest of the lane-wise maxima of groups of
+  // consecutive blocks. Each (group, lane) pair is the maximum of its own columns, so
+  // the k+1 largest are k+1 distinct logits, at most one of them the target: at least
+  // k non-target logits are >= the bound. About 4(k+1) pairs (against k+1, the bound
+  // passes a few times fewer candidates), in whole groups of `per` blocks (the last
+  // takes the rest), so the loops' trip counts do not change from group to group.
+  // -inf when fewer than k+1 pairs hold a finite value (a mostly masked row), or when
+  // the row has fewer than k+1 pairs. seg: scratch for groups * W values.
+  static acc_t segment_bound(const acc_t* block_max, int64_t blocks, int64_t k, acc_t* seg) {
+    const int64_t groups = std::min(blocks, (4 * (k + 1) + W - 1) / W);
+    if (groups * W < k + 1) return -kInf;
+    const int64_t per = blocks / groups;
+    for (int64_t g = 0; g < groups; ++g) {
+      const int64_t end = g + 1 < groups ? (g + 1) * per : blocks;
+      vec m = loadu<vec>(block_max + g * per * W);
+      for (int64_t blk = g * per + 1; blk < end; ++blk) m = vmax(m, loadu<vec>(block_max + blk * W));
+      storeu(seg + g * W, m);
+    }
+    return kth_largest(seg, groups, k + 1);
+  }
+
   // Computes loss and (lse, tau, D, S, |T|, correct) of one counted row. kCap: soft-cap
   // every logit first; kSmooth: also sum the (capped) row for label smoothing.
   // kKeep (forward_grad): also leave pass 1's exponentials in keep_exp (BLOCK per block, in the
@@ -469,7 +575,7 @@ struct RowForward {
     const acc_t cap = static_cast<acc_t>(opt.softcap);
     const int64_t blocks = (V + BLOCK - 1) / BLOCK;
     acc_t* cand = scratch;           // pass 2's candidates (the segment maxima before that)
-    acc_t* block_max = scratch + V;  // W lanes per block
+    acc_t* block_max = scratch + V + W;  // W lanes per block
 
     // Pass 1: online log-sum-exp, sum_j exp(z_j - shift) in 4 accumulators (exp
     // latency). The shift moves only when a block beats the running max (about
@@ -495,52 +601,35 @@ struct RowForward {
         acc_t lanes[W];
         std::memcpy(lanes, &m, sizeof(lanes));
         const acc_t new_max = hmax(lanes, W);
-        // exp(old - new) rescales the earlier terms; 0 (not exp(0 - new)) when none was finite.
-        const acc_t factor = run_max == -kInf ? acc_t(0) : std::exp(run_max - new_max);
+        const acc_t new_shift = Units::of(new_max);
+        // Rescales the earlier terms; 0 (not exp(0 - new)) when none was finite.
+        const acc_t factor = run_max == -kInf ? acc_t(0) : Units::rescale(shift, new_shift);
         s0 = s0 * factor, s1 = s1 * factor, s2 = s2 * factor, s3 = s3 * factor;
-        run_max = shift = new_max;
+        run_max = new_max, shift = new_shift;
       }
+      const vec e0 = Units::exp(x0, shift), e1 = Units::exp(x1, shift), e2 = Units::exp(x2, shift),
+                e3 = Units::exp(x3, shift);
       if constexpr (kKeep) {
-        const vec e0 = vexp(x0 - shift), e1 = vexp(x1 - shift), e2 = vexp(x2 - shift), e3 = vexp(x3 - shift);
         storeu(keep_exp + j0, e0), storeu(keep_exp + j0 + W, e1);
         storeu(keep_exp + j0 + 2 * W, e2), storeu(keep_exp + j0 + 3 * W, e3);
-        // run_max, not shift: before the first finite logit shift is 0 and these e are 0, and
-        // exp(0 - lse) would overflow for a very negative lse (0 * inf); exp(-inf - lse) = 0.
-        // Afterwards the two are equal, and the scale exp(run_max - lse) is at most 1.
-        keep_shift[j0 / BLOCK] = run_max;
-        s0 += e0, s1 += e1, s2 += e2, s3 += e3;
-      } else {
-        s0 += vexp(x0 - shift);
-        s1 += vexp(x1 - shift);
-        s2 += vexp(x2 - shift);
-        s3 += vexp(x3 - shift);
+        // -inf, not shift, before the first finite logit: shift is 0 and these e are 0, and the
+        // scale exp(0 - lse) would overflow for a very negative lse (0 * inf); exp(-inf) = 0.
+        // Afterwards the scale exp(shift - lse) is at most 1 (up to rounding).
+        keep_shift[j0 / BLOCK] = run_max == -kInf ? -kInf : shift;
       }
+      s0 += e0, s1 += e1, s2 += e2, s3 += e3;
     }, cap);
     const vec total = (s0 + s1) + (s2 + s3);
     acc_t sum = 0;
     for (int i = 0; i < W; ++i) sum += total[i];
-    const acc_t lse = shift + std::log(sum);
+    const acc_t lse = Units::lse(shift, sum);
     acc_t z_target = static_cast<acc_t>(z[target]);
     if constexpr (kCap) z_target = softcap_one<vec>(z_target, cap);
 
     acc_t tau = kInf, spread = 0, sq = 0, ties = 0;
     if (k > 0) {
       const bool exact = lse != lse;  // a NaN somewhere: block maxima may hide values
-      acc_t bound = -kInf;
-      const int64_t segments = std::min(blocks, 4 * (k + 1));
-      if (!exact && blocks >= k + 1) {
-        acc_t* seg_maxima = cand;
-        for (int64_t seg = 0; seg < segments; ++seg) {
-          vec m = splat<vec>(-kInf);
-          for (int64_t blk = seg * blocks / segments; blk < (seg + 1) * blocks / segments; ++blk)
-            m = vmax(m, loadu<vec>(block_max + blk * W));
-          acc_t lanes[W];
-          std::memcpy(lanes, &m, sizeof(lanes));
-          seg_maxima[seg] = hmax(lanes, W);
-        }
-        std::nth_element(seg_maxima, seg_maxima + k, seg_maxima + segments, std::greater<acc_t>());
-        bound = seg_maxima[k];
-      }
+      const acc_t bound = exact ? -kInf : segment_bound(block_max, blocks, k, cand);
       // Pass 2: candidates >= cut (never -inf: a -inf tau is decided by the count).
       const acc_t lowest = std::numeric_limits<acc_t>::lowest();
       const acc_t cut = bound > lowest ? bound : lowest;
@@ -561,28 +650,28 @@ struct RowForward {
           if (j != target) cand[n++] = static_cast<acc_t>(z[j]);
         }
       }
-      int64_t tie_count;
-      if (n >= k) {
-        std::nth_element(cand, cand + (k - 1), cand + n, std::greater<acc_t>());
-        tau = cand[k - 1];
-        tie_count = 0;
-      } else {
-        // Fewer than k finite non-target logits: tau = -inf and every other
-        // non-target logit (all -inf, or NaN in a row whose loss is NaN anyway) ties.
-        tau = -kInf;
-        tie_count = (V - 1) - n;
-      }
+      // -inf pads the candidates to whole vectors: never > tau, never == a finite tau (a -inf
+      // tau's ties are counted apart).
+      const int64_t n_vec = (n + W - 1) / W;
+      std::fill(cand + n, cand + n_vec * W, -kInf);
+      // Fewer than k finite non-target logits: tau = -inf and every other non-target
+      // logit (all -inf, or NaN in a row whose loss is NaN anyway) ties.
+      tau = n >= k ? kth_largest(cand, n_vec, k) : -kInf;
       const acc_t p_min = tau == -kInf ? acc_t(0) : std::exp(tau - lse);
-      for (int64_t i = 0; i < n; ++i) {
-        if (cand[i] > tau) {
-          const acc_t u = std::exp(cand[i] - lse) - p_min;
-          spread += u;
-          sq += u * u;
-        } else if (cand[i] == tau) {
-          ++tie_count;
-        }
+      acc_t lse_hi, lse_lo;
+      Units::split(lse, lse_hi, lse_lo);
+      vec spread_v = splat<vec>(acc_t(0)), sq_v = spread_v;
+      auto tie_v = spread_v == spread_v;  // lane counts of candidates == tau, negated
+      tie_v = tie_v ^ tie_v;
+      for (int64_t v = 0; v < n_vec; ++v) {
+        const vec c = loadu<vec>(cand + v * W);
+        const vec u = c > tau ? Units::exp(c, lse_hi, lse_lo) - p_min : splat<vec>(acc_t(0));
+        spread_v += u, sq_v += u * u;
+        tie_v += c == tau;
       }
-      ties = static_cast<acc_t>(tie_count);
+      int64_t tie_count = 0;
+      for (int i = 0; i < W; ++i) spread += spread_v[i], sq += sq_v[i], tie_count -= tie_v[i];
+      ties = static_cast<acc_t>(n >= k ? tie_count : (V - 1) - n);
     }
     const acc_t dist = std::sqrt(sq);
     acc_t ce = lse - z_target;
@@ -725,10 +814,14 @@ void backward_row(const scalar_t* z, scalar_t* out, int64_t V, int64_t target, t
   // The scale exp(shift - lse) of the kept exponentials of column j's block, recomputed only
   // when the shift moved (about log V times a row).
   constexpr int64_t kBlock = 4 * W;
+  using Units = ShiftUnits<acc_t>;
+  acc_t lse_hi, lse_lo;
+  Units::split(lse, lse_hi, lse_lo);
   acc_t scale_shift = std::numeric_limits<acc_t>::quiet_NaN(), scale = 0;
   auto scale_at = [&](int64_t col) __attribute__((always_inline)) {
     const acc_t sh = kept_shift[col / kBlock];
-    if (!(sh == scale_shift)) scale_shift = sh, scale = std::exp(sh - lse);
+    if (!(sh == scale_shift))
+      scale_shift = sh, scale = static_cast<acc_t>(std::exp(Units::natural(sh) - static_cast<double>(lse)));
     return scale;
   };
   auto probs = [&](vec x, int64_t col) __attribute__((always_inline)) {
@@ -736,7 +829,7 @@ void backward_row(const scalar_t* z, scalar_t* out, int64_t V, int64_t target, t
       return loadu<vec>(kept_exp + col) * scale_at(col);
     } else {
       (void)col;
-      return vexp(x - lse);
+      return Units::exp(x, lse_hi, lse_lo);
     }
   };
   auto plain_grads = [&](vec x, int64_t col) __attribute__((always_inline)) {
