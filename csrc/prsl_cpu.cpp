@@ -347,6 +347,21 @@ PRSL_INLINE void load4_any_order<c10::BFloat16>(const c10::BFloat16* p, vfloat (
 }
 #endif
 
+// Stores four vectors in the order load4_any_order loaded them.
+template <typename scalar_t>
+PRSL_INLINE void store4_any_order(scalar_t* p, const typename Io<scalar_t>::vec (&x)[4]) {
+  using IO = Io<scalar_t>;
+  for (int q = 0; q < 4; ++q) IO::store(p + q * IO::W, x[q]);
+}
+
+#if defined(__AVX2__)
+template <>
+PRSL_INLINE void store4_any_order<c10::BFloat16>(c10::BFloat16* p, const vfloat (&x)[4]) {
+  Io<c10::BFloat16>::store16(p, x[0], x[1]);
+  Io<c10::BFloat16>::store16(p + 16, x[2], x[3]);
+}
+#endif
+
 // A partial vector: the first n lanes from p, the rest -inf (neutral for max and
 // exp-sums; never above a threshold).
 template <typename scalar_t>
@@ -458,7 +473,8 @@ struct RowForward {
 
   // Per-task scratch, in acc_t values: candidates (V, padded to whole vectors; first the
   // groups' maxima of segment_bound) and block maxima (W per block).
-  static int64_t scratch_size(int64_t V) { return V + W + (V + BLOCK - 1) / BLOCK * W; }
+  static int64_t block_max_offset(int64_t V) { return V + W; }
+  static int64_t scratch_size(int64_t V) { return block_max_offset(V) + (V + BLOCK - 1) / BLOCK * W; }
 
   // Calls body(first_column, x0, x1, x2, x3) on each block of 4 vectors; the last
   // block is padded with -inf. Lanes may hold a block's columns in any order.
@@ -575,7 +591,7 @@ struct RowForward {
     const acc_t cap = static_cast<acc_t>(opt.softcap);
     const int64_t blocks = (V + BLOCK - 1) / BLOCK;
     acc_t* cand = scratch;           // pass 2's candidates (the segment maxima before that)
-    acc_t* block_max = scratch + V + W;  // W lanes per block
+    acc_t* block_max = scratch + block_max_offset(V);  // W lanes per block
 
     // Pass 1: online log-sum-exp, sum_j exp(z_j - shift) in 4 accumulators (exp
     // latency). The shift moves only when a block beats the running max (about
@@ -778,12 +794,15 @@ inline void advise_huge_pages(void* data, size_t bytes) {
 // row's first pass then finds its lines in cache, and the two passes overlap compute with traffic.
 // kCached (forward_grad, no softcap): p_j from pass 1's kept exponentials (RowForward::run's
 // kKeep), one multiply per column instead of an exp: two roundings instead of one, so this
-// gradient differs from backward_cpu's in the last bits.
+// gradient differs from backward_cpu's in the last bits. Pass 1's block maxima then tell
+// which blocks hold no column >= tau (all but a few): those take p_j times one coefficient,
+// without reading the logits again.
 template <typename scalar_t, bool kCap, bool kOpt, bool kCached = false>
 void backward_row(const scalar_t* z, scalar_t* out, int64_t V, int64_t target, typename Io<scalar_t>::acc_t grad,
                   const typename Io<scalar_t>::acc_t* st, double b_in, const Options& opt,
                   const scalar_t* next_row, const typename Io<scalar_t>::acc_t* kept_exp = nullptr,
-                  const typename Io<scalar_t>::acc_t* kept_shift = nullptr) {
+                  const typename Io<scalar_t>::acc_t* kept_shift = nullptr,
+                  const typename Io<scalar_t>::acc_t* block_max = nullptr) {
   static_assert(!(kCap && kCached), "the kept exponentials are of uncapped logits' pass: not with softcap");
   using IO = Io<scalar_t>;
   using acc_t = typename IO::acc_t;
@@ -857,11 +876,39 @@ void backward_row(const scalar_t* z, scalar_t* out, int64_t V, int64_t target, t
   };
 
   int64_t j = 0;
+  if constexpr (kCached) {
+    // Whole blocks, in pass 1's lane order (store4_any_order puts the columns back); the
+    // padded last block, whose kept exponentials are in column order, is left to the loops below.
+    const int64_t full = V - V % kBlock;
+    constexpr int64_t kLines = kBlock * static_cast<int64_t>(sizeof(scalar_t)) / kCacheLine;
+    acc_t coef_shift = std::numeric_limits<acc_t>::quiet_NaN(), below = 0;
+    for (; j < full; j += kBlock) {
+      for (int64_t line = 0; line < kLines; ++line) {
+        const int64_t col = j + line * (kCacheLine / static_cast<int64_t>(sizeof(scalar_t)));
+        __builtin_prefetch(reinterpret_cast<const char*>(out + col) + kPrefetchBytes, 1);
+        if (next_row != nullptr) __builtin_prefetch(next_row + col, 0, 2);
+      }
+      const acc_t* kept = kept_exp + j;
+      vec g[4];
+      if (!penalised || lane_bits(loadu<vec>(block_max + j / kBlock * W) >= tau) == 0) {
+        // No column of the block reaches tau: dz_j = p_j grad keep = kept_j (scale grad keep).
+        const acc_t sh = kept_shift[j / kBlock];
+        if (!(sh == coef_shift)) coef_shift = sh, below = scale_at(j) * below_coef;
+        for (int q = 0; q < 4; ++q) {
+          g[q] = loadu<vec>(kept + q * W) * below;
+          if constexpr (kOpt) g[q] = g[q] - smooth;
+        }
+      } else {
+        vec x[4];
+        load4_any_order(z + j, x);
+        for (int q = 0; q < 4; ++q) g[q] = column_grads(x[q], j + q * W);
+      }
+      store4_any_order(out + j, g);
+    }
+  }
 #if defined(__AVX2__)
-  if constexpr (std::is_same_v<scalar_t, c10::BFloat16>) {
-    // Kept exponentials are in pass 1's lane order: the unpack order on its full blocks, the
-    // column order on its padded last block, which the loop below then takes.
-    const int64_t end16 = kCached ? V - V % kBlock : V;
+  if constexpr (std::is_same_v<scalar_t, c10::BFloat16> && !kCached) {
+    const int64_t end16 = V;
     for (; j + 16 <= end16; j += 16) {
       if (j % (kCacheLine / sizeof(scalar_t)) == 0) {
         prefetch_ahead(z + j);
@@ -939,7 +986,7 @@ at::Tensor backward_cpu(const at::Tensor& grad_rows_in, const at::Tensor& logits
         }
         TORCH_CHECK(s >= 0 && s < V, "prsl_cpu: target ", s, " out of range [0, ", V, ") in row ", i);
         row_kernel(base + i * row_stride, out_row, V, s, g[i], st + i * kNumRowStats, b, opt, nullptr, nullptr,
-                   nullptr);
+                   nullptr, nullptr);
       }
     });
   });
@@ -1020,7 +1067,8 @@ std::tuple<at::Tensor, at::Tensor> forward_grad_cpu(const at::Tensor& logits, co
         TORCH_CHECK(s >= 0 && s < V, "prsl_cpu: target ", s, " out of range [0, ", V, ") in row ", i);
         const scalar_t* z = base + i * in_stride;
         fwd(z, V, s, k, b, opt, scratch.data(), loss_ptr + i, row_stats, kept_exp, kept_shift);
-        bwd(z, out_row, V, s, g[i], row_stats, b, opt, i + 1 < end ? z + in_stride : nullptr, kept_exp, kept_shift);
+        bwd(z, out_row, V, s, g[i], row_stats, b, opt, i + 1 < end ? z + in_stride : nullptr, kept_exp, kept_shift,
+            scratch.data() + Row::block_max_offset(V));
       }
     });
   });
