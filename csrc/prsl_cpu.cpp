@@ -149,31 +149,41 @@ PRSL_INLINE vfloat clamp_below(vfloat x, vfloat lo) {
 // float32, as the natural-base Cody-Waite form with two more multiplies gives). Callers
 // pass t = x log2(e) - s log2(e) as one FMA, so an exp costs 8 multiplies or FMAs (the
 // natural-base form needed 11: the pass-1 loop is bound by the two FMA pipes) and 4
-// adds. Domain: t <= 127, which holds for every argument here (<= 0 up to rounding,
-// -inf, or NaN). t is clamped at -127, where 2^n is built as exactly +0: results below
-// ~1e-38 (float32 subnormals, negligible in every sum and gradient) flush to 0, and
-// -inf logits get p = 0 exactly with no extra blend; the clamp is one maxps that keeps a
-// NaN t. n is rounded with the 1.5*2^23 trick, which leaves n in the low mantissa bits
-// of t + 1.5*2^23: shifted left 23 they are n's exponent field, and adding 127 << 23
-// gives 2^n's bit pattern with two integer ops. A NaN t gives a NaN f and stays NaN.
-// This is the inner loop of both passes.
+// other ops. kCoarse (16-bit logits): q of degree 3, relative error 2.9e-6, four orders
+// below the logits' own rounding (2^-9 relative for bfloat16, which moves exp(z) by
+// |z| 2^-9) and far below a 16-bit gradient's: two FMAs fewer.
+// Domain: t <= 127, which holds for every argument here (<= 0 up to rounding, -inf, or
+// NaN). t is clamped at -127, where 2^n is built as exactly +0: results below ~1e-38
+// (float32 subnormals, negligible in every sum and gradient) flush to 0, and -inf logits
+// get p = 0 exactly with no extra blend; the clamp is one maxps that keeps a NaN t. n is
+// rounded by adding 1.5*2^23 + 127, which leaves n + 127 in the low mantissa bits of the
+// sum: shifted left 23 they are 2^n's bit pattern, one integer op. A NaN t gives a NaN f
+// and stays NaN. This is the inner loop of both passes.
 constexpr float kLog2e = 1.44269504088896341f;
 constexpr double kLn2 = 0.693147180559945309;
 
+template <bool kCoarse = false>
 PRSL_INLINE vfloat vexp2(vfloat t) {
-  const float magic = 12582912.0f;  // 1.5 * 2^23
+  const float magic = 12583039.0f;  // 1.5 * 2^23 + 127
   const vfloat tc = clamp_below(t, splat<vfloat>(-127.0f));
   const vfloat rounded = tc + magic;
   const vfloat f = tc - (rounded - magic);
-  vfloat q = splat<vfloat>(1.535336196e-4f);
-  q = q * f + 1.339887502e-3f;
-  q = q * f + 9.618436918e-3f;
-  q = q * f + 5.550332367e-2f;
-  q = q * f + 2.402264774e-1f;
-  q = q * f + 6.931471825e-1f;
+  vfloat q;
+  if constexpr (kCoarse) {
+    q = splat<vfloat>(9.582852945e-3f);
+    q = q * f + 5.590642616e-2f;
+    q = q * f + 2.402409911e-1f;
+    q = q * f + 6.931241751e-1f;
+  } else {
+    q = splat<vfloat>(1.535336196e-4f);
+    q = q * f + 1.339887502e-3f;
+    q = q * f + 9.618436918e-3f;
+    q = q * f + 5.550332367e-2f;
+    q = q * f + 2.402264774e-1f;
+    q = q * f + 6.931471825e-1f;
+  }
   const vfloat y = q * f + 1.0f;
-  const vint32 scale_bits = ((vint32)rounded << 23) + (127 << 23);  // (n + 127) << 23
-  return y * (vfloat)scale_bits;
+  return y * (vfloat)((vint32)rounded << 23);
 }
 
 PRSL_INLINE vfloat vexp(vfloat x) { return vexp2(x * kLog2e); }
@@ -362,6 +372,44 @@ PRSL_INLINE void store4_any_order<c10::BFloat16>(c10::BFloat16* p, const vfloat 
 }
 #endif
 
+// Writes the lanes of x whose bit is set, in lane order, to out[0..popcount(bits)) and
+// returns their count; out must have room for a whole vector. With AVX2 one permute
+// from a table of the 256 lane selections (no branch per lane: candidates are rare and
+// scattered, so a loop over the bits mispredicts about once per block).
+#if defined(__AVX2__)
+struct LaneSelections {
+  alignas(32) int32_t index[256][8];
+};
+constexpr LaneSelections make_lane_selections() {
+  LaneSelections t{};
+  for (int bits = 0; bits < 256; ++bits) {
+    int c = 0;
+    for (int i = 0; i < 8; ++i)
+      if ((bits >> i) & 1) t.index[bits][c++] = i;
+  }
+  return t;
+}
+inline constexpr LaneSelections kLaneSelections = make_lane_selections();
+#endif
+
+PRSL_INLINE int64_t append_lanes(float* out, vfloat x, uint32_t bits) {
+#if defined(__AVX2__)
+  const __m256i index = _mm256_load_si256(reinterpret_cast<const __m256i*>(kLaneSelections.index[bits]));
+  _mm256_storeu_ps(out, _mm256_permutevar8x32_ps((__m256)x, index));
+  return __builtin_popcount(bits);
+#else
+  int64_t n = 0;
+  for (; bits != 0; bits &= bits - 1) out[n++] = x[__builtin_ctz(bits)];
+  return n;
+#endif
+}
+
+PRSL_INLINE int64_t append_lanes(double* out, vdouble x, uint32_t bits) {
+  int64_t n = 0;
+  for (; bits != 0; bits &= bits - 1) out[n++] = x[__builtin_ctz(bits)];
+  return n;
+}
+
 // A partial vector: the first n lanes from p, the rest -inf (neutral for max and
 // exp-sums; never above a threshold).
 template <typename scalar_t>
@@ -424,14 +472,14 @@ struct OrderedKey {
 // units the lanes' exp takes. float lanes work in base 2: s = fl(m log2 e) and the exp is
 // vexp2(z log2e - s), one FMA for the argument; whatever s's rounding, the row's lse is
 // then s ln2 + log(sum), computed in double. float64 lanes keep the natural base.
-template <typename acc_t>
+template <typename acc_t, bool kCoarse>
 struct ShiftUnits;
 
-template <>
-struct ShiftUnits<float> {
+template <bool kCoarse>
+struct ShiftUnits<float, kCoarse> {
   static float of(float m) { return m * kLog2e; }
   static float rescale(float from, float to) { return std::exp2(from - to); }  // sums at `from` to `to`
-  static PRSL_INLINE vfloat exp(vfloat x, float s) { return vexp2(x * kLog2e - s); }
+  static PRSL_INLINE vfloat exp(vfloat x, float s) { return vexp2<kCoarse>(x * kLog2e - s); }
   static double natural(float s) { return static_cast<double>(s) * kLn2; }
   static float lse(float s, float sum) { return static_cast<float>(natural(s) + std::log(static_cast<double>(sum))); }
   // exp(x - c) for a row constant c (the backward's lse): c log2 e split into hi + lo, so the
@@ -440,11 +488,11 @@ struct ShiftUnits<float> {
     const double e = static_cast<double>(c) * (1 / kLn2);
     hi = static_cast<float>(e), lo = static_cast<float>(e - hi);
   }
-  static PRSL_INLINE vfloat exp(vfloat x, float hi, float lo) { return vexp2((x * kLog2e - hi) - lo); }
+  static PRSL_INLINE vfloat exp(vfloat x, float hi, float lo) { return vexp2<kCoarse>((x * kLog2e - hi) - lo); }
 };
 
-template <>
-struct ShiftUnits<double> {
+template <bool kCoarse>
+struct ShiftUnits<double, kCoarse> {
   static double of(double m) { return m; }
   static double rescale(double from, double to) { return std::exp(from - to); }
   static PRSL_INLINE vdouble exp(vdouble x, double s) { return vexp(x - s); }
@@ -469,7 +517,7 @@ struct RowForward {
   static constexpr int W = IO::W;
   static constexpr int BLOCK = 4 * W;
   static constexpr acc_t kInf = std::numeric_limits<acc_t>::infinity();
-  using Units = ShiftUnits<acc_t>;
+  using Units = ShiftUnits<acc_t, sizeof(scalar_t) == 2>;  // 16-bit logits: the coarse exp
 
   // Per-task scratch, in acc_t values: candidates (V, padded to whole vectors; first the
   // groups' maxima of segment_bound) and block maxima (W per block).
@@ -520,18 +568,6 @@ struct RowForward {
     return bits;
   }
 
-  // Bit c set where column j0 + c (of the block at j0) is >= cut; padding never is.
-  static PRSL_INLINE uint32_t block_bits(const scalar_t* z, int64_t V, int64_t j0, acc_t cut) {
-    uint32_t bits = 0;
-    for (int q = 0; q < 4; ++q) {
-      const int64_t start = j0 + q * W;
-      if (start >= V) break;
-      const vec x = start + W <= V ? IO::load(z + start) : load_partial(z + start, V - start);
-      bits |= lane_bits(x >= cut) << (q * W);
-    }
-    return bits;
-  }
-
   // The count of the n_vec * W values at v that are >= x.
   static PRSL_INLINE int64_t count_at_least(const acc_t* v, int64_t n_vec, acc_t x) {
     auto count = loadu<vec>(v) >= x;  // lane counts, negated (a true compare is -1)
@@ -542,20 +578,41 @@ struct RowForward {
   }
 
   // The r-th largest (1 <= r <= n_vec * W) of the n_vec * W values at v, none of them NaN:
-  // a bisection over the values' order-preserving integer images, each step one vector
-  // compare per W values. Unlike a selection (nth_element), whose branches on random
-  // data mispredict about once per element, it has one branch per step (32 for float).
+  // a bisection over the values' order-preserving integer images between the least and
+  // the greatest value, each step one vector compare per W values, stopped as soon as
+  // exactly r values lie at or above the lower end (about log2 of the count of values
+  // steps, not 32); the answer is then the least of those r. Unlike a selection
+  // (nth_element), whose branches on random data mispredict about once per element, it
+  // has one branch per step.
   static acc_t kth_largest(const acc_t* v, int64_t n_vec, int64_t r) {
     using Key = OrderedKey<acc_t>;
-    // count(>= value(lo)) >= r > count(>= value(hi)), the keys of -inf and just above +inf.
-    int64_t lo = Key::of(-kInf), hi = int64_t(Key::of(kInf)) + 1;
-    // Unsigned differences: float64's keys span more than int64_t.
-    while (uint64_t(hi) - uint64_t(lo) > 1) {
+    vec least = loadu<vec>(v), greatest = least;
+    for (int64_t i = 1; i < n_vec; ++i) {
+      const vec x = loadu<vec>(v + i * W);
+      least = x < least ? x : least, greatest = vmax(greatest, x);
+    }
+    acc_t lo_value = least[0], hi_value = greatest[0];
+    for (int i = 1; i < W; ++i) lo_value = std::min(lo_value, least[i]), hi_value = std::max(hi_value, greatest[i]);
+    // at_lo = count(>= value(lo)) >= r > count(>= value(hi)). Unsigned differences: float64's
+    // keys span more than int64_t.
+    int64_t lo = Key::of(lo_value), hi = int64_t(Key::of(hi_value)) + 1, at_lo = n_vec * W;
+    while (at_lo > r && uint64_t(hi) - uint64_t(lo) > 1) {
       const int64_t mid = int64_t(uint64_t(lo) + (uint64_t(hi) - uint64_t(lo)) / 2);
-      if (count_at_least(v, n_vec, Key::value(mid)) >= r) lo = mid;
+      const int64_t at_mid = count_at_least(v, n_vec, Key::value(mid));
+      if (at_mid >= r) lo = mid, at_lo = at_mid;
       else hi = mid;
     }
-    return Key::value(lo);
+    // The least value >= value(lo): the r-th largest whether the loop stopped on at_lo == r
+    // or on a one-key interval (then value(lo) itself, held by several values).
+    const acc_t cut = Key::value(lo);
+    vec m = splat<vec>(kInf);
+    for (int64_t i = 0; i < n_vec; ++i) {
+      const vec x = loadu<vec>(v + i * W);
+      m = x >= cut && x < m ? x : m;
+    }
+    acc_t out = m[0];
+    for (int i = 1; i < W; ++i) out = std::min(out, m[i]);
+    return out;
   }
 
   // A lower bound on tau: the (k+1)-th largest of the lane-wise maxima of groups of
@@ -572,9 +629,16 @@ struct RowForward {
     const int64_t per = blocks / groups;
     for (int64_t g = 0; g < groups; ++g) {
       const int64_t end = g + 1 < groups ? (g + 1) * per : blocks;
-      vec m = loadu<vec>(block_max + g * per * W);
-      for (int64_t blk = g * per + 1; blk < end; ++blk) m = vmax(m, loadu<vec>(block_max + blk * W));
-      storeu(seg + g * W, m);
+      // Four independent maxima: one chain would be bound by vmax's latency.
+      const acc_t* first = block_max + g * per * W;
+      const int64_t count = end - g * per;
+      const vec m0 = loadu<vec>(first);
+      vec m[4] = {m0, m0, m0, m0};
+      int64_t i = 1;
+      for (; i + 4 <= count; i += 4)
+        for (int q = 0; q < 4; ++q) m[q] = vmax(m[q], loadu<vec>(first + (i + q) * W));
+      for (; i < count; ++i) m[0] = vmax(m[0], loadu<vec>(first + i * W));
+      storeu(seg + g * W, vmax(vmax(m[0], m[1]), vmax(m[2], m[3])));
     }
     return kth_largest(seg, groups, k + 1);
   }
@@ -650,8 +714,8 @@ struct RowForward {
       const acc_t lowest = std::numeric_limits<acc_t>::lowest();
       const acc_t cut = bound > lowest ? bound : lowest;
       int64_t n = 0;
-      for (int64_t blk = 0; blk < blocks; ++blk) {
-        if (!exact && lane_bits(loadu<vec>(block_max + blk * W) >= cut) == 0) continue;
+      // The block's non-target logits >= cut onto cand[n..].
+      auto collect = [&](int64_t blk) __attribute__((always_inline)) {
         const int64_t j0 = blk * BLOCK;
         if constexpr (kCap) {
           acc_t vals[BLOCK];
@@ -659,13 +723,31 @@ struct RowForward {
             const int c = __builtin_ctz(bits);
             if (j0 + c != target) cand[n++] = vals[c];
           }
-          continue;
+        } else {
+          for (int q = 0; q < 4; ++q) {
+            const int64_t start = j0 + q * W;
+            if (start >= V) break;
+            const vec x = start + W <= V ? IO::load(z + start) : load_partial(z + start, V - start);
+            const uint64_t target_lane = static_cast<uint64_t>(target - start);
+            const uint32_t bits = lane_bits(x >= cut) & ~(target_lane < W ? 1u << target_lane : 0u);
+            n += append_lanes(cand + n, x, bits);
+          }
         }
-        for (uint32_t bits = block_bits(z, V, j0, cut); bits != 0; bits &= bits - 1) {
-          const int64_t j = j0 + __builtin_ctz(bits);
-          if (j != target) cand[n++] = static_cast<acc_t>(z[j]);
+      };
+      // Four blocks' maxima tested at once: most quads hold no candidate (one compare, not four).
+      int64_t blk = 0;
+      if (!exact) {
+        for (; blk + 4 <= blocks; blk += 4) {
+          const acc_t* m = block_max + blk * W;
+          const vec m0 = loadu<vec>(m), m1 = loadu<vec>(m + W), m2 = loadu<vec>(m + 2 * W), m3 = loadu<vec>(m + 3 * W);
+          if (lane_bits(vmax(vmax(m0, m1), vmax(m2, m3)) >= cut) == 0) continue;
+          const uint32_t hit = uint32_t(lane_bits(m0 >= cut) != 0) | uint32_t(lane_bits(m1 >= cut) != 0) << 1 |
+                               uint32_t(lane_bits(m2 >= cut) != 0) << 2 | uint32_t(lane_bits(m3 >= cut) != 0) << 3;
+          for (uint32_t h = hit; h != 0; h &= h - 1) collect(blk + __builtin_ctz(h));
         }
       }
+      for (; blk < blocks; ++blk)
+        if (exact || lane_bits(loadu<vec>(block_max + blk * W) >= cut) != 0) collect(blk);
       // -inf pads the candidates to whole vectors: never > tau, never == a finite tau (a -inf
       // tau's ties are counted apart).
       const int64_t n_vec = (n + W - 1) / W;
@@ -833,7 +915,7 @@ void backward_row(const scalar_t* z, scalar_t* out, int64_t V, int64_t target, t
   // The scale exp(shift - lse) of the kept exponentials of column j's block, recomputed only
   // when the shift moved (about log V times a row).
   constexpr int64_t kBlock = 4 * W;
-  using Units = ShiftUnits<acc_t>;
+  using Units = ShiftUnits<acc_t, sizeof(scalar_t) == 2>;
   acc_t lse_hi, lse_lo;
   Units::split(lse, lse_hi, lse_lo);
   acc_t scale_shift = std::numeric_limits<acc_t>::quiet_NaN(), scale = 0;
