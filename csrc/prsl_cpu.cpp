@@ -647,11 +647,14 @@ struct RowForward {
   // every logit first; kSmooth: also sum the (capped) row for label smoothing.
   // kKeep (forward_grad): also leave pass 1's exponentials in keep_exp (BLOCK per block, in the
   // lanes' order) and the shift they were taken against in keep_shift (one per block), so that the
-  // gradient pass gets p_j = exp(z_j - shift) exp(shift - lse) with one multiply, not one exp.
+  // gradient pass gets p_j = exp(z_j - shift) exp(shift - lse) with one multiply, not one exp;
+  // and, in ascending order after their count, the blocks pass 2 read (hit_blocks, room for
+  // blocks + 1): every other block holds no column >= tau.
   template <bool kCap, bool kSmooth, bool kKeep = false>
   static void run(const scalar_t* z, int64_t V, int64_t target, int64_t k, double b, const Options& opt,
                   acc_t* scratch, acc_t* loss, acc_t* stats, acc_t* keep_exp = nullptr,
-                  acc_t* keep_shift = nullptr) {
+                  acc_t* keep_shift = nullptr, int64_t* hit_blocks = nullptr) {
+    if constexpr (kKeep) hit_blocks[0] = 0;
     const acc_t cap = static_cast<acc_t>(opt.softcap);
     const int64_t blocks = (V + BLOCK - 1) / BLOCK;
     acc_t* cand = scratch;           // pass 2's candidates (the segment maxima before that)
@@ -716,6 +719,7 @@ struct RowForward {
       int64_t n = 0;
       // The block's non-target logits >= cut onto cand[n..].
       auto collect = [&](int64_t blk) __attribute__((always_inline)) {
+        if constexpr (kKeep) hit_blocks[++hit_blocks[0]] = blk;
         const int64_t j0 = blk * BLOCK;
         if constexpr (kCap) {
           acc_t vals[BLOCK];
@@ -844,7 +848,8 @@ std::tuple<at::Tensor, at::Tensor> forward_cpu(const at::Tensor& logits, const a
           continue;
         }
         TORCH_CHECK(s >= 0 && s < V, "prsl_cpu: target ", s, " out of range [0, ", V, ") in row ", i);
-        row_kernel(base + i * row_stride, V, s, k, b, opt, scratch.data(), loss_ptr + i, row_stats, nullptr, nullptr);
+        row_kernel(base + i * row_stride, V, s, k, b, opt, scratch.data(), loss_ptr + i, row_stats, nullptr, nullptr,
+                   nullptr);
       }
     });
   });
@@ -876,15 +881,15 @@ inline void advise_huge_pages(void* data, size_t bytes) {
 // row's first pass then finds its lines in cache, and the two passes overlap compute with traffic.
 // kCached (forward_grad, no softcap): p_j from pass 1's kept exponentials (RowForward::run's
 // kKeep), one multiply per column instead of an exp: two roundings instead of one, so this
-// gradient differs from backward_cpu's in the last bits. Pass 1's block maxima then tell
-// which blocks hold no column >= tau (all but a few): those take p_j times one coefficient,
-// without reading the logits again.
+// gradient differs from backward_cpu's in the last bits. Blocks that pass 2 did not read
+// (hit_blocks lists those it did) hold no column >= tau: all but a few, they take p_j times
+// one coefficient without reading the logits again, in runs between the listed blocks, so
+// the loop has no data-dependent branch per block.
 template <typename scalar_t, bool kCap, bool kOpt, bool kCached = false>
 void backward_row(const scalar_t* z, scalar_t* out, int64_t V, int64_t target, typename Io<scalar_t>::acc_t grad,
                   const typename Io<scalar_t>::acc_t* st, double b_in, const Options& opt,
                   const scalar_t* next_row, const typename Io<scalar_t>::acc_t* kept_exp = nullptr,
-                  const typename Io<scalar_t>::acc_t* kept_shift = nullptr,
-                  const typename Io<scalar_t>::acc_t* block_max = nullptr) {
+                  const typename Io<scalar_t>::acc_t* kept_shift = nullptr, const int64_t* hit_blocks = nullptr) {
   static_assert(!(kCap && kCached), "the kept exponentials are of uncapped logits' pass: not with softcap");
   using IO = Io<scalar_t>;
   using acc_t = typename IO::acc_t;
@@ -964,29 +969,47 @@ void backward_row(const scalar_t* z, scalar_t* out, int64_t V, int64_t target, t
     const int64_t full = V - V % kBlock;
     constexpr int64_t kLines = kBlock * static_cast<int64_t>(sizeof(scalar_t)) / kCacheLine;
     acc_t coef_shift = std::numeric_limits<acc_t>::quiet_NaN(), below = 0;
-    for (; j < full; j += kBlock) {
+    auto prefetch_block = [&](int64_t j0) __attribute__((always_inline)) {
       for (int64_t line = 0; line < kLines; ++line) {
-        const int64_t col = j + line * (kCacheLine / static_cast<int64_t>(sizeof(scalar_t)));
+        const int64_t col = j0 + line * (kCacheLine / static_cast<int64_t>(sizeof(scalar_t)));
         __builtin_prefetch(reinterpret_cast<const char*>(out + col) + kPrefetchBytes, 1);
         if (next_row != nullptr) __builtin_prefetch(next_row + col, 0, 2);
       }
-      const acc_t* kept = kept_exp + j;
-      vec g[4];
-      if (!penalised || lane_bits(loadu<vec>(block_max + j / kBlock * W) >= tau) == 0) {
-        // No column of the block reaches tau: dz_j = p_j grad keep = kept_j (scale grad keep).
-        const acc_t sh = kept_shift[j / kBlock];
-        if (!(sh == coef_shift)) coef_shift = sh, below = scale_at(j) * below_coef;
+    };
+    // Blocks below tau: dz_j = p_j grad keep = kept_j (scale grad keep).
+    auto below_tau = [&](int64_t from, int64_t to) __attribute__((always_inline)) {
+      for (int64_t j0 = from; j0 < to; j0 += kBlock) {
+        prefetch_block(j0);
+        const acc_t sh = kept_shift[j0 / kBlock];
+        if (!(sh == coef_shift)) coef_shift = sh, below = scale_at(j0) * below_coef;
+        vec g[4];
         for (int q = 0; q < 4; ++q) {
-          g[q] = loadu<vec>(kept + q * W) * below;
+          g[q] = loadu<vec>(kept_exp + j0 + q * W) * below;
           if constexpr (kOpt) g[q] = g[q] - smooth;
         }
-      } else {
-        vec x[4];
-        load4_any_order(z + j, x);
-        for (int q = 0; q < 4; ++q) g[q] = column_grads(x[q], j + q * W);
+        store4_any_order(out + j0, g);
       }
-      store4_any_order(out + j, g);
+    };
+    for (int64_t h = 1; h <= hit_blocks[0]; ++h) {
+      const int64_t j0 = hit_blocks[h] * kBlock;
+      if (j0 >= full) break;  // the padded last block: the loops below
+      below_tau(j, j0);
+      prefetch_block(j0);
+      // A listed block: the general coefficient, blended per lane (its columns are mostly below
+      // tau, and a branch per vector would mispredict).
+      vec x[4], g[4];
+      load4_any_order(z + j0, x);
+      for (int q = 0; q < 4; ++q) {
+        const vec p = probs(x[q], j0 + q * W);
+        const vec on_ties = x[q] == tau ? splat<vec>(tie_coef) : splat<vec>(below_coef);
+        g[q] = p * (x[q] > tau ? grad * (keep + above_scale * (p - p_min)) : on_ties);
+        if constexpr (kOpt) g[q] = g[q] - smooth;
+      }
+      store4_any_order(out + j0, g);
+      j = j0 + kBlock;
     }
+    below_tau(j, full);
+    j = full;
   }
 #if defined(__AVX2__)
   if constexpr (std::is_same_v<scalar_t, c10::BFloat16> && !kCached) {
@@ -1136,6 +1159,7 @@ std::tuple<at::Tensor, at::Tensor> forward_grad_cpu(const at::Tensor& logits, co
       std::vector<acc_t> kept(softcap > 0 ? 0 : blocks * kBlock + blocks);  // per task: L2-resident
       acc_t* kept_exp = kept.data();
       acc_t* kept_shift = softcap > 0 ? nullptr : kept.data() + blocks * kBlock;
+      std::vector<int64_t> hit_blocks(blocks + 1);
       for (int64_t i = begin; i < end; ++i) {
         acc_t* row_stats = stats_ptr + i * kNumRowStats;
         scalar_t* out_row = out + i * out_stride;
@@ -1148,9 +1172,9 @@ std::tuple<at::Tensor, at::Tensor> forward_grad_cpu(const at::Tensor& logits, co
         }
         TORCH_CHECK(s >= 0 && s < V, "prsl_cpu: target ", s, " out of range [0, ", V, ") in row ", i);
         const scalar_t* z = base + i * in_stride;
-        fwd(z, V, s, k, b, opt, scratch.data(), loss_ptr + i, row_stats, kept_exp, kept_shift);
+        fwd(z, V, s, k, b, opt, scratch.data(), loss_ptr + i, row_stats, kept_exp, kept_shift, hit_blocks.data());
         bwd(z, out_row, V, s, g[i], row_stats, b, opt, i + 1 < end ? z + in_stride : nullptr, kept_exp, kept_shift,
-            scratch.data() + Row::block_max_offset(V));
+            hit_blocks.data());
       }
     });
   });
