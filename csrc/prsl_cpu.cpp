@@ -10,12 +10,13 @@
 //
 // Forward, one row per thread at a time, two passes:
 //   pass 1 (row read from memory): online log-sum-exp (one exp per element), storing
-//          each 4-vector block's lane-wise maximum; the maxima of 4(k+1) segments,
-//          taken from those, give a lower bound on tau (their (k+1)-th largest);
+//          each 4-vector block's lane-wise maximum; the lane-wise maxima of groups of
+//          blocks, about 4(k+1) values, give a lower bound on tau (their (k+1)-th largest);
 //   pass 2 (row now resident in L2): only the blocks whose stored maximum reaches
 //          the bound are read again, collecting the non-target logits >= bound,
 //          about k of them; tau, A, T (all ties, exactly), S and D come from those
-//          candidates. No sort, no heap, no N x V scratch.
+//          candidates. No sort, no heap, no N x V scratch; the selections are
+//          bisections (RowForward::kth_largest), with no branch per element.
 // Backward: one streaming pass per row that rebuilds the gradient from the five row
 //   statistics (lse, tau, D, S, |T|): one exp per element, no top-k indices.
 // Gradient in the forward (forward_grad): both, row by row, so the backward's read
@@ -430,25 +431,6 @@ inline void store_partial(scalar_t* p, typename Io<scalar_t>::vec v, int64_t n) 
 }
 
 // ---------------------------------------------------------------- forward
-// Top-k without a sort or a heap. Split the row into S >= k+1 contiguous segments
-// of whole blocks; the k+1 largest segment maxima are k+1 distinct elements, at
-// most one of them the target, so at least k non-target logits are >= the
-// (k+1)-th largest segment maximum `bound`, hence tau >= bound. Pass 1 (the one
-// read from memory) computes the online log-sum-exp and stores each block's
-// lane-wise maximum (one vector store per block: W floats per 4W logits); the
-// segment maxima come from those. Pass 2 (row now in L2) tests the stored block
-// maxima against the bound and reads again, column by column, only the few
-// blocks that pass, keeping their non-target logits >= bound: every logit tied at
-// tau is among them, and on real logits they are few (S = 4(k+1) segments, randn
-// logits, V = 50257: about 8 / 24 / 115 candidates for k = 6 / 20 / 100, against
-// 19 / 78 / 518 with S = k+1). tau is then the k-th largest candidate
-// (nth_element), and A, T, S, D come from the candidates alone: ties are counted
-// exactly, however many there are.
-// With fewer than k+1 blocks, or at most k segments holding a finite value (a
-// mostly masked vocabulary), bound is -inf and the cut drops to the lowest finite
-// value: all finite non-target logits become candidates, still linear time.
-// A NaN can hide another lane's value from a block maximum; a row holding one
-// (lse is NaN: its loss is NaN anyway) takes the exact scan over every column.
 // A float's bits as a signed integer that orders as the floats do (-0 just below +0; NaNs
 // beyond the infinities, never used), and back.
 template <typename T>
@@ -502,6 +484,25 @@ struct ShiftUnits<double, kCoarse> {
   static PRSL_INLINE vdouble exp(vdouble x, double hi, double) { return vexp(x - hi); }
 };
 
+// Top-k without a sort or a heap. Split the row into S >= k+1 disjoint sets of
+// columns (segments); the k+1 largest segment maxima are k+1 distinct elements, at
+// most one of them the target, so at least k non-target logits are >= the
+// (k+1)-th largest segment maximum `bound`, hence tau >= bound. Pass 1 (the one
+// read from memory) computes the online log-sum-exp and stores each block's
+// lane-wise maximum (one vector store per block: W floats per 4W logits); a segment
+// is one lane of a group of consecutive blocks, its maximum that lane of the group's
+// lane-wise maximum. Pass 2 (row now in L2) tests the stored block maxima against the
+// bound and reads again only the few blocks that pass, keeping their non-target
+// logits >= bound: every logit tied at tau is among them, and on real logits they are
+// few (S = 4(k+1) segments, randn logits, V = 50257: about 8 / 24 / 116 candidates
+// for k = 6 / 20 / 100, against 19 / 78 / 518 with S = k+1). tau is then the k-th
+// largest candidate, and A, T, S, D come from the candidates alone: ties are counted
+// exactly, however many there are.
+// With fewer than k+1 segments, or at most k of them holding a finite value (a mostly
+// masked vocabulary), bound is -inf and the cut drops to the lowest finite value: all
+// finite non-target logits become candidates, still linear time.
+// A NaN can hide another lane's value from a block maximum; a row holding one
+// (lse is NaN: its loss is NaN anyway) takes the exact scan over every column.
 template <typename T>
 inline T hmax(const T* lanes, int n) {
   T r = lanes[0];

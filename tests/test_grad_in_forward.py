@@ -115,6 +115,37 @@ def test_cpp_forward_grad_strided_rows_and_overlap_check():
         cpp_kernels.forward_grad(logits, target, grad_rows, storage[:, :500], 6, 2.0, -100)  # overlaps
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
+@pytest.mark.parametrize("k", [1, 20, 100])
+def test_cpp_candidates_at_the_row_ends_and_block_edges(dtype, k):
+    """The largest logits placed where pass 2's bookkeeping has edges: the first block, block
+    boundaries (32-column blocks, 4-block tests), the padded last block (V = 1003 is not a
+    multiple of 32) and the target's own vector. The gradient pass writes unlisted blocks from
+    the kept exponentials alone and blends the listed ones: it must equal the backward kernel,
+    and the statistics the reference's."""
+    gen = torch.Generator().manual_seed(1000 + k)
+    vocab = 1003
+    logits, target = _rows(6, vocab, dtype, gen)
+    edges = torch.tensor([0, 1, 31, 32, 127, 128, 129, 991, 992, 1000, 1001, 1002])
+    for row in range(5):
+        top = edges[torch.randperm(len(edges), generator=gen)[: min(k + 2, len(edges))]]
+        logits[row, top] = (8.0 + torch.rand(len(top), generator=gen, dtype=torch.float64)).to(dtype)
+    logits[1, 990:] = float("-inf")  # the padded last block masked
+    target[2] = 1002  # the target in the padded last block, among the largest
+    target[3] = 32
+    _assert_same_as_forward_then_backward(cpp_kernels, logits, target, k, 1.5, OPTIONS[0], gen)
+    grad = torch.empty_like(logits)
+    cpp_kernels.forward_grad(logits, target, torch.ones(6), grad, k, 1.5, -100)
+    counted = target != -100
+    _, stats = cpp_kernels.forward(logits, target, k, 1.5, -100)
+    _, tau, _, _, ties, *_ = ref.row_stats_reference(logits.double(), target, k)
+    assert torch.equal(stats[counted, 1].double(), tau[counted])  # tau is one of the logits
+    assert torch.equal(stats[counted, 4].double(), ties[counted])
+    closed = ref.grad_closed_form(logits.double(), target, k, 1.5)
+    torch.testing.assert_close(grad.double(), closed, rtol=2.0 ** -7 if dtype != torch.float32 else 1e-5,
+                               atol=1e-7)
+
+
 # ---------------------------------------------------------------- Triton (interpreter)
 
 
