@@ -122,7 +122,7 @@ def build_error() -> str:
 
 
 def build_info() -> dict:
-    """How the loaded extension was compiled: ``{"openmp": bool, "avx2": bool, "f16c": bool}``.
+    """How the loaded extension was compiled: ``{"openmp", "avx2", "f16c", "avx512bf16"}`` to bool.
 
     ``openmp`` False means the rows of a call run on one thread whatever
     ``torch.set_num_threads`` says (the build fell back, with a warning).
