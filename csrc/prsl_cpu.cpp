@@ -667,14 +667,14 @@ struct RowForward {
   // every logit first; kSmooth: also sum the (capped) row for label smoothing.
   // kKeep (forward_grad): also leave pass 1's exponentials in keep_exp (BLOCK per block, in the
   // lanes' order) and the shift they were taken against in keep_shift (one per block), so that the
-  // gradient pass gets p_j = exp(z_j - shift) exp(shift - lse) with one multiply, not one exp;
-  // and, in ascending order after their count, the blocks pass 2 read (hit_blocks, room for
-  // blocks + 1): every other block holds no column >= tau.
+  // gradient pass gets p_j = exp(z_j - shift) exp(shift - lse) with one multiply, not one exp.
+  // hit_blocks (room for blocks + 1) receives the count of the blocks pass 2 read, then those
+  // blocks in ascending order: every other block holds no column >= tau.
   template <bool kCap, bool kSmooth, bool kKeep = false>
   static void run(const scalar_t* z, int64_t V, int64_t target, int64_t k, double b, const Options& opt,
-                  acc_t* scratch, acc_t* loss, acc_t* stats, acc_t* keep_exp = nullptr,
-                  acc_t* keep_shift = nullptr, int64_t* hit_blocks = nullptr) {
-    if constexpr (kKeep) hit_blocks[0] = 0;
+                  acc_t* scratch, acc_t* loss, acc_t* stats, acc_t* keep_exp,
+                  acc_t* keep_shift, int64_t* hit_blocks) {
+    hit_blocks[0] = 0;
     const acc_t cap = static_cast<acc_t>(opt.softcap);
     const int64_t blocks = (V + BLOCK - 1) / BLOCK;
     acc_t* cand = scratch;           // pass 2's candidates (the segment maxima before that)
@@ -739,7 +739,6 @@ struct RowForward {
       int64_t n = 0;
       // The block's non-target logits >= cut onto cand[n..].
       auto collect = [&](int64_t blk) __attribute__((always_inline)) {
-        if constexpr (kKeep) hit_blocks[++hit_blocks[0]] = blk;
         const int64_t j0 = blk * BLOCK;
         if constexpr (kCap) {
           acc_t vals[BLOCK];
@@ -758,20 +757,29 @@ struct RowForward {
           }
         }
       };
-      // Four blocks' maxima tested at once: most quads hold no candidate (one compare, not four).
-      int64_t blk = 0;
+      // First the list of blocks to read: four blocks' maxima tested at once (most quads hold
+      // no candidate: one compare, not four), a passing quad's blocks listed without a branch
+      // (at k = 100 a quarter of the quads pass, and a branch per block would mispredict).
+      int64_t* listed = hit_blocks + 1;
+      int64_t count = 0, blk = 0;
       if (!exact) {
         for (; blk + 4 <= blocks; blk += 4) {
           const acc_t* m = block_max + blk * W;
           const vec m0 = loadu<vec>(m), m1 = loadu<vec>(m + W), m2 = loadu<vec>(m + 2 * W), m3 = loadu<vec>(m + 3 * W);
           if (lane_bits(vmax(vmax(m0, m1), vmax(m2, m3)) >= cut) == 0) continue;
-          const uint32_t hit = uint32_t(lane_bits(m0 >= cut) != 0) | uint32_t(lane_bits(m1 >= cut) != 0) << 1 |
-                               uint32_t(lane_bits(m2 >= cut) != 0) << 2 | uint32_t(lane_bits(m3 >= cut) != 0) << 3;
-          for (uint32_t h = hit; h != 0; h &= h - 1) collect(blk + __builtin_ctz(h));
+          const vec quad[4] = {m0, m1, m2, m3};
+          for (int q = 0; q < 4; ++q) {
+            listed[count] = blk + q;
+            count += lane_bits(quad[q] >= cut) != 0;
+          }
         }
       }
-      for (; blk < blocks; ++blk)
-        if (exact || lane_bits(loadu<vec>(block_max + blk * W) >= cut) != 0) collect(blk);
+      for (; blk < blocks; ++blk) {
+        listed[count] = blk;
+        count += exact || lane_bits(loadu<vec>(block_max + blk * W) >= cut) != 0;
+      }
+      hit_blocks[0] = count;
+      for (int64_t h = 0; h < count; ++h) collect(listed[h]);
       // -inf pads the candidates to whole vectors: never > tau, never == a finite tau (a -inf
       // tau's ties are counted apart).
       const int64_t n_vec = (n + W - 1) / W;
@@ -859,6 +867,7 @@ std::tuple<at::Tensor, at::Tensor> forward_cpu(const at::Tensor& logits, const a
     acc_t* stats_ptr = stats.mutable_data_ptr<acc_t>();
     at::parallel_for(0, N, row_grain(V), [&](int64_t begin, int64_t end) {
       std::vector<acc_t> scratch(RowForward<scalar_t>::scratch_size(V));  // per task, not per row
+      std::vector<int64_t> hit_blocks((V + 4 * Io<scalar_t>::W - 1) / (4 * Io<scalar_t>::W) + 1);
       for (int64_t i = begin; i < end; ++i) {
         acc_t* row_stats = stats_ptr + i * kNumRowStats;
         const int64_t s = t[i];
@@ -869,7 +878,7 @@ std::tuple<at::Tensor, at::Tensor> forward_cpu(const at::Tensor& logits, const a
         }
         TORCH_CHECK(s >= 0 && s < V, "prsl_cpu: target ", s, " out of range [0, ", V, ") in row ", i);
         row_kernel(base + i * row_stride, V, s, k, b, opt, scratch.data(), loss_ptr + i, row_stats, nullptr, nullptr,
-                   nullptr);
+                   hit_blocks.data());
       }
     });
   });
