@@ -47,13 +47,17 @@ class PRSLGradInForwardFunction(torch.autograd.Function):
     """``(logits[N, V], target[N]) -> (loss, row_stats)``, ``loss`` the mean or sum over counted rows."""
 
     @staticmethod
-    def forward(ctx, logits, target, k, b, ignore_index, path, options, reduction, inplace):
+    def forward(ctx, logits, target, k, b, ignore_index, path, options, reduction, inplace, divisor=None):
         count = (target != ignore_index).sum()
         # The row gradient of the reduced loss, as PRSLFunction's backward would receive it. With
         # every row ignored the mean is 0 / 0 = NaN (as F.cross_entropy) and every gradient row is 0.
+        # A divisor of the sum (Hugging Face's num_items_in_batch) goes into it too, so that
+        # loss.backward() hands over an upstream gradient of exactly 1: no scaling pass.
         scale = torch.ones((), dtype=stats_dtype(logits.dtype), device=logits.device)
         if reduction == "mean":
             scale = scale / count.clamp_min(1)
+        elif divisor is not None:
+            scale = scale / divisor
         grad = logits if inplace else torch.empty_like(logits, memory_format=torch.contiguous_format)
         loss_rows, row_stats = backends.forward_grad_kernel(path)(
             logits, target, scale.expand(logits.shape[0]).contiguous(), grad, k, b, ignore_index, *options)
@@ -61,6 +65,8 @@ class PRSLGradInForwardFunction(torch.autograd.Function):
             # Anything else that saved these logits for its backward now fails loudly there.
             torch.autograd.graph.increment_version(logits)
         loss = loss_rows.sum() if reduction == "sum" else loss_rows.sum() / count
+        if divisor is not None:
+            loss = loss / divisor
         ctx.grad, ctx.inplace, ctx.k = grad, inplace, k
         ctx.b, ctx.ignore_index, ctx.path, ctx.options = b, ignore_index, path, options
         # References only (the logits were kept alive by PRSLFunction too): a second backward
@@ -78,7 +84,7 @@ class PRSLGradInForwardFunction(torch.autograd.Function):
         if ctx.grad is not None:  # the first backward: hand the forward's gradient over
             grad, ctx.grad = ctx.grad, None  # no reference kept: autograd can adopt it as .grad
             scale_unless_one(grad, grad_loss)
-            return grad, None, None, None, None, None, None, None, None
+            return grad, None, None, None, None, None, None, None, None, None
         if ctx.inplace:
             raise RuntimeError("prsl_loss(inplace_backward=True): the logits were overwritten by the gradient in "
                                "the forward and handed to the first backward; a second backward through the graph "
@@ -89,7 +95,7 @@ class PRSLGradInForwardFunction(torch.autograd.Function):
         grad = torch.empty_like(logits, memory_format=torch.contiguous_format)
         backends.forward_grad_kernel(ctx.path)(logits, target, grad_rows, grad, ctx.k, ctx.b, ctx.ignore_index,
                                                *ctx.options)
-        return grad, None, None, None, None, None, None, None, None
+        return grad, None, None, None, None, None, None, None, None, None
 
 
 def scale_unless_one(grad, scale):

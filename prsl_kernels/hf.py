@@ -101,14 +101,20 @@ class PRSLTokenLoss:
             loss_sum, ce_sum, penalty_sum, count = self._released(logits, targets)
             correct_sum = self._correct_sum(logits, targets)
         else:
-            loss_sum, stats = prsl_loss(logits, targets, self.k, self.b, ignore_index=self.ignore_index,
-                                        reduction="sum", backend=self.backend, check_target=self.check_target,
-                                        return_stats=True, **self.options)
             counted = (targets != self.ignore_index).reshape(-1)
-            penalty_sum = self.b * (stats.dist * counted).sum()
-            ce_sum = loss_sum.detach() - penalty_sum
             count = counted.sum()
+            denom = num_items_in_batch if num_items_in_batch is not None else count
+            # The divisor goes into the kernels' gradient (no scaling pass in the backward).
+            loss, stats = prsl_loss(logits, targets, self.k, self.b, ignore_index=self.ignore_index,
+                                    reduction="sum", divisor=denom, backend=self.backend,
+                                    check_target=self.check_target, return_stats=True, **self.options)
+            penalty_sum = self.b * (stats.dist * counted).sum()
+            # The logged sums: the loss times its divisor (0, not NaN, when every label is ignored).
+            loss_sum = torch.where(count > 0, loss.detach() * torch.as_tensor(denom).to(loss.device), 0.0)
+            ce_sum = loss_sum - penalty_sum
             correct_sum = stats.correct.sum()  # 0 on ignored rows
+            self._record(ce_sum, penalty_sum, count, correct_sum)
+            return loss
         self._record(ce_sum, penalty_sum, count, correct_sum)
         return _normalise(loss_sum, count, num_items_in_batch)
 

@@ -6,7 +6,7 @@ import torch
 
 from . import backends
 from .function import PRSLFunction, PRSLGradInForwardFunction
-from .spec import IGNORE_INDEX, NUM_ROW_STATS
+from .spec import IGNORE_INDEX, NUM_ROW_STATS, stats_dtype
 from .validation import check_inputs, check_options, check_target_range
 
 
@@ -33,7 +33,7 @@ class RowStats(NamedTuple):
 
 def prsl_loss(logits, target, k, b, *, ignore_index=IGNORE_INDEX, reduction="mean", backend="auto",
               check_target=True, return_stats=False, label_smoothing=0.0, z_loss=0.0, softcap=None,
-              inplace_backward=False):
+              inplace_backward=False, divisor=None):
     """Partially Recentralization Softmax Loss: ``CE + b * D`` per token.
 
     Args:
@@ -62,6 +62,12 @@ def prsl_loss(logits, target, k, b, *, ignore_index=IGNORE_INDEX, reduction="mea
             raises there instead of using the overwritten values). A second backward through a
             retained graph raises. Ignored by the reference backend, under ``torch.compile``
             and when no gradient is needed; with ``reduction="none"`` it raises.
+        divisor: with ``reduction="sum"``, return the sum divided by this (a number or a one-element
+            tensor, e.g. Hugging Face's ``num_items_in_batch``, the counted tokens of all the
+            micro-batches of one optimiser step). The same value as dividing the returned sum,
+            but the divisor is folded into the gradient the forward writes, so
+            ``loss.backward()`` scales nothing (dividing afterwards costs one more pass over the
+            N x V gradient in the backward).
 
     With ``reduction="mean"``/``"sum"`` and a gradient to compute, the fused backends write the
     gradient in the forward, each row right after its statistics while it is still in cache
@@ -81,6 +87,15 @@ def prsl_loss(logits, target, k, b, *, ignore_index=IGNORE_INDEX, reduction="mea
     if inplace_backward and reduction == "none":
         raise ValueError("inplace_backward=True needs reduction='mean' or 'sum': with 'none' the upstream gradient "
                          "of each row is only known in the backward, after the logits would have been overwritten")
+    if divisor is not None:
+        if reduction != "sum":
+            raise ValueError(f"divisor needs reduction='sum', got reduction={reduction!r}")
+        if torch.is_tensor(divisor):
+            if divisor.numel() != 1 or divisor.is_complex():
+                raise ValueError(f"divisor must be a real scalar, got a tensor of shape {tuple(divisor.shape)}")
+            divisor = divisor.reshape(()).to(device=logits.device, dtype=stats_dtype(logits.dtype))
+        elif not isinstance(divisor, (int, float)) or isinstance(divisor, bool):
+            raise TypeError(f"divisor must be a number or a 0-d tensor, got {type(divisor).__name__}")
     vocab = logits.shape[-1]
     if check_target:
         check_target_range(target, vocab, ignore_index)
@@ -98,13 +113,15 @@ def prsl_loss(logits, target, k, b, *, ignore_index=IGNORE_INDEX, reduction="mea
                 and not torch.compiler.is_compiling()):
             inplace = inplace_backward and logits2d.data_ptr() == logits.data_ptr()
             loss, row_stats = PRSLGradInForwardFunction.apply(logits2d, target1d, k_eff, b, ignore_index, path,
-                                                              options, reduction, inplace)
+                                                              options, reduction, inplace, divisor)
             return (loss, RowStats.from_columns(row_stats)) if return_stats else loss
         loss_rows, row_stats = PRSLFunction.apply(logits2d, target1d, k_eff, b, ignore_index, path, options)
         stats = RowStats.from_columns(row_stats)
         loss_rows = loss_rows.reshape(target.shape)
 
     loss = reduce_rows(loss_rows, target, ignore_index, reduction)
+    if divisor is not None:
+        loss = loss / divisor
     return (loss, stats) if return_stats else loss
 
 

@@ -308,3 +308,41 @@ def test_all_ignored_batch_gives_zero_gradients(inplace):
     target = torch.full((6,), -100)
     loss, grad, _ = _grads(logits, target, 3, 1.0, "cpp", "mean", 1.0, inplace)
     assert torch.isnan(loss) and torch.equal(grad, torch.zeros_like(grad))
+
+
+@pytest.mark.parametrize("backend", ["cpp", "triton", "reference"])
+def test_divisor_is_folded_into_the_gradient(monkeypatch, backend):
+    """reduction='sum' with a divisor (Hugging Face's num_items_in_batch) gives the sum divided by
+    it, value and gradient, as dividing afterwards does; but the fused backends put the divisor into
+    the gradient the forward writes, so the backward receives an upstream of exactly 1 and skips
+    its scaling pass (spied), where dividing afterwards scales."""
+    from prsl_kernels import function
+
+    seen = []
+    original = function.scale_unless_one
+    monkeypatch.setattr(function, "scale_unless_one", lambda grad, scale: (seen.append(float(scale)),
+                                                                           original(grad, scale)))
+    gen = torch.Generator().manual_seed(31)
+    logits, target = _rows(12, 300, torch.float32, gen)
+    divisor = torch.tensor(37)
+    x = logits.clone().requires_grad_(True)
+    after = prsl_loss(x, target, 6, 2.0, reduction="sum", backend=backend) / 37.0
+    after.backward()
+    y = logits.clone().requires_grad_(True)
+    folded = prsl_loss(y, target, 6, 2.0, reduction="sum", divisor=divisor, backend=backend)
+    folded.backward()
+    torch.testing.assert_close(folded, after, rtol=1e-6, atol=0)
+    torch.testing.assert_close(y.grad, x.grad, rtol=1e-5, atol=1e-9)
+    closed = ref.grad_closed_form(logits, target, 6, 2.0, grad_rows=torch.full((12,), 1 / 37, dtype=torch.float64))
+    torch.testing.assert_close(y.grad.to(closed.dtype), closed, rtol=1e-5, atol=1e-9)
+    if backend != "reference":
+        assert seen[0] == pytest.approx(1 / 37) and seen[1] == 1.0
+    z = logits.clone().requires_grad_(True)
+    assert torch.equal(prsl_loss(z, target, 6, 2.0, reduction="sum", divisor=2.5, backend=backend).detach(),
+                       prsl_loss(logits, target, 6, 2.0, reduction="sum", backend=backend) / 2.5)
+    with pytest.raises(ValueError, match="divisor needs reduction='sum'"):
+        prsl_loss(logits, target, 6, 2.0, divisor=2.0)
+    with pytest.raises(TypeError, match="divisor"):
+        prsl_loss(logits, target, 6, 2.0, reduction="sum", divisor="37")
+    with pytest.raises(ValueError, match="divisor must be a real scalar"):
+        prsl_loss(logits, target, 6, 2.0, reduction="sum", divisor=torch.ones(2))

@@ -59,6 +59,35 @@ def test_num_items_in_batch_makes_accumulation_exact():
     torch.testing.assert_close(grad_acc, grad_whole)
 
 
+def test_num_items_in_batch_needs_no_scaling_pass(monkeypatch):
+    """The fused path divides by num_items_in_batch inside the loss's gradient: the backward's
+    upstream is exactly 1, so it does not rescale the N x V gradient; loss and gradient equal the
+    reference's, and the logged sums are the undivided ones."""
+    from prsl_kernels import function
+
+    seen = []
+    original = function.scale_unless_one
+    monkeypatch.setattr(function, "scale_unless_one", lambda grad, scale: (seen.append(float(scale)),
+                                                                           original(grad, scale)))
+    logits, labels = _batch(2, batch=3)
+    k, b = 4, 1.3
+    n_items = (labels[:, 1:] != -100).sum() + 5  # as if other micro-batches counted 5 more
+    fn = PRSLTokenLoss(k, b, shift=True, backend="cpp")
+    x = logits.clone().requires_grad_(True)
+    loss = fn(x, labels, n_items)
+    loss.backward()
+    assert seen == [1.0]
+    y = logits.clone().requires_grad_(True)
+    targets = torch.nn.functional.pad(labels[:, 1:], (0, 1), value=-100)
+    want = prsl_loss_reference(y, targets, k, b, reduction="sum") / n_items
+    want.backward()
+    torch.testing.assert_close(loss, want, rtol=1e-10, atol=1e-12)
+    torch.testing.assert_close(x.grad, y.grad, rtol=1e-9, atol=1e-12)
+    stats = fn.pop_stats()  # means over this batch's counted tokens, not over n_items
+    assert stats["tokens"] == int((targets != -100).sum())
+    assert (stats["ce"] + stats["penalty"]) * stats["tokens"] == pytest.approx(float(want * n_items), rel=1e-6)
+
+
 def test_stats_split_ce_and_penalty():
     logits, labels = _batch(2)
     k, b = 6, 2.0
