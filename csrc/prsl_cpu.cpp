@@ -538,6 +538,10 @@ struct RowForward {
   static constexpr int BLOCK = 4 * W;
   static constexpr acc_t kInf = std::numeric_limits<acc_t>::infinity();
   using Units = ShiftUnits<acc_t, sizeof(scalar_t) == 2>;  // 16-bit logits: the coarse exp
+  // The spacing of the logits' values' integer images (OrderedKey), widened to acc_t.
+  static constexpr int64_t kValueGranule = std::is_same_v<scalar_t, c10::BFloat16> ? int64_t{1} << 16
+                                           : std::is_same_v<scalar_t, c10::Half>    ? int64_t{1} << 13
+                                                                                     : 1;
 
   // Per-task scratch, in acc_t values: candidates (V, padded to whole vectors; first the
   // groups' maxima of segment_bound) and block maxima (W per block).
@@ -604,7 +608,9 @@ struct RowForward {
   // steps, not 32); the answer is then the least of those r. Unlike a selection
   // (nth_element), whose branches on random data mispredict about once per element, it
   // has one branch per step.
-  static acc_t kth_largest(const acc_t* v, int64_t n_vec, int64_t r) {
+  // granule: the values' integer images are whole multiples of it apart (2^16 for bfloat16
+  // logits widened to float, 2^13 for float16): the bisection stops at that resolution.
+  static acc_t kth_largest(const acc_t* v, int64_t n_vec, int64_t r, int64_t granule = 1) {
     using Key = OrderedKey<acc_t>;
     vec least = loadu<vec>(v), greatest = least;
     for (int64_t i = 1; i < n_vec; ++i) {
@@ -616,14 +622,14 @@ struct RowForward {
     // at_lo = count(>= value(lo)) >= r > count(>= value(hi)). Unsigned differences: float64's
     // keys span more than int64_t.
     int64_t lo = Key::of(lo_value), hi = int64_t(Key::of(hi_value)) + 1, at_lo = n_vec * W;
-    while (at_lo > r && uint64_t(hi) - uint64_t(lo) > 1) {
+    while (at_lo > r && uint64_t(hi) - uint64_t(lo) > uint64_t(granule)) {
       const int64_t mid = int64_t(uint64_t(lo) + (uint64_t(hi) - uint64_t(lo)) / 2);
       const int64_t at_mid = count_at_least(v, n_vec, Key::value(mid));
       if (at_mid >= r) lo = mid, at_lo = at_mid;
       else hi = mid;
     }
     // The least value >= value(lo): the r-th largest whether the loop stopped on at_lo == r
-    // or on a one-key interval (then value(lo) itself, held by several values).
+    // or on an interval that holds one value only (then held by several of the values).
     const acc_t cut = Key::value(lo);
     vec m = splat<vec>(kInf);
     for (int64_t i = 0; i < n_vec; ++i) {
@@ -643,7 +649,7 @@ struct RowForward {
   // takes the rest), so the loops' trip counts do not change from group to group.
   // -inf when fewer than k+1 pairs hold a finite value (a mostly masked row), or when
   // the row has fewer than k+1 pairs. seg: scratch for groups * W values.
-  static acc_t segment_bound(const acc_t* block_max, int64_t blocks, int64_t k, acc_t* seg) {
+  static acc_t segment_bound(const acc_t* block_max, int64_t blocks, int64_t k, acc_t* seg, int64_t granule) {
     const int64_t groups = std::min(blocks, (4 * (k + 1) + W - 1) / W);
     if (groups * W < k + 1) return -kInf;
     const int64_t per = blocks / groups;
@@ -660,7 +666,7 @@ struct RowForward {
       for (; i < count; ++i) m[0] = vmax(m[0], loadu<vec>(first + i * W));
       storeu(seg + g * W, vmax(vmax(m[0], m[1]), vmax(m[2], m[3])));
     }
-    return kth_largest(seg, groups, k + 1);
+    return kth_largest(seg, groups, k + 1, granule);
   }
 
   // Computes loss and (lse, tau, D, S, |T|, correct) of one counted row. kCap: soft-cap
@@ -732,7 +738,9 @@ struct RowForward {
     acc_t tau = kInf, spread = 0, sq = 0, ties = 0;
     if (k > 0) {
       const bool exact = lse != lse;  // a NaN somewhere: block maxima may hide values
-      const acc_t bound = exact ? -kInf : segment_bound(block_max, blocks, k, cand);
+      // Uncapped 16-bit logits take few distinct float values: the selections need fewer steps.
+      const int64_t granule = kCap ? 1 : kValueGranule;
+      const acc_t bound = exact ? -kInf : segment_bound(block_max, blocks, k, cand, granule);
       // Pass 2: candidates >= cut (never -inf: a -inf tau is decided by the count).
       const acc_t lowest = std::numeric_limits<acc_t>::lowest();
       const acc_t cut = bound > lowest ? bound : lowest;
@@ -757,12 +765,14 @@ struct RowForward {
           }
         }
       };
-      // First the list of blocks to read: four blocks' maxima tested at once (most quads hold
-      // no candidate: one compare, not four), a passing quad's blocks listed without a branch
-      // (at k = 100 a quarter of the quads pass, and a branch per block would mispredict).
+      // First the list of blocks to read, without a branch per block. For small k four blocks'
+      // maxima are tested at once (most quads hold no candidate: one compare, not four), a
+      // passing quad's blocks listed without a branch. From about k = blocks / 32 on, a large
+      // share of the quads pass and that branch would mispredict: every block is listed
+      // branch-free.
       int64_t* listed = hit_blocks + 1;
       int64_t count = 0, blk = 0;
-      if (!exact) {
+      if (!exact && 32 * (k + 1) <= blocks) {
         for (; blk + 4 <= blocks; blk += 4) {
           const acc_t* m = block_max + blk * W;
           const vec m0 = loadu<vec>(m), m1 = loadu<vec>(m + W), m2 = loadu<vec>(m + 2 * W), m3 = loadu<vec>(m + 3 * W);
@@ -786,7 +796,7 @@ struct RowForward {
       std::fill(cand + n, cand + n_vec * W, -kInf);
       // Fewer than k finite non-target logits: tau = -inf and every other non-target
       // logit (all -inf, or NaN in a row whose loss is NaN anyway) ties.
-      tau = n >= k ? kth_largest(cand, n_vec, k) : -kInf;
+      tau = n >= k ? kth_largest(cand, n_vec, k, granule) : -kInf;
       const acc_t p_min = tau == -kInf ? acc_t(0) : std::exp(tau - lse);
       acc_t lse_hi, lse_lo;
       Units::split(lse, lse_hi, lse_lo);
