@@ -67,14 +67,12 @@ cannot drift. Without git history the "before" columns are left out
 """
 
 import argparse
-import importlib.util
 import json
 import math
 import os
 import re
 import subprocess
 import sys
-import tempfile
 from collections import Counter
 from functools import lru_cache
 from pathlib import Path
@@ -224,7 +222,6 @@ class Cfg:
     def __init__(self, instrs):
         self.instrs = instrs
         leaders = {instrs[0].addr}
-        by_addr = {i.addr: n for n, i in enumerate(instrs)}
         for n, ins in enumerate(instrs):
             if ins.base in ("BRA", "EXIT", "RET", "BRX", "JMP", "JMX") or _is_jump_call(ins):
                 if ins.base == "BRA" or _is_jump_call(ins):
