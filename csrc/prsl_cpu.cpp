@@ -801,8 +801,7 @@ struct RowForward {
       acc_t lse_hi, lse_lo;
       Units::split(lse, lse_hi, lse_lo);
       vec spread_v = splat<vec>(acc_t(0)), sq_v = spread_v;
-      auto tie_v = spread_v == spread_v;  // lane counts of candidates == tau, negated
-      tie_v = tie_v ^ tie_v;
+      decltype(spread_v == spread_v) tie_v{};  // lane counts of candidates == tau, negated
       for (int64_t v = 0; v < n_vec; ++v) {
         const vec c = loadu<vec>(cand + v * W);
         const vec u = c > tau ? Units::exp(c, lse_hi, lse_lo) - p_min : splat<vec>(acc_t(0));
@@ -1052,8 +1051,7 @@ void backward_row(const scalar_t* z, scalar_t* out, int64_t V, int64_t target, t
   }
 #if defined(__AVX2__)
   if constexpr (std::is_same_v<scalar_t, c10::BFloat16> && !kCached) {
-    const int64_t end16 = V;
-    for (; j + 16 <= end16; j += 16) {
+    for (; j + 16 <= V; j += 16) {
       if (j % (kCacheLine / sizeof(scalar_t)) == 0) {
         prefetch_ahead(z + j);
         if (next_row != nullptr) __builtin_prefetch(next_row + j, 0, 2);
