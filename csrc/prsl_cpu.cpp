@@ -961,11 +961,14 @@ void backward_row(const scalar_t* z, scalar_t* out, int64_t V, int64_t target, t
   using Units = ShiftUnits<acc_t, sizeof(scalar_t) == 2>;
   acc_t lse_hi, lse_lo;
   Units::split(lse, lse_hi, lse_lo);
-  acc_t scale_shift = std::numeric_limits<acc_t>::quiet_NaN(), scale = 0;
+  // below: scale times below_coef, the whole coefficient of a block below tau (kCached).
+  acc_t scale_shift = std::numeric_limits<acc_t>::quiet_NaN(), scale = 0, below = 0;
   auto scale_at = [&](int64_t col) __attribute__((always_inline)) {
     const acc_t sh = kept_shift[col / kBlock];
-    if (!(sh == scale_shift))
+    if (!(sh == scale_shift)) {
       scale_shift = sh, scale = static_cast<acc_t>(std::exp(Units::natural(sh) - static_cast<double>(lse)));
+      below = scale * below_coef;
+    }
     return scale;
   };
   auto probs = [&](vec x, int64_t col) __attribute__((always_inline)) {
@@ -1006,7 +1009,6 @@ void backward_row(const scalar_t* z, scalar_t* out, int64_t V, int64_t target, t
     // padded last block, whose kept exponentials are in column order, is left to the loops below.
     const int64_t full = V - V % kBlock;
     constexpr int64_t kLines = kBlock * static_cast<int64_t>(sizeof(scalar_t)) / kCacheLine;
-    acc_t coef_shift = std::numeric_limits<acc_t>::quiet_NaN(), below = 0;
     auto prefetch_block = [&](int64_t j0) __attribute__((always_inline)) {
       for (int64_t line = 0; line < kLines; ++line) {
         const int64_t col = j0 + line * (kCacheLine / static_cast<int64_t>(sizeof(scalar_t)));
@@ -1018,8 +1020,7 @@ void backward_row(const scalar_t* z, scalar_t* out, int64_t V, int64_t target, t
     auto below_tau = [&](int64_t from, int64_t to) __attribute__((always_inline)) {
       for (int64_t j0 = from; j0 < to; j0 += kBlock) {
         prefetch_block(j0);
-        const acc_t sh = kept_shift[j0 / kBlock];
-        if (!(sh == coef_shift)) coef_shift = sh, below = scale_at(j0) * below_coef;
+        scale_at(j0);  // sets below
         vec g[4];
         for (int q = 0; q < 4; ++q) {
           g[q] = loadu<vec>(kept_exp + j0 + q * W) * below;

@@ -100,6 +100,7 @@ class PRSLTokenLoss:
         if self.variant == "released":
             loss_sum, ce_sum, penalty_sum, count = self._released(logits, targets)
             correct_sum = self._correct_sum(logits, targets)
+            loss = _normalise(loss_sum, count, num_items_in_batch)
         else:
             counted = (targets != self.ignore_index).reshape(-1)
             count = counted.sum()
@@ -113,10 +114,8 @@ class PRSLTokenLoss:
             loss_sum = torch.where(count > 0, loss.detach() * torch.as_tensor(denom).to(loss.device), 0.0)
             ce_sum = loss_sum - penalty_sum
             correct_sum = stats.correct.sum()  # 0 on ignored rows
-            self._record(ce_sum, penalty_sum, count, correct_sum)
-            return loss
         self._record(ce_sum, penalty_sum, count, correct_sum)
-        return _normalise(loss_sum, count, num_items_in_batch)
+        return loss
 
     def _correct_sum(self, logits, targets):
         """Tokens whose target logit is the row maximum (ties count), as ``RowStats.correct``:
