@@ -43,7 +43,7 @@ import math
 
 import torch
 
-from .hf import PRSLLinearTokenLoss, PRSLTokenLoss
+from .hf_losses import PRSLLinearTokenLoss, PRSLTokenLoss
 from .spec import IGNORE_INDEX
 
 _PATCH_ATTR = "_prsl_patch"  # on an instance: its _Patch; on a class's forward: the wrapper's marker
@@ -107,7 +107,7 @@ def apply_prsl(model: torch.nn.Module, k: int, b: float, *, fused_linear: bool =
     base model is patched). Only this instance is affected; :func:`remove_prsl` undoes it.
     """
     outer = model
-    model = _unwrap_peft(model)
+    model = base_model(model)
     name = type(model).__name__
     head = model.get_output_embeddings() if hasattr(model, "get_output_embeddings") else None
     if not isinstance(head, torch.nn.Linear):
@@ -157,7 +157,7 @@ def apply_prsl_fused_linear(model: torch.nn.Module, k: int, b: float, **kwargs):
 
 def remove_prsl(model: torch.nn.Module) -> None:
     """Undo :func:`apply_prsl` on ``model`` (its class stays patched, inert for other instances)."""
-    for module in {id(m): m for m in (model, _unwrap_peft(model))}.values():
+    for module in {id(m): m for m in (model, base_model(model))}.values():
         patch = module.__dict__.pop(_PATCH_ATTR, None)
         if patch is not None:
             for handle in patch.guard_handles:
@@ -168,11 +168,17 @@ def remove_prsl(model: torch.nn.Module) -> None:
 remove_prsl_fused_linear = remove_prsl
 
 
-def _unwrap_peft(model):
-    """A PEFT ``PeftModel``'s underlying transformers model (patched in its place)."""
+def base_model(model: torch.nn.Module) -> torch.nn.Module:
+    """The transformers model :func:`apply_prsl` patches: a PEFT ``PeftModel``'s base model, else ``model``."""
     if type(model).__module__.split(".")[0] == "peft" and hasattr(model, "get_base_model"):
         return model.get_base_model()
     return model
+
+
+def applied_prsl(model: torch.nn.Module):
+    """The loss object :func:`apply_prsl` installed on ``model`` (or its PEFT base model), or None."""
+    patch = base_model(model).__dict__.get(_PATCH_ATTR)
+    return None if patch is None else patch.loss
 
 
 def _check_causal_lm_loss(model, name):
@@ -453,4 +459,5 @@ def _without_logits(out, model_output_cls):
     return type(out)(**fields)
 
 
-__all__ = ["apply_prsl", "apply_prsl_fused_linear", "remove_prsl", "remove_prsl_fused_linear"]
+__all__ = ["apply_prsl", "apply_prsl_fused_linear", "remove_prsl", "remove_prsl_fused_linear", "applied_prsl",
+           "base_model"]

@@ -21,7 +21,7 @@ from __future__ import annotations
 import transformers
 from trl import SFTTrainer
 
-from .hf_patch import _PATCH_ATTR, _unwrap_peft, apply_prsl
+from .hf_patch import applied_prsl, apply_prsl, base_model
 
 
 class PRSLSFTTrainer(SFTTrainer):
@@ -37,14 +37,14 @@ class PRSLSFTTrainer(SFTTrainer):
         if self.args.label_smoothing_factor:
             raise ValueError("PRSLSFTTrainer: use PRSL's label_smoothing option (prsl={..., 'label_smoothing': eps}) "
                              "rather than label_smoothing_factor, which TRL applies to its own loss")
-        base = _unwrap_peft(self.model)
+        base = base_model(self.model)
         # SFTTrainer replaced base.forward (an instance attribute) by its fused head; the class's
         # forward, which apply_prsl wraps, computes the loss again.
         base.__dict__.pop("forward", None)
         if prsl is not None:
             self.prsl_loss = apply_prsl(self.model, **prsl)
-        elif _PATCH_ATTR in base.__dict__:
-            self.prsl_loss = base.__dict__[_PATCH_ATTR].loss
+        elif applied_prsl(self.model) is not None:
+            self.prsl_loss = applied_prsl(self.model)
         else:
             raise ValueError("PRSLSFTTrainer: pass prsl={'k': ..., 'b': ...} or call apply_prsl(model, k, b) first")
 
