@@ -22,7 +22,7 @@ import torch
 from .linear import linear_prsl_loss
 from .loss import prsl_loss
 from .spec import IGNORE_INDEX, stats_dtype
-from .validation import check_b, check_options
+from .validation import check_b, check_options, check_target_range
 
 
 def align_labels(labels: torch.Tensor, shift: bool, ignore_index: int = IGNORE_INDEX) -> torch.Tensor:
@@ -51,13 +51,18 @@ class PRSLTokenLoss:
     The options ``label_smoothing``, ``z_loss`` and ``softcap`` are those of
     :func:`prsl_loss` (fused kernels; "ce" is then the loss minus ``b * D``).
 
+    ``check_target`` (default on): labels outside ``[0, V)`` that are not ``ignore_index``
+    raise, naming the user's ``labels[batch, position]`` (on CUDA: an asynchronous device
+    assert, no host sync). Off, such a label gives a NaN loss (Triton) or an error from
+    the kernel (C++).
+
     The running sums (``ce_sum``, ``penalty_sum``, ``tokens``, correct tokens) are
     device tensors, accumulated without host syncs; :meth:`pop_stats` reads and
     resets them.
     """
 
     def __init__(self, k: int, b: float, *, shift: bool, ignore_index: int = IGNORE_INDEX, backend: str = "auto",
-                 variant: str = "paper", start: int = 0, check_target: bool = False, label_smoothing: float = 0.0,
+                 variant: str = "paper", start: int = 0, check_target: bool = True, label_smoothing: float = 0.0,
                  z_loss: float = 0.0, softcap: float | None = None):
         if variant not in ("paper", "released"):
             raise ValueError(f"variant must be 'paper' or 'released', got {variant!r}")
@@ -70,15 +75,15 @@ class PRSLTokenLoss:
         if variant == "released" and self._has_options:
             raise ValueError("label_smoothing / z_loss / softcap are not available with variant='released'")
         self.k, self.b, self.shift, self.ignore_index = int(k), float(b), bool(shift), int(ignore_index)
+        if not isinstance(check_target, bool):
+            raise TypeError(f"check_target must be a bool, got {type(check_target).__name__}")
         self.backend, self.variant, self.start, self.check_target = backend, variant, int(start), check_target
         self._sums = None
 
     def __call__(self, logits: torch.Tensor, labels: torch.Tensor, num_items_in_batch=None, *,
                  aligned: bool = False) -> torch.Tensor:
         """``aligned=True``: ``labels`` already line up with ``logits`` (HF's ``shift_labels``)."""
-        targets = labels.to(logits.device)
-        if not aligned:
-            targets = align_labels(targets, self.shift, self.ignore_index)
+        targets = self._targets(labels, logits.device, logits.shape[-1], aligned)
         if (self.k == 0 or self.b == 0) and not self._has_options:
             # Plain cross-entropy: torch's own kernel, the baseline a user would compare against.
             loss_sum = torch.nn.functional.cross_entropy(logits.reshape(-1, logits.shape[-1]), targets.reshape(-1),
@@ -98,7 +103,7 @@ class PRSLTokenLoss:
             # The divisor goes into the kernels' gradient (no scaling pass in the backward).
             loss, stats = prsl_loss(logits, targets, self.k, self.b, ignore_index=self.ignore_index,
                                     reduction="sum", divisor=denom, backend=self.backend,
-                                    check_target=self.check_target, return_stats=True, **self.options)
+                                    check_target=False, return_stats=True, **self.options)
             penalty_sum = self.b * (stats.dist * counted).sum()
             # The logged sums: the loss times its divisor (0, not NaN, when every label is ignored).
             loss_sum = torch.where(count > 0, loss.detach() * torch.as_tensor(denom).to(loss.device), 0.0)
@@ -106,6 +111,17 @@ class PRSLTokenLoss:
             correct_sum = stats.correct.sum()  # 0 on ignored rows
         self._record(ce_sum, penalty_sum, count, correct_sum)
         return loss
+
+    def _targets(self, labels, device, vocab, aligned):
+        """The targets of the logits' rows: ``labels`` on ``device``, shifted unless ``aligned``.
+
+        The labels are checked (``check_target``) as the caller gave them, before the shift,
+        so that an error names the user's ``labels[batch, position]``, not a flattened row.
+        """
+        targets = labels.to(device)
+        if self.check_target:
+            check_target_range(targets, vocab, self.ignore_index, "shift_labels" if aligned else "labels")
+        return targets if aligned else align_labels(targets, self.shift, self.ignore_index)
 
     def _correct_sum(self, logits, targets):
         """Tokens whose target logit is the row maximum (ties count), as ``RowStats.correct``:
@@ -151,7 +167,7 @@ class PRSLTokenLoss:
 
 def prsl_loss_function(k: int, b: float, *, shift: bool = True, ignore_index: int = IGNORE_INDEX,
                        backend: str = "auto", label_smoothing: float = 0.0, z_loss: float = 0.0,
-                       softcap: float | None = None) -> PRSLTokenLoss:
+                       softcap: float | None = None, check_target: bool = True) -> PRSLTokenLoss:
     """A drop-in for a model's ``loss_function`` (signature of HF's ``ForCausalLMLoss``).
 
     ``model.loss_function = prsl_loss_function(k, b)`` makes ``model(..., labels=labels).loss``
@@ -159,7 +175,8 @@ def prsl_loss_function(k: int, b: float, *, shift: bool = True, ignore_index: in
     is used as the already aligned targets. The options are those of :func:`prsl_loss`.
     """
     token_loss = PRSLTokenLoss(k, b, shift=shift, ignore_index=ignore_index, backend=backend,
-                               label_smoothing=label_smoothing, z_loss=z_loss, softcap=softcap)
+                               label_smoothing=label_smoothing, z_loss=z_loss, softcap=softcap,
+                               check_target=check_target)
 
     class _LossFunction:
         def __call__(self, logits, labels=None, vocab_size=None, num_items_in_batch=None,
@@ -203,7 +220,7 @@ class PRSLLinearTokenLoss(PRSLTokenLoss):
     """
 
     def __init__(self, k: int, b: float, *, shift: bool, ignore_index: int = IGNORE_INDEX, backend: str = "auto",
-                 chunk_size: int | None = None, check_target: bool = False, **options):
+                 chunk_size: int | None = None, check_target: bool = True, **options):
         super().__init__(k, b, shift=shift, ignore_index=ignore_index, backend=backend, check_target=check_target,
                          **options)
         self.chunk_size = chunk_size
@@ -214,13 +231,11 @@ class PRSLLinearTokenLoss(PRSLTokenLoss):
         """``hidden (..., T, H)``, ``weight (V, H)``; ``aligned=True``: ``labels`` already line up.
         ``model_softcap``: the cap the model itself puts on its logits (Gemma 2's config), applied
         by the kernel as the ``softcap`` option (never together with a user's ``softcap``)."""
-        targets = labels.to(hidden.device)
-        if not aligned:
-            targets = align_labels(targets, self.shift, self.ignore_index)
+        targets = self._targets(labels, hidden.device, weight.shape[0], aligned)
         options = self.options if model_softcap is None else {**self.options, "softcap": model_softcap}
         loss_sum, stats = linear_prsl_loss(hidden, weight, targets, self.k, self.b, bias=bias,
                                            ignore_index=self.ignore_index, reduction="sum", backend=self.backend,
-                                           chunk_size=self.chunk_size, check_target=self.check_target,
+                                           chunk_size=self.chunk_size, check_target=False,
                                            return_stats=True, **options)
         counted = (targets != self.ignore_index).reshape(-1)
         penalty_sum = self.b * (stats.dist * counted).sum() if self.k and self.b else loss_sum.new_zeros(())

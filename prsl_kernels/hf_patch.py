@@ -40,10 +40,12 @@ from __future__ import annotations
 import functools
 import inspect
 import math
+import sys
 
 import torch
 
 from .hf_losses import PRSLLinearTokenLoss, PRSLTokenLoss
+from .linear import default_chunk_size
 from .spec import IGNORE_INDEX
 
 _PATCH_ATTR = "_prsl_patch"  # on an instance: its _Patch; on a class's forward: the wrapper's marker
@@ -68,13 +70,21 @@ _SCALE_ATTRIBUTES = ("logit_scale", "logits_scaling", "output_multiplier", "lm_h
 class _Patch:
     """What one patched instance needs at each forward."""
 
-    def __init__(self, loss, fused, model_softcap, scale, own_loss_shift):
-        self.loss, self.fused = loss, fused
+    def __init__(self, loss, fused, model_softcap, scale, own_loss_shift, eval_predictions=True):
+        self.loss, self.fused, self.eval_predictions = loss, fused, eval_predictions
         self.model_softcap, self.scale = model_softcap, scale
         self.own_loss_shift = own_loss_shift  # None: the model calls loss_function
         self.calls = 0  # losses computed by PRSL: the guard compares it around each forward
         self.guard_handles = []
         self.guard_depth = []
+        # What the head's forward and the model's loss_function do during the patched forward in
+        # progress (None: their own). Installed once by apply_prsl as dispatchers (_HeadForward,
+        # _LossFunction), so a forward swaps attributes of this object, never of the modules:
+        # torch.compile traces that, and FSDP2 / ZeRO-3 hooks see the same modules throughout.
+        self.head_call = None
+        self.loss_call = None
+        self.saved_head_forward = None
+        self.saved_loss_function = None
 
     def post_processing(self, transformed: bool, recast: bool, model_name: str):
         """(softcap, scale) the kernel applies, from whether the model transformed the head's output."""
@@ -92,7 +102,8 @@ class _Patch:
 
 def apply_prsl(model: torch.nn.Module, k: int, b: float, *, fused_linear: bool = True, shift: bool | None = None,
                ignore_index: int = IGNORE_INDEX, backend: str = "auto", chunk_size: int | None = None,
-               label_smoothing: float = 0.0, z_loss: float = 0.0, softcap: float | None = None):
+               label_smoothing: float = 0.0, z_loss: float = 0.0, softcap: float | None = None,
+               check_target: bool = True, eval_predictions: bool = True):
     """Make ``model(..., labels=labels).loss`` PRSL (one call, like Liger's ``apply_liger_kernel_to_*``).
 
     Returns the loss object (``pop_stats()`` gives CE, the penalty and token accuracy since the
@@ -105,6 +116,13 @@ def apply_prsl(model: torch.nn.Module, k: int, b: float, *, fused_linear: bool =
     ``final_logit_softcapping`` is capped by the model; giving it again raises).
     Other options: those of :func:`prsl_kernels.prsl_loss`. A ``PeftModel`` is accepted (its
     base model is patched). Only this instance is affected; :func:`remove_prsl` undoes it.
+    ``check_target`` (default on): a label outside ``[0, V)`` that is not ``ignore_index`` raises
+    at that forward, naming ``labels[batch, position]`` (on CUDA an asynchronous device assert:
+    no host sync); turn it off only for labels already known to be valid.
+
+    Refused here, with the reason: a head that is not an ``nn.Linear``, ``k`` outside
+    ``[0, V - 1]`` for the head's vocabulary, and encoder-decoder models (T5, BART, ...) whose
+    decoder computes its own loss.
     """
     outer = model
     model = base_model(model)
@@ -114,8 +132,18 @@ def apply_prsl(model: torch.nn.Module, k: int, b: float, *, fused_linear: bool =
         raise TypeError(f"apply_prsl: the LM head (get_output_embeddings()) of {name} must be an nn.Linear, got "
                         f"{type(head).__name__} (a LoRA adapter or modules_to_save on the head is not supported: "
                         f"leave lm_head out of the PEFT target modules)")
+    vocab = head.out_features
+    if isinstance(k, bool) or not isinstance(k, int) or not 0 <= k <= vocab - 1:
+        raise ValueError(f"apply_prsl: k must be an int in [0, V-1] = [0, {vocab - 1}] for {name}'s LM head "
+                         f"(V = lm_head.out_features = {vocab}: there are only V-1 non-target classes), got k={k!r}")
     own_loss_shift = _OWN_LOSS_MODELS.get(name)
     if own_loss_shift is None:
+        if getattr(model.config, "is_encoder_decoder", False):
+            raise NotImplementedError(
+                f"apply_prsl: {name} is an encoder-decoder model; its decoder computes its own loss, which "
+                f"apply_prsl cannot route through PRSL. Supported: causal LMs, image-text-to-text models and "
+                f"VisionEncoderDecoderModel. For a seq2seq model compute prsl_loss(outputs.logits, labels, k, b) "
+                f"yourself (labels unshifted) or pass PRSLComputeLoss(k, b, shift=False) to Trainer.")
         _check_causal_lm_loss(model, name)
         if name.startswith("Blip2") and not getattr(model.config, "use_decoder_only_language_model", True):
             raise NotImplementedError(f"apply_prsl: {name} with an encoder-decoder language model computes its "
@@ -133,13 +161,19 @@ def apply_prsl(model: torch.nn.Module, k: int, b: float, *, fused_linear: bool =
     options = dict(label_smoothing=label_smoothing, z_loss=z_loss, softcap=softcap)
     if fused_linear:
         loss = PRSLLinearTokenLoss(k, b, shift=model_shift, ignore_index=ignore_index, backend=backend,
-                                   chunk_size=chunk_size, **options)
+                                   chunk_size=chunk_size, check_target=check_target, **options)
     else:
-        loss = PRSLTokenLoss(k, b, shift=model_shift, ignore_index=ignore_index, backend=backend, **options)
+        loss = PRSLTokenLoss(k, b, shift=model_shift, ignore_index=ignore_index, backend=backend,
+                             check_target=check_target, **options)
     remove_prsl(outer)
-    patch = _Patch(loss, bool(fused_linear), model_softcap, scale, own_loss_shift)
+    patch = _Patch(loss, bool(fused_linear), model_softcap, scale, own_loss_shift, bool(eval_predictions))
     _install_forward(type(model))
     model.__dict__[_PATCH_ATTR] = patch
+    patch.saved_head_forward = head.__dict__.get("forward")
+    head.forward = _HeadForward(head, patch)
+    if own_loss_shift is None:
+        patch.saved_loss_function = model.__dict__.get("_loss_function", _MISSING)
+        model.loss_function = _LossFunction(model.loss_function, patch)
     for module in {id(m): m for m in (outer, model)}.values():
         patch.guard_handles += [module.register_forward_pre_hook(functools.partial(_guard_enter, patch),
                                                                  with_kwargs=True),
@@ -157,12 +191,28 @@ def apply_prsl_fused_linear(model: torch.nn.Module, k: int, b: float, **kwargs):
 
 def remove_prsl(model: torch.nn.Module) -> None:
     """Undo :func:`apply_prsl` on ``model`` (its class stays patched, inert for other instances)."""
-    for module in {id(m): m for m in (model, base_model(model))}.values():
+    base = base_model(model)
+    for module in {id(m): m for m in (model, base)}.values():
         patch = module.__dict__.pop(_PATCH_ATTR, None)
         if patch is not None:
             for handle in patch.guard_handles:
                 handle.remove()
             patch.guard_handles = []
+            _uninstall_dispatchers(base, patch)
+
+
+def _uninstall_dispatchers(model, patch):
+    head = model.get_output_embeddings()
+    if isinstance(head.__dict__.get("forward"), _HeadForward):
+        if patch.saved_head_forward is None:
+            del head.forward
+        else:
+            head.forward = patch.saved_head_forward
+    if isinstance(model.__dict__.get("_loss_function"), _LossFunction):
+        if patch.saved_loss_function is _MISSING:
+            del model.__dict__["_loss_function"]
+        else:
+            model.loss_function = patch.saved_loss_function
 
 
 remove_prsl_fused_linear = remove_prsl
@@ -216,12 +266,55 @@ def _has_labels(kwargs):
 
 
 def _guard_enter(patch, module, args, kwargs):
-    patch.guard_depth.append(patch.calls if _has_labels(kwargs) else None)  # popped by _guard_exit, always
+    has_labels = _has_labels(kwargs)
+    patch.guard_depth.append(patch.calls if has_labels else None)  # popped by _guard_exit, always
+    if not has_labels and module.training and torch.is_grad_enabled() and not torch.compiler.is_compiling():
+        _refuse_trainer_own_loss(_calling_trainer())
     if kwargs.get("fused_lm_head"):
         raise RuntimeError(
             "PRSL is applied to this model, but TRL's SFTTrainer computes its own loss from its fused LM head "
             "(fused_lm_head=True), which would train plain cross-entropy. Use prsl_kernels.sft.PRSLSFTTrainer "
             "(SFTTrainer with the loss taken from the model) instead.")
+
+
+def _calling_trainer():
+    """The ``transformers.Trainer`` whose ``compute_loss`` is running this forward, if any.
+
+    Only looked for on a training forward without labels, which a patched model should not
+    see from a Trainer: Trainer takes the labels out of the batch when it computes the loss
+    itself (``label_smoothing_factor``, ``compute_loss_func``), so the model cannot tell.
+    """
+    trainer_module = sys.modules.get("transformers.trainer")
+    if trainer_module is None:
+        return None
+    frame = sys._getframe(2)
+    for _ in range(64):
+        if frame is None:
+            return None
+        if frame.f_code.co_name == "compute_loss" and isinstance(frame.f_locals.get("self"), trainer_module.Trainer):
+            return frame.f_locals["self"]
+        frame = frame.f_back
+    return None
+
+
+def _refuse_trainer_own_loss(trainer):
+    if trainer is None:
+        return
+    name = type(trainer).__name__
+    if getattr(trainer, "label_smoother", None) is not None:
+        raise RuntimeError(
+            f"PRSL is applied to this model, but {name}(args.label_smoothing_factor="
+            f"{trainer.args.label_smoothing_factor}) takes the labels out of the batch and trains its own "
+            f"label-smoothed cross-entropy instead. Use PRSL's option: apply_prsl(model, k, b, label_smoothing="
+            f"{trainer.args.label_smoothing_factor}) and leave label_smoothing_factor=0.")
+    if getattr(trainer, "compute_loss_func", None) is not None:
+        raise RuntimeError(
+            f"PRSL is applied to this model, but {name}(compute_loss_func=...) takes the labels out of the batch "
+            f"and trains that function's loss instead. Leave compute_loss_func unset (the model's loss is PRSL), "
+            f"or drop apply_prsl and pass compute_loss_func=prsl_kernels.hf.PRSLComputeLoss(k, b, shift=True).")
+    raise RuntimeError(
+        f"PRSL is applied to this model, but {name}.compute_loss called it in training without labels, so the "
+        f"step's loss does not go through PRSL. Keep the labels in the batch (the model's loss is PRSL).")
 
 
 def _guard_exit(patch, name, module, args, kwargs, output):
@@ -278,11 +371,16 @@ class _HeadCapture:
     the input and needs no gradient, so FSDP2 hooks no backward to it.
     """
 
-    def __init__(self):
+    def __init__(self, predictions: bool = False):
         self.inputs, self.marker = [], None
+        self.want_predictions, self.predictions = predictions, None
 
     def __call__(self, hidden):
         self.inputs.append(hidden)
+        if torch.compiler.is_compiling():
+            # Storage offsets and set_ do not trace: under torch.compile the placeholder is a
+            # zero-column view, and only its shape is read (see _traced_rows).
+            return hidden.detach()[..., :0]
         self.marker = torch.empty(1, dtype=hidden.dtype, device=hidden.device).untyped_storage()
         return hidden.new_empty(0).set_(self.marker, hidden.storage_offset(), hidden.shape[:-1] + (0,),
                                         hidden.stride()[:-1] + (1,))
@@ -294,45 +392,51 @@ class _HeadCapture:
         return self.inputs[0]
 
 
-class _ForwardOf:
-    """``module.forward`` replaced by ``fn`` for a ``with`` block (module hooks still run around it);
-    ``fn`` None leaves it alone."""
+_MISSING = object()
 
-    def __init__(self, module, fn):
-        self.module, self.fn = module, fn
+
+class _HeadForward:
+    """The LM head's ``forward`` while a patch is installed: the head's own forward, unless the
+    patched forward in progress set ``patch.head_call`` (capture the input, or compute the loss).
+    The head is still called as a module, so its hooks (FSDP2, ZeRO-3) run around either."""
+
+    def __init__(self, head, patch):
+        self.head, self.patch = head, patch
+
+    def __call__(self, *args, **kwargs):
+        call = self.patch.head_call
+        if call is not None:
+            return call(*args, **kwargs)
+        if self.patch.saved_head_forward is not None:
+            return self.patch.saved_head_forward(*args, **kwargs)
+        return type(self.head).forward(self.head, *args, **kwargs)
+
+
+class _LossFunction:
+    """The model's ``loss_function`` while a patch is installed: PRSL during a patched forward with
+    labels (``patch.loss_call``), the model's own loss function otherwise."""
+
+    def __init__(self, own, patch):
+        self.own, self.patch = own, patch
+        self.token = patch.loss  # marks it as PRSL for a later apply_prsl's check
+
+    def __call__(self, *args, **kwargs):
+        call = self.patch.loss_call
+        return (self.own if call is None else call)(*args, **kwargs)
+
+
+class _Swap:
+    """``patch.<name> = value`` for a ``with`` block, restored after (nested calls keep their own)."""
+
+    def __init__(self, patch, name, value):
+        self.patch, self.name, self.value = patch, name, value
 
     def __enter__(self):
-        if self.fn is None:
-            return
-        self.saved = self.module.__dict__.get("forward")
-        self.module.forward = self.fn
+        self.saved = getattr(self.patch, self.name)
+        setattr(self.patch, self.name, self.value)
 
     def __exit__(self, *exc):
-        if self.fn is None:
-            return
-        if self.saved is None:
-            del self.module.forward
-        else:
-            self.module.forward = self.saved
-
-
-class _LossFunctionOf:
-    """``model.loss_function`` replaced by ``fn`` for a ``with`` block (restores a user's own)."""
-
-    _MISSING = object()
-
-    def __init__(self, model, fn):
-        self.model, self.fn = model, fn
-
-    def __enter__(self):
-        self.saved = self.model.__dict__.get("_loss_function", self._MISSING)
-        self.model.loss_function = self.fn
-
-    def __exit__(self, *exc):
-        if self.saved is self._MISSING:
-            self.model.__dict__.pop("_loss_function", None)
-        else:
-            self.model.loss_function = self.saved
+        setattr(self.patch, self.name, self.saved)
 
 
 def _rows_of(placeholder, hidden, marker):
@@ -355,6 +459,22 @@ def _rows_of(placeholder, hidden, marker):
     return hidden, True
 
 
+def _traced_rows(patch, placeholder, hidden, model_name):
+    """Under torch.compile: (rows, softcap, scale) without reading storages, which does not trace.
+
+    The rows are the head's whole input: a model that slices its logits after the head
+    (BLIP-2) is refused. The cap and scale are those its config declares, which the
+    supported models apply whenever they are set; eager forwards check that against the
+    placeholder itself (``_rows_of``).
+    """
+    if tuple(placeholder.shape[:-1]) != tuple(hidden.shape[:-1]):
+        raise NotImplementedError(
+            f"apply_prsl under torch.compile: {model_name} slices its logits after the LM head "
+            f"({tuple(hidden.shape[:-1])} -> {tuple(placeholder.shape[:-1])}), which the fused loss maps back to "
+            f"hidden rows only in eager mode. Run it eagerly, or use apply_prsl(..., fused_linear=False).")
+    return hidden, patch.model_softcap, patch.scale
+
+
 def _check_targets(targets, lead, aligned, model_name):
     if targets.dim() == len(lead) and tuple(targets.shape) == lead:
         return
@@ -371,7 +491,7 @@ def _loss_function_forward(model, original, patch, arguments):
     if arguments.get("labels") is None:  # only shift_labels: the model computes a loss only given labels
         arguments["labels"] = arguments["shift_labels"]
     head = model.get_output_embeddings()
-    capture = _HeadCapture() if patch.fused else None
+    capture = _HeadCapture(_wants_predictions(patch)) if patch.fused else None
 
     def loss_function(logits, labels=None, vocab_size=None, num_items_in_batch=None, ignore_index=IGNORE_INDEX,
                       shift_labels=None, **kwargs):
@@ -382,12 +502,12 @@ def _loss_function_forward(model, original, patch, arguments):
         return _prsl_of(patch, head, capture, logits, shift_labels if aligned else labels, num_items_in_batch,
                         aligned, name)
 
-    with _LossFunctionOf(model, loss_function), _ForwardOf(head, capture):
+    with _Swap(patch, "loss_call", loss_function), _Swap(patch, "head_call", capture):
         out = original(model, **arguments, return_dict=True)
     if getattr(out, "loss", None) is None:
         raise RuntimeError(f"apply_prsl: {name} returned no loss for a forward with labels")
     if patch.fused:
-        out = _without_logits(out, ModelOutput)
+        out = _with_predictions(_without_logits(out, ModelOutput), capture)
     return out.to_tuple() if return_dict is False else out
 
 
@@ -399,27 +519,56 @@ def _prsl_of(patch, head, capture, logits, targets, num_items_in_batch, aligned,
         loss = patch.loss(logits, targets, num_items_in_batch, aligned=aligned)
     else:
         hidden = capture.hidden(name)
-        rows, transformed = _rows_of(logits, hidden, capture.marker)
-        softcap, scale = patch.post_processing(transformed, logits.dtype != hidden.dtype, name)
+        if torch.compiler.is_compiling():
+            rows, softcap, scale = _traced_rows(patch, logits, hidden, name)
+        else:
+            rows, transformed = _rows_of(logits, hidden, capture.marker)
+            softcap, scale = patch.post_processing(transformed, logits.dtype != hidden.dtype, name)
         _check_targets(targets, tuple(rows.shape[:-1]), aligned, name)
         if scale != 1.0:
             rows = rows * scale  # (s h) W^T + s c == s (h W^T + c): the bias is scaled too
-        loss = _loss_through_head(head, patch.loss, rows, targets, num_items_in_batch, aligned, softcap, scale)
+        loss = _loss_through_head(patch, head, capture, rows, targets, num_items_in_batch, aligned, softcap, scale)
     patch.calls += 1
     return loss
 
 
-def _loss_through_head(head, loss, rows, targets, num_items_in_batch, aligned, softcap, scale):
+def _loss_through_head(patch, head, capture, rows, targets, num_items_in_batch, aligned, softcap, scale):
     """The fused loss computed as the head module's forward: FSDP2 / ZeRO-3 unshard its weight around
-    the call and hook the backward to the loss, as for the logits they would have made."""
+    the call and hook the backward to the loss, as for the logits they would have made. An
+    evaluation forward also takes the predictions there, while the weight is whole."""
 
     def forward(hidden):
         bias = head.bias if head.bias is None or scale == 1.0 else head.bias * scale
-        return loss(hidden, head.weight, targets, num_items_in_batch, bias=bias, aligned=aligned,
-                    model_softcap=softcap)
+        if capture.want_predictions:
+            capture.predictions = _argmax_rows(hidden, head.weight, bias)
+        return patch.loss(hidden, head.weight, targets, num_items_in_batch, bias=bias, aligned=aligned,
+                          model_softcap=softcap)
 
-    with _ForwardOf(head, forward):
+    with _Swap(patch, "head_call", forward):
         return head(rows)
+
+
+def _argmax_rows(rows, weight, bias):
+    """The token each row's logits ``rows @ weight.T + bias`` rank first, in row chunks of the fused
+    loss's size: no N x V logits. A model's soft cap keeps the order, so its argmax is this one
+    (up to ties)."""
+    flat = rows.reshape(-1, rows.shape[-1])
+    chunk = default_chunk_size(flat.shape[0], weight.shape[0], flat.dtype, flat.device)
+    ids = torch.empty(flat.shape[0], dtype=torch.long, device=flat.device)
+    for start in range(0, flat.shape[0], chunk):
+        ids[start:start + chunk] = torch.nn.functional.linear(flat[start:start + chunk], weight, bias).argmax(-1)
+    return ids.reshape(rows.shape[:-1])
+
+
+def _with_predictions(out, capture):
+    """``out`` with the evaluation forward's ``predictions`` last (what Trainer hands compute_metrics)."""
+    if capture is not None and capture.predictions is not None:
+        out["predictions"] = capture.predictions
+    return out
+
+
+def _wants_predictions(patch):
+    return patch.fused and patch.eval_predictions and not torch.is_grad_enabled()
 
 
 def _own_loss_forward(model, original, patch, arguments):
@@ -438,14 +587,15 @@ def _own_loss_forward(model, original, patch, arguments):
                                                             model.config.decoder_start_token_id)
     aligned = shift_labels is not None
     head = model.get_output_embeddings()
-    capture = _HeadCapture() if patch.fused else None
-    with _ForwardOf(head, capture):
+    capture = _HeadCapture(_wants_predictions(patch)) if patch.fused else None
+    with _Swap(patch, "head_call", capture):
         out = original(model, **arguments, return_dict=True)
     loss = _prsl_of(patch, head, capture, out.logits, shift_labels if aligned else labels, num_items_in_batch,
                     aligned, name)
     if patch.fused:
         out = _without_logits(out, ModelOutput)
-    out = type(out)(loss=loss, **{key: value for key, value in out.items() if key != "loss"})
+    out = _with_predictions(type(out)(loss=loss, **{key: value for key, value in out.items() if key != "loss"}),
+                            capture)
     return out.to_tuple() if return_dict is False else out
 
 

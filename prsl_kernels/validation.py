@@ -57,21 +57,26 @@ def check_options(label_smoothing, z_loss, softcap):
     return float(label_smoothing), float(z_loss), float(softcap)
 
 
-def check_target_range(target, vocab, ignore_index):
+def check_target_range(target, vocab, ignore_index, name="target"):
     """Targets must lie in [0, V) unless equal to ignore_index.
 
-    Eager mode raises a ValueError (one host sync: the caller may opt out);
-    under torch.compile the check becomes an asynchronous device assert so that
-    it neither syncs nor breaks the graph.
+    On the CPU an out-of-range target raises a ValueError that names its position
+    in ``name`` (the caller's own tensor: ``labels[0, 6]``, not a flattened row).
+    On CUDA, and under torch.compile, the check is an asynchronous device assert:
+    no host synchronisation and no graph break; a bad target stops the step at the
+    next synchronisation with a CUDA device-side assert (run with
+    ``CUDA_LAUNCH_BLOCKING=1`` to see where). Either way no kernel reads the
+    target, so no NaN reaches the weights.
     """
     bad = ((target < 0) | (target >= vocab)) & (target != ignore_index)
-    if torch.compiler.is_compiling():
-        torch._assert_async(~bad.any(), "target out of range [0, V) and not ignore_index")
+    if target.is_cuda or torch.compiler.is_compiling():
+        torch._assert_async(~bad.any(), f"{name} out of range [0, {vocab}) and not ignore_index={ignore_index}")
         return
     if bool(bad.any()):
-        first = target[bad].flatten()[0].item()
-        raise ValueError(f"target values must be in [0, V) = [0, {vocab}) or equal ignore_index="
-                         f"{ignore_index}; found {first}")
+        where = tuple(int(i) for i in bad.nonzero()[0])
+        position = f"{name}[{', '.join(map(str, where))}]" if where else name
+        raise ValueError(f"{name} values must be in [0, V) = [0, {vocab}) or equal ignore_index={ignore_index}; "
+                         f"found {int(target[where])} at {position}")
 
 
 def check_linear_inputs(hidden, weight, bias, target, k):
