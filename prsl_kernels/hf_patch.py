@@ -8,31 +8,42 @@ Qwen3-VL, PaliGemma, Idefics3, SmolVLM, Mllama, InternVL, GPT-2, OPT, BLIP-2 and
 
 How, without knowing each architecture (``fused_linear=True``, the default):
 
+* ``apply_prsl`` installs two dispatchers on the instance: the LM head's ``forward`` and the
+  model's ``loss_function``. Outside a patched forward with labels they call the head's and the
+  model's own; during one, what they do is set on the patch object (never by swapping module
+  attributes per call, which ``torch.compile`` could not trace).
 * During a forward with labels the LM head is called as usual (so FSDP2 / ZeRO-3 hooks gather
-  its weight) but returns a placeholder: its input sliced to zero columns, ``hidden[..., :0]``.
-  It costs nothing, and any slicing the model does to "the logits" (BLIP-2 keeps the last
-  ``labels.shape[1]`` positions) is slicing of a view of the hidden states, which the storage
-  offset and strides of what arrives at the loss map back to rows exactly.
-* The model's ``loss_function`` is swapped for the duration of the call: it receives exactly the
-  labels, ``shift_labels`` and ``num_items_in_batch`` the model would give HF's
-  ``ForCausalLMLoss``, so each model's own label rules hold (and labels of the wrong length raise).
+  its weight) but returns a placeholder with zero columns and the input's positions. It costs
+  nothing, and any slicing the model does to "the logits" (BLIP-2 keeps the last
+  ``labels.shape[1]`` positions) maps back to rows of the head's input through the placeholder's
+  storage offset and strides (eager mode; under ``torch.compile`` only the shape is read, and a
+  model that slices after the head is refused there).
+* The model's ``loss_function`` receives exactly the labels, ``shift_labels`` and
+  ``num_items_in_batch`` it would give HF's ``ForCausalLMLoss``, so each model's own label rules
+  hold (and labels of the wrong length raise).
 * A placeholder that comes back as a new tensor was transformed by the model after the head;
   the transform is read from the config (Gemma 2 / PaliGemma 2 ``final_logit_softcapping`` ->
   the kernel's ``softcap``; Cohere ``logit_scale``, Granite ``logits_scaling`` -> a scale of the
   hidden states) or the call raises. A dtype cast alone (Mllama's ``.float()``) changes no value.
-* The loss is computed by calling the head module again with its ``forward`` replaced by
+* The loss is computed by calling the head module again, its dispatcher set to
   ``linear_prsl_loss``: FSDP2 (the head in the root unit or its own, with or without
   ``reshard_after_forward``) and ZeRO-3 gather the weight around it and register their backward
   hooks on the loss, so the sharded head is never read outside its own forward.
+* An evaluation forward with labels (no grad) also returns ``predictions``, each position's
+  argmax token id, computed in row chunks inside that same head call: what ``Trainer.evaluate``
+  hands ``compute_metrics`` in place of the logits.
 
 ``fused_linear=False`` leaves the head alone and computes PRSL on the model's own logits (its
-``loss_function`` swapped the same way). ``VisionEncoderDecoderModel`` computes its own CE
+``loss_function`` dispatched the same way). ``VisionEncoderDecoderModel`` computes its own CE
 instead of calling ``loss_function``: its adapter feeds the decoder ``[start] + labels`` and scores
-the labels unshifted.
+the labels unshifted. Other encoder-decoders (T5, BART) are refused.
 
 Never silently off: a forward with labels whose loss did not go through PRSL raises at that
 step (a model that computes its own loss, TRL's ``SFTTrainer`` calling its own fused head, any
-other forward replacement); use :class:`prsl_kernels.sft.PRSLSFTTrainer` with TRL.
+other forward replacement); use :class:`prsl_kernels.sft.PRSLSFTTrainer` with TRL. So does a
+training forward that a ``transformers.Trainer`` makes without labels because it computes the
+loss itself (``label_smoothing_factor``, ``compute_loss_func``); the error names PRSL's own
+equivalent.
 """
 
 from __future__ import annotations
