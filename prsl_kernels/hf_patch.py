@@ -120,7 +120,10 @@ def apply_prsl(model: torch.nn.Module, k: int, b: float, *, fused_linear: bool =
     Returns the loss object (``pop_stats()`` gives CE, the penalty and token accuracy since the
     last call). ``fused_linear=True``: the loss comes from the LM head's input by
     :func:`prsl_kernels.linear_prsl_loss`, the N x V logits are never built and ``.logits`` is
-    None in training forwards; without labels (generation, inference) the model is unchanged.
+    absent from forwards with labels; without labels (generation, inference) the model is
+    unchanged. An evaluation forward with labels (no grad) returns ``predictions`` instead, each
+    position's argmax token id (``eval_predictions=False`` skips that matmul), which
+    ``Trainer.evaluate`` hands to ``compute_metrics``. Patch before ``torch.compile``.
     ``fused_linear=False``: PRSL on the model's own logits. ``shift`` (optional) must agree with
     the model's alignment (causal LMs shift, ``VisionEncoderDecoderModel`` does not).
     ``softcap``: only for a model that does not cap its logits itself (one whose config has

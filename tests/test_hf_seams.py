@@ -158,6 +158,23 @@ def test_trainer_compute_loss_func_is_refused(tmp_path):
     assert not calls
 
 
+def test_a_trainer_subclass_that_computes_its_own_loss_is_refused(tmp_path):
+    from transformers import Trainer
+
+    class OwnLoss(Trainer):
+        def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
+            labels = inputs.pop("labels")
+            logits = model(**inputs).logits
+            return torch.nn.functional.cross_entropy(logits[:, :-1].flatten(0, 1), labels[:, 1:].flatten())
+
+    model, batch = tiny_models.build("llama", dtype=torch.float32)
+    apply_prsl(model, K, B)
+    trainer = _trainer(tmp_path, model, batch)
+    trainer.__class__ = OwnLoss
+    with pytest.raises(RuntimeError, match="OwnLoss.compute_loss called it in training without labels"):
+        trainer.train()
+
+
 def test_the_unpatched_model_still_trains_with_those_settings(tmp_path):
     # The refusal is about PRSL being replaced, not about the settings themselves.
     model, batch = tiny_models.build("llama", dtype=torch.float32)
