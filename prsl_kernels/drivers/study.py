@@ -17,6 +17,10 @@ Separate from the ~10-minute demo and sized for about an hour on 2 CPU cores:
    Holm, equivalence test, adjustment for clean quality), and the released code's JPEG round
    trip measured on its own.
 
+``--design mechanism`` (``study_mechanism.py``) first checks that the penalty changes what it
+penalises, then compares CE with PRSL over many bases with the base as the unit, under an attack
+adapted to PRSL.
+
 ``--design dose`` asks the next question, whether any b buys robustness: the same gated bases,
 seeds and pairing, with arms CE and PRSL k=20 at b in {1, 4, 16, 64} (no calibration: b is the
 dose), each model attacked by the paper's BIM and by APGD (AutoAttack's schedule) in [0, 1] pixel
@@ -45,7 +49,7 @@ ATTACK = dict(eps=0.5, alpha=0.01, steps_per_round=1, space="normalized", target
 APGD = dict(attack="apgd", eps=4 / 255, space="pixel", target="clean", rounds=1)
 #: The dose design's arms: PRSL at k=20 with these b (the dose), beside CE.
 DOSE_K, DOSE_B = 20, (1.0, 4.0, 16.0, 64.0)
-DESIGNS = ("default", "dose")
+DESIGNS = ("default", "dose", "mechanism")
 #: The authors' released loss and weight for ViT-GPT2 (docs/spec.md, "Note on the authors' released code").
 RELEASED = dict(loss="prsl-released", k=20, window_start=0, b=1e-5)
 #: CLIP's normalisation, which the released attack code un-normalises with before saving a JPEG.
@@ -462,8 +466,12 @@ def run(args):
 
     from .study_report import write_study_report
 
-    spec = SIZES[args.size]
     design = getattr(args, "design", "default")
+    if design == "mechanism":  # its own phases and sizes: study_mechanism.py
+        from .study_mechanism import run_mechanism
+
+        return run_mechanism(args)
+    spec = SIZES[args.size]
     args.design = design
     out = Path(args.output_dir or ("outputs/study" if design == "default" else f"outputs/study-{design}"))
     report_dir = Path(args.report_dir or ("docs/study-run" if design == "default" else f"docs/study-{design}"))
@@ -578,7 +586,10 @@ def build_parser():
     p.add_argument("--size", choices=list(SIZES), default="default")
     p.add_argument("--design", choices=DESIGNS, default="default",
                    help="default: the first study (CE, PRSL k=6 / k=20 at the calibrated b, the released loss); "
-                        "dose: CE and PRSL k=20 at b = 1, 4, 16, 64, attacked by BIM and by APGD at 4/255")
+                        "dose: CE and PRSL k=20 at b = 1, 4, 16, 64, attacked by BIM and by APGD at 4/255; "
+                        "mechanism: a treatment check (held-out D, margin, gradient norm over fine-tuning length), "
+                        "then CE vs PRSL k=20 b=64 on 8 bases x 2 seeds, attacked by BIM, APGD-CE, an adaptive "
+                        "margin APGD and a bisection of the smallest eps that changes a caption")
     p.add_argument("--output-dir", default=None,
                    help="models and attack rounds (large; resumable); default outputs/study[-dose]")
     p.add_argument("--report-dir", default=None,
