@@ -19,7 +19,7 @@ from . import study_stats as st
 from .report import (_group_curve, _plt, _table, attack_loss, load_run, mean_ci, relative_path, run_value,
                      save_figure)
 from .report import THRESHOLDS
-from .study_report import _by_arm, _ci, _fmt, _mc, _model_rows, _pval, here_bertscore_baseline, \
+from .study_report import _by_arm, _ci, _fmt, _mc, _model_rows, _pval, damage_bound, here_bertscore_baseline, \
     paper_bertscore_baseline, write_models_csv
 
 
@@ -131,8 +131,11 @@ def write_dose_report(plan, report_dir):
 def sentence(summary):
     """The headline: the slope per doubling of b, and where the doses stand against CE."""
     sl = summary["slope"]
+    # Four digits near the threshold: a p of 0.0503 must not read as 0.050.
+    pv = f"{sl['p']:.4f}" if 0.04 <= sl["p"] < 0.06 else _pval(sl["p"])
+    verdict = "" if not sl["p"] >= 0.05 else ": not significant at the pre-registered 0.05"
     core = (f"PRSL k=20's dose-response slope is {_fmt(sl['estimate'], 5, True)} BERTScore F1 per doubling of b "
-            f"(95% CI {_ci(sl['ci95'], 5)}, p = {_pval(sl['p'])}, {sl['n']} pairs) under BIM")
+            f"(95% CI {_ci(sl['ci95'], 5)}, p = {pv}, {sl['n']} pairs{verdict}) under BIM")
     sig = {b: d["vs_ce"] for b, d in summary["dose"].items() if "vs_ce" in d and d["vs_ce"]["p_holm"] < 0.05}
     if not sig:
         tail = "; no b differs from CE after Holm correction"
@@ -141,7 +144,10 @@ def sentence(summary):
                                 f"Holm p = {_pval(v['p_holm'])})" for b, v in sig.items())
     tests = [d["equivalence"] for d in summary["dose"].values() if "equivalence" in d]
     within = all(t["p"] < 0.05 for t in tests)
-    return core + tail + (f"; every b is equivalent to CE within ±{tests[0]['margin']}" if within else "") + "."
+    upper = max(d["vs_ce"]["ci95"][1] for d in summary["dose"].values() if "vs_ce" in d)
+    bound = damage_bound(tests[0]["margin"], upper, summary["dose"]["0"]["endpoint_mean"])
+    return core + tail + (f"; every b lies within the ±{tests[0]['margin']} equivalence margin, {bound}"
+                          if within else "") + "."
 
 
 def _figures(plan, rows, arms, rounds, fig_dir):

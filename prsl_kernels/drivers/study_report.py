@@ -171,6 +171,17 @@ def write_study_report(plan, report_dir):
     return summary
 
 
+def damage_bound(margin, upper, ce_endpoint):
+    """The equivalence margin against the attack's whole effect on CE (1 - CE's endpoint), and the
+    informative bound: the share of that damage the upper confidence limit could recover."""
+    damage = 1.0 - ce_endpoint
+    if not damage > 0:
+        return f"and the attack did not move CE's captions (endpoint {ce_endpoint:.3f})"
+    return (f"a margin about {margin / damage:.0%} of the attack's whole effect on CE (1 - {ce_endpoint:.3f} = "
+            f"{damage:.3f}); the informative bound is the upper CI, {_fmt(upper, 4, True)}: at most about "
+            f"{upper / damage:.0%} of the attack's damage recovered")
+
+
 def _sentence(summary, equiv):
     p = summary["primary"]
     lab = f"{ARM_LABELS[p['arm']]} minus {ARM_LABELS[p['vs']]}"
@@ -179,7 +190,9 @@ def _sentence(summary, equiv):
     if math.isfinite(p["p"]) and p["p"] < 0.05:
         return core + ": PRSL changed robustness at this scale."
     if math.isfinite(equiv["p"]) and equiv["p"] < 0.05:
-        return core + f": no difference, and equivalent within ±{equiv['margin']} (TOST p = {_pval(equiv['p'])})."
+        return core + (f": no difference, and within the ±{equiv['margin']} equivalence margin (TOST p = "
+                       f"{_pval(equiv['p'])}), " + damage_bound(equiv["margin"], p["ci95"][1],
+                                                               summary["arms"][p["vs"]]["endpoint_mean"]) + ".")
     return core + f": no significant difference, and equivalence within ±{equiv['margin']} is not shown either " \
                   f"(TOST p = {_pval(equiv['p'])})."
 
