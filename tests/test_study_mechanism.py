@@ -54,7 +54,7 @@ def test_mechanism_design_smoke(tmp_path):
     assert p["n_bases"] == 3 and len(p["ci95"]) == 2 and p["estimate"] == pytest.approx(summary["primary"]["estimate"])
     assert set(saved["competence"]) >= {"slope", "ci95", "p"}
     assert set(saved["attacks"]["by_arm"]) == {"ce", "prsl-k20-b64"}
-    assert saved["provenance"]["commit"]
+    assert saved["provenance"]["commit"] and saved["provenance"]["reruns"] == []
     with open(rep / "records.csv") as f:
         recs = list(csv.DictReader(f))
     attacks = {r["attack"] for r in recs}
@@ -69,3 +69,6 @@ def test_mechanism_design_smoke(tmp_path):
     again = study.run(args)
     new = (out / "study.log").read_text()[len(log_before):]
     assert "(reused)" in new and again["primary"]["estimate"] == pytest.approx(summary["primary"]["estimate"])
+    # The first invocation's provenance is kept; the second is listed after it.
+    prov = json.loads((rep / "summary.json").read_text())["provenance"]
+    assert prov["commit"] == saved["provenance"]["commit"] and len(prov["reruns"]) == 1

@@ -189,18 +189,31 @@ def _git(*args):
 
 def provenance(out):
     """HEAD, the tree's dirty paths, and the diff against HEAD of the package files this process has
-    imported (written to ``run_diff.patch``): what the run ran, even on a tree with uncommitted edits."""
+    imported (written to ``run_diff.patch``): what the run ran, even on a tree with uncommitted edits.
+
+    The first invocation's record is kept (``provenance.json``); a later one (resuming, or only
+    rebuilding the report) is appended under ``"reruns"`` with its diff in ``run_diff.rerun.patch``."""
+    path = Path(out) / "provenance.json"
+    first = json.loads(path.read_text()) if path.is_file() else None
     root = Path(__file__).resolve().parents[2]
     pkg = root / "prsl_kernels"
     imported = sorted({str(Path(m.__file__).resolve().relative_to(root)) for m in list(sys.modules.values())
                        if getattr(m, "__file__", None) and Path(m.__file__).resolve().is_relative_to(pkg)})
     diff = _git("diff", "HEAD", "--", *imported) if imported else ""
-    (Path(out) / "run_diff.patch").write_text(diff)
+    (Path(out) / ("run_diff.patch" if first is None else "run_diff.rerun.patch")).write_text(diff)
     dirty = [ln[3:] for ln in _git("status", "--porcelain").splitlines() if ln.strip()]
-    return {"commit": _git("rev-parse", "HEAD").strip() or "unknown", "imported_files": imported,
-            "dirty_imported_files": sorted({ln.split(" b/")[-1] for ln in diff.splitlines()
-                                            if ln.startswith("diff --git")}),
-            "imported_diff_sha256": hashlib.sha256(diff.encode()).hexdigest(), "dirty_tree_paths": dirty}
+    now = {"commit": _git("rev-parse", "HEAD").strip() or "unknown", "imported_files": imported,
+           "dirty_imported_files": sorted({ln.split(" b/")[-1] for ln in diff.splitlines()
+                                           if ln.startswith("diff --git")}),
+           "imported_diff_sha256": hashlib.sha256(diff.encode()).hexdigest(), "dirty_tree_paths": dirty,
+           "started": time.strftime("%Y-%m-%d %H:%M:%S UTC", time.gmtime())}
+    if first is None:
+        record = {**now, "reruns": []}
+    else:
+        record = {**first, "reruns": first.get("reruns", []) + [
+            {k: now[k] for k in ("commit", "dirty_imported_files", "imported_diff_sha256", "started")}]}
+    path.write_text(json.dumps(record, indent=1))
+    return record
 
 
 # --------------------------------------------------------------------------- phases
@@ -348,7 +361,6 @@ def run_mechanism(args):
             print(line, flush=True)
 
     prov = provenance(out)
-    (out / "provenance.json").write_text(json.dumps(prov, indent=1))
     log(f"prsl-study (mechanism, {size}) at {prov['commit'][:12]}; imported files with uncommitted edits: "
         f"{prov['dirty_imported_files'] or 'none'} (diff in {out / 'run_diff.patch'})")
     t0 = time.time()

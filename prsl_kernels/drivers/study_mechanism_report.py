@@ -168,9 +168,9 @@ def write_mechanism_report(plan, report_dir):
     _write_csv(report_dir / "records.csv", records,
                ["model", "arm", "base", "seed", "image", "attack", "eps", "round", "output", "changed",
                 "bertscore_f1", "attack_loss"])
-    diff = Path(plan["out"]) / "run_diff.patch"
-    if diff.is_file():
-        shutil.copyfile(diff, report_dir / "run_diff.patch")
+    for name in ("run_diff.patch", "run_diff.rerun.patch"):
+        if (Path(plan["out"]) / name).is_file():
+            shutil.copyfile(Path(plan["out"]) / name, report_dir / name)
 
     summary = {
         "design": "mechanism", "size": plan["size"], "wall_s": plan["wall_s"], "threads": plan["threads"],
@@ -198,7 +198,7 @@ def sentence(summary):
     s = summary["chosen_steps"]
     ce, pr = tr[(0.0, s)], tr[(64.0, s)]
     p, c = summary["primary"], summary["competence"]
-    return (f"At {s} fine-tuning steps from the strongest base, PRSL k=20 b=64 cut held-out D from "
+    return (f"At {s} fine-tuning steps from base 0 (the longest-trained), PRSL k=20 b=64 cut held-out D from "
             f"{ce['held_out_D_mean']:.4f} (CE) to {pr['held_out_D_mean']:.4f} ({pr['D_ratio_vs_ce']:.2f}x) and moved "
             f"the target logit margin from {ce['margin']:.2f} to {pr['margin']:.2f} and ||grad_x CE||_1 from "
             f"{ce['grad_l1']:.2f} to {pr['grad_l1']:.2f}. Over {p['n_bases']} bases, PRSL - CE in the smallest "
@@ -266,10 +266,12 @@ def _row_fmt(r, digits=4):
 def _markdown(plan, rows, summary, figures, report_dir):
     p, c = summary["primary"], summary["competence"]
     prov = summary["provenance"]
+    reruns = ", ".join(f"`{r['commit'][:12]}`" for r in prov.get("reruns", []))
     L = [f"# PRSL mechanism study (`prsl-study --design mechanism --size {plan['size']}`)", "",
          f"**Result.** {sentence(summary)}", "",
          f"Run at commit `{prov['commit']}`; package files it imported with uncommitted edits: "
-         f"{', '.join(f'`{f}`' for f in prov['dirty_imported_files']) or 'none'} (their diff: `run_diff.patch`). "
+         f"{', '.join(f'`{f}`' for f in prov['dirty_imported_files']) or 'none'} (their diff: `run_diff.patch`)"
+         + (f"; later invocations (resuming, or rebuilding this report): {reruns}" if reruns else "") + ". "
          f"Wall time {plan['wall_s'] / 60:.1f} min on {plan['threads']} thread(s) of a {plan['cpus']}-core machine.",
          "", "The pre-registration (committed on its own before the run): `preregistration.md`.", "",
          "## 1. Treatment check (base 0, held-out tokens, teacher-forced on the first reference)", "",
