@@ -1,10 +1,15 @@
 PY ?= python3
 
-.PHONY: setup test demo study study-dose
+.PHONY: setup test lock demo study study-dose
+# Installs what is missing or off constraints/test.txt (about a second when all is in place).
+# PRSL_UNLOCKED=1 make test: the newest releases instead of the locked ones.
 setup:
-	bash scripts/setup.sh
+	PYTHON=$(PY) bash scripts/setup.sh
 test: setup
 	$(PY) -m pytest -q
+# Rewrite the lock from what is installed (after an upgrade that passed the suite).
+lock:
+	$(PY) scripts/test_env.py freeze > constraints/test.txt
 demo: setup
 	$(PY) -m prsl_kernels.drivers.demo
 study: setup

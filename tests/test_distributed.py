@@ -10,9 +10,12 @@ import subprocess
 import sys
 
 SCRIPT = pathlib.Path(__file__).with_name("distributed_prsl.py")
-# float64 everywhere except ZeRO-3, whose gradient partitions are float32 whatever the model's dtype:
-# two ranks' halves rounded to float32 and summed, ~1e-7 of the largest gradient.
-TOLERANCE = {"zero3": 1e-6}
+# float64 cases: 1e-9. ZeRO-3 runs in float32 (zero.Init refuses float64 parameters) against one float32
+# process: the two ranks' halves, the fused chunked kernel and the reference sum in different orders, each
+# float32 sum off by a few units of 6e-8 relative; through the tiny models that measured up to 1.1e-6 (a
+# PaliGemma 2 layer-norm bias; 6e-7 on Llama). 1e-5 leaves 10x margin over that and is still ~1000x below
+# what a real fault shows (a token counted twice or dropped moves the loss by several percent here).
+TOLERANCE = {"zero3": 1e-5}
 
 
 def test_distributed_gradients_equal_one_process():
