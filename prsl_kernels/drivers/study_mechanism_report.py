@@ -36,7 +36,7 @@ ENDPOINTS = {
     "bim_endpoint": ("BIM BERTScore F1 vs clean, mean over rounds", 1.0),
     "clean_exact_match": ("clean exact match on the attacked images", 1.0),
 }
-PREDICTORS = {"held_out_D_mean": "held-out D", "margin": "target logit margin", "grad_l1": "||grad_x CE||_1"}
+PREDICTORS = {"held_out_D_mean": "held-out D", "margin": "target logit margin", "grad_l1": "‖grad_x CE‖₁"}
 
 
 def _clean_em(model, references):
@@ -200,7 +200,7 @@ def sentence(summary):
     p, c = summary["primary"], summary["competence"]
     return (f"At {s} fine-tuning steps from base 0 (the longest-trained), PRSL k=20 b=64 cut held-out D from "
             f"{ce['held_out_D_mean']:.4f} (CE) to {pr['held_out_D_mean']:.4f} ({pr['D_ratio_vs_ce']:.2f}x) and moved "
-            f"the target logit margin from {ce['margin']:.2f} to {pr['margin']:.2f} and ||grad_x CE||_1 from "
+            f"the target logit margin from {ce['margin']:.2f} to {pr['margin']:.2f} and ‖grad_x CE‖₁ from "
             f"{ce['grad_l1']:.2f} to {pr['grad_l1']:.2f}. Over {p['n_bases']} bases, PRSL - CE in the smallest "
             f"eps that changes a caption under the adaptive margin attack is {_fmt(p['estimate'] * 255, 3, True)}/255 "
             f"(95% CI {_fmt(p['ci95'][0] * 255, 3, True)} to {_fmt(p['ci95'][1] * 255, 3, True)}, p = {_pval(p['p'])}); "
@@ -213,7 +213,7 @@ def _figures(plan, rows, treatment, fig_dir):
     out = {}
     fig, axes = plt.subplots(1, 3, figsize=(13, 3.8))
     for ax, key, title in zip(axes, ("held_out_D_mean", "margin", "grad_l1"),
-                              ("held-out D", "target logit margin", "||grad_x CE||_1")):
+                              ("held-out D", "target logit margin", "‖grad_x CE‖₁")):
         for b in sorted({r["b"] for r in treatment}):
             rs = sorted((r for r in treatment if r["b"] == b), key=lambda r: r["steps"])
             ax.plot([r["steps"] for r in rs], [r[key] for r in rs], marker="o", label="CE" if b == 0 else f"b={b:g}")
@@ -275,7 +275,7 @@ def _markdown(plan, rows, summary, figures, report_dir):
          f"Wall time {plan['wall_s'] / 60:.1f} min on {plan['threads']} thread(s) of a {plan['cpus']}-core machine.",
          "", "The pre-registration (committed on its own before the run): `preregistration.md`.", "",
          "## 1. Treatment check (base 0, held-out tokens, teacher-forced on the first reference)", "",
-         _table(["arm", "steps", "held-out D", "D / CE's", "spread S", "margin", "CE", "token acc.", "||grad_x CE||_1"],
+         _table(["arm", "steps", "held-out D", "D / CE's", "spread S", "margin", "CE", "token acc.", "‖grad_x CE‖₁"],
                 [[r["arm"], r["steps"], f"{r['held_out_D_mean']:.4f}", f"{r['D_ratio_vs_ce']:.3f}", f"{r['spread']:.4f}",
                   f"{r['margin']:.3f}", f"{r['ce']:.3f}", f"{r['token_accuracy']:.3f}", f"{r['grad_l1']:.3f}"]
                  for r in sorted(summary["treatment"], key=lambda r: (r["steps"], r["b"]))]), "",
@@ -284,6 +284,9 @@ def _markdown(plan, rows, summary, figures, report_dir):
          _table(["base", "init seed", "steps", "clean exact match", "shape", "colour", "size"],
                 [[b["base"], b["init_seed"], b["steps"], f"{b['exact_match']:.3f}", f"{b['shape']:.2f}",
                   f"{b['colour']:.2f}", f"{b['size']:.2f}"] for b in summary["bases"]]), "",
+         f"Clean exact match spans {min(b['exact_match'] for b in summary['bases']):.3f}-"
+         f"{max(b['exact_match'] for b in summary['bases']):.3f} over the bases (the design aimed at about 0.3-0.8).",
+         "",
          "## 3. Main comparison: PRSL k=20 b=64 - CE, the base as the unit", "",
          "Was the treatment delivered on every base? PRSL - CE over bases:", "",
          _table(["measure", "PRSL - CE", "95% CI", "p", "bases"],
@@ -299,6 +302,10 @@ def _markdown(plan, rows, summary, figures, report_dir):
                   f"{_fmt(v['competence']['slope'] * ENDPOINTS[k][1], 3, True)} "
                   f"{_ci([x * ENDPOINTS[k][1] for x in v['competence']['ci95']], 3)}", _pval(v["competence"]["p"])]
                  for k, v in summary["secondary"].items()]), "",
+         "Clean quality is part of the contrast, not adjusted for (no adjustment was pre-registered): PRSL's clean "
+         f"exact match on the attacked images differs from CE's by "
+         f"{_fmt(summary['secondary']['clean_exact_match']['vs_ce']['estimate'], 3, True)} "
+         f"{_ci(summary['secondary']['clean_exact_match']['vs_ce']['ci95'])}.", "",
          "## 4. Attacks, per arm (mean over models)", "",
          _table(["arm", "models", "min eps mean (/255)", "median", "IQR", "censored at eps_max",
                  "changed APGD-CE 4/255", "changed APGD-margin 4/255", "BIM endpoint", "clean EM"],
