@@ -1,6 +1,6 @@
 PY ?= python3
 
-.PHONY: setup test lock demo study study-dose
+.PHONY: setup test lock demo study study-dose study-mechanism
 # Installs what is missing or off constraints/test.txt (about a second when all is in place).
 # PRSL_UNLOCKED=1 make test: the newest releases instead of the locked ones.
 setup:
@@ -16,3 +16,5 @@ study: setup
 	$(PY) -m prsl_kernels.drivers.study
 study-dose: setup
 	$(PY) -m prsl_kernels.drivers.study --design dose
+study-mechanism: setup
+	$(PY) -m prsl_kernels.drivers.study --design mechanism
