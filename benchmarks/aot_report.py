@@ -5,7 +5,8 @@ specialisation variant.
 
     python3 benchmarks/aot_report.py            # print the table
     python3 benchmarks/aot_report.py --write    # ... and save benchmarks/results/aot_report.txt
-    python3 benchmarks/aot_report.py --check    # exit 1 on a failed compile or > MAX_SPILL_INSTRUCTIONS spills
+    python3 benchmarks/aot_report.py --check    # exit 1 on a failed compile, > MAX_SPILL_INSTRUCTIONS spills,
+                                                # or a WRITE_GRAD kernel whose target read is not ordered
     python3 benchmarks/aot_report.py --quick    # a cross-section only (the test suite's check)
 
 Must run with TRITON_INTERPRET unset (the interpreter replaces triton.jit).
@@ -27,11 +28,18 @@ would build for that launch. Two variants per configuration:
 * ``V odd``: e.g. V = 50257 (GPT-2): no hint on the stride, row starts are not
   aligned, the compiler must assume element alignment only.
 
+Configurations with ``ALIGNED=0`` (the two-pass forward on logits whose base is not
+16-byte aligned, e.g. ``logits[1:]``) compile with the logits one element past a
+16-byte boundary, so the pointer loses its hint as at such a launch; they compile in
+the ``V odd`` variant only (a stride hint cannot realign a misaligned base).
+
 Registers, stack and shared memory come from ``cuobjdump -res-usage`` on the
 cubin; spills are the local-memory instructions (``STL``/``LDL``) in its SASS
 (``cuobjdump -sass``); both tools ship with triton. Occupancy is computed from
 registers, warps and shared memory with the limits of the architecture
-(``OCCUPANCY_LIMITS``). Compiled binaries are cached by Triton
+(``OCCUPANCY_LIMITS``). "in place" (WRITE_GRAD kernels, which may write the gradient
+over the logits): whether the Triton IR puts a barrier between the target logit's
+read and the first gradient store (``target_read_ordered``). Compiled binaries are cached by Triton
 (``~/.triton/cache``); the SASS summaries in ``$TMPDIR/prsl-aot-cache``.
 """
 
@@ -309,6 +317,31 @@ def loop_load_widths(sass):
     return global_load_widths(picked)
 
 
+TTIR_ELEM = {"float16": "f16", "bfloat16": "bf16", "float32": "f32", "float64": "f64"}
+
+
+def target_read_ordered(ttir, elem, tile):
+    """For a forward kernel with WRITE_GRAD (``ttir``: its Triton IR, ``elem``: the logits' IR
+    type, e.g. "bf16", ``tile``: its gradient tile's width): whether a barrier separates the load
+    of the target logit (the kernel's first scalar load of a logit) from the first store of a
+    gradient tile, on every path (at the load's own nesting level). In place, another warp's
+    gradient store could otherwise reach the target's column before warp 0 has read it. None
+    when there is no such load."""
+    lines = ttir.splitlines()
+    scalar_load = re.compile(rf"= tt\.load %[\w.]+ : !tt\.ptr<{elem}>")
+    tile_store = re.compile(rf"tt\.store .*: tensor<{tile}x!tt\.ptr<{elem}>>")
+    first = next((i for i, line in enumerate(lines) if scalar_load.search(line)), None)
+    if first is None:
+        return None
+    depth = len(lines[first]) - len(lines[first].lstrip())
+    for line in lines[first + 1:]:
+        if tile_store.search(line):
+            return False
+        if "gpu.barrier" in line and len(line) - len(line.lstrip()) <= depth:
+            return True
+    return False
+
+
 def occupancy(regs, smem, num_warps, arch):
     """``(CTAs per SM, warps per SM, limiter)`` from registers and shared memory."""
     lim = OCCUPANCY_LIMITS[arch]
@@ -340,18 +373,33 @@ def resources(compiled, arch, num_warps):
 # The report
 # ----------------------------------------------------------------------------
 
+def unaligned_base(config):
+    """Whether ``config`` is launched on a logits base that is not 16-byte aligned (ALIGNED off)."""
+    return config.kernel == "forward" and config.constexprs.get("ALIGNED") is False
+
+
+def base_offset(config):
+    """Bytes past a 16-byte boundary of the logits at a launch of ``config``: one element when
+    its base is unaligned, else 0."""
+    if not unaligned_base(config):
+        return 0
+    import torch
+    return torch.empty((), dtype=config.dtype).element_size()
+
+
 def _compile_one(args):
     index, arch, variant, rev = args
     module = kernels_module(rev)
     config = module.launch_configs()[index]
-    constexprs = config.constexprs
     row = {"kernel": config.kernel, "dtype": str(config.dtype).replace("torch.", ""),
-           "config": " ".join(f"{k}={int(v) if isinstance(v, bool) else v}" for k, v in constexprs.items())
-           + (f" maxnreg={config.maxnreg}" if getattr(config, "maxnreg", None) else ""),
+           "config": config_label(config),
            "warps": config.num_warps, "arch": f"sm_{arch}", "variant": variant}
     try:
-        compiled = compile_runtime(config, arch, VARIANTS[variant], module=module)
+        compiled = compile_runtime(config, arch, VARIANTS[variant], base_offset=base_offset(config), module=module)
         row.update(resources(compiled, arch, config.num_warps))
+        if config.constexprs.get("WRITE_GRAD"):
+            tile = config.constexprs.get("GRAD_TILE") or config.constexprs["BLOCK_V"]
+            row["target_read_ordered"] = target_read_ordered(compiled.asm["ttir"], TTIR_ELEM[row["dtype"]], tile)
     except Exception as error:  # reported as a row, --check fails on it
         row.update(error=f"{type(error).__name__}: {str(error).splitlines()[0][:200] if str(error) else ''}")
     return row
@@ -360,17 +408,36 @@ def _compile_one(args):
 # A cheap cross-section for the test suite: the largest register footprints of
 # each kernel, and the exact kernel at the configuration the k=20 fallback uses
 # (its loads show whether the stride hint reached the binary).
+def _options_on(c):
+    return any(c.constexprs.get(flag) for flag in ("SOFTCAP", "SMOOTH", "ZLOSS"))
+
+
+# ... and the register caps' edge cases: the two-pass forward on an unaligned base (uncapped) and
+# with the options on (capped higher), where a 64-register cap spilled.
 QUICK = (("forward", "bfloat16", lambda c: c.constexprs.get("KP") == 128),
          ("forward", "float32", lambda c: c.constexprs.get("KP") == 128),
+         ("forward", "bfloat16", lambda c: c.constexprs.get("KP") == 128 and c.constexprs.get("WRITE_GRAD")
+          and unaligned_base(c)),
+         ("forward", "float32", lambda c: c.constexprs.get("KP") == 128 and _options_on(c)
+          and not c.constexprs.get("WRITE_GRAD")),
+         ("forward", "bfloat16", lambda c: c.constexprs.get("KP") == 128 and _options_on(c)
+          and c.constexprs.get("WRITE_GRAD")),
          ("forward_exact", "bfloat16", lambda c: c.constexprs.get("KP") == 32),
          ("forward_exact", "float64", lambda c: c.constexprs.get("KP") == 2048),
          ("backward", "bfloat16", lambda c: True))
 
 
-def _selected(quick, rev=None, dtypes=None):
+def config_label(config):
+    """The configuration as the table's ``config`` column writes it."""
+    return (" ".join(f"{k}={int(v) if isinstance(v, bool) else v}" for k, v in config.constexprs.items())
+            + (f" maxnreg={config.maxnreg}" if getattr(config, "maxnreg", None) else ""))
+
+
+def _selected(quick, rev=None, dtypes=None, grep=None):
     configs = kernels_module(rev).launch_configs()
     if not quick:
-        return [i for i, c in enumerate(configs) if not dtypes or str(c.dtype).replace("torch.", "") in dtypes]
+        return [i for i, c in enumerate(configs) if (not dtypes or str(c.dtype).replace("torch.", "") in dtypes)
+                and (not grep or re.search(grep, f"{c.kernel} {c.dtype} {config_label(c)}"))]
     chosen = []
     for kernel, dtype, pick in QUICK:
         matches = [i for i, c in enumerate(configs)
@@ -380,8 +447,10 @@ def _selected(quick, rev=None, dtypes=None):
     return chosen
 
 
-def collect(archs=ARCHS, jobs=None, quick=False, variants=tuple(VARIANTS), rev=None, dtypes=None):
-    work = [(i, arch, v, rev) for arch in archs for i in _selected(quick, rev, dtypes) for v in variants]
+def collect(archs=ARCHS, jobs=None, quick=False, variants=tuple(VARIANTS), rev=None, dtypes=None, grep=None):
+    configs = kernels_module(rev).launch_configs()
+    work = [(i, arch, v, rev) for arch in archs for i in _selected(quick, rev, dtypes, grep) for v in variants
+            if not (unaligned_base(configs[i]) and v != "V odd")]
     jobs = jobs or min(len(work), 2, os.cpu_count() or 1)
     with ProcessPoolExecutor(jobs) as pool:
         return list(pool.map(_compile_one, work))
@@ -393,16 +462,18 @@ def _widths(widths):
 
 def format_table(rows):
     header = ("kernel", "dtype", "config", "warps", "variant", "arch", "regs", "spill st/ld", "stack",
-              "smem (B)", "CTAs/SM", "warps/SM", "limit", "loads in loops", "all global loads")
+              "smem (B)", "CTAs/SM", "warps/SM", "limit", "in place", "loads in loops", "all global loads")
     lines = []
     for r in rows:
         base = (r["kernel"], r["dtype"], r["config"], str(r["warps"]), r["variant"], r["arch"])
         if "error" in r:
-            lines.append(base + ("FAILED", r["error"], "", "", "", "", "", "", ""))
+            lines.append(base + ("FAILED", r["error"], "", "", "", "", "", "", "", ""))
             continue
+        # WRITE_GRAD kernels: whether the target logit's read is ordered before the gradient stores.
+        order = {None: "-", True: "ordered", False: "RACE"}[r.get("target_read_ordered")]
         lines.append(base + (str(r["regs"]), f"{r['spill_stores']}/{r['spill_loads']}", str(r["stack"] + r["local"]),
                              str(r["smem"]), str(r["ctas_per_sm"]), str(r["warps_per_sm"]), r["occupancy_limiter"],
-                             _widths(r["loop_ldg_widths"]), _widths(r["ldg_widths"])))
+                             order, _widths(r["loop_ldg_widths"]), _widths(r["ldg_widths"])))
     widths = [max(len(h), *(len(line[i]) for line in lines)) for i, h in enumerate(header)]
     fmt = "  ".join(f"{{:<{w}}}" for w in widths)
     out = [fmt.format(*header), fmt.format(*("-" * w for w in widths))]
@@ -427,19 +498,25 @@ def problems(rows):
             bad.append(f"{name}: {r['error']}")
         elif max(r["spill_stores"], r["spill_loads"]) > MAX_SPILL_INSTRUCTIONS or r["local"]:
             bad.append(f"{name}: spills {r['spill_stores']} STL / {r['spill_loads']} LDL, local {r['local']} B")
+        elif r.get("target_read_ordered") is False:
+            bad.append(f"{name}: no barrier between the target logit's read and the gradient stores (in place, "
+                       "another warp may overwrite the target before it is read)")
     return bad
 
 
 def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--write", action="store_true", help=f"save the table to {RESULTS}")
-    parser.add_argument("--check", action="store_true", help="exit 1 on a failed compile or more than MAX_SPILL_INSTRUCTIONS spill instructions")
+    parser.add_argument("--check", action="store_true", help="exit 1 on a failed compile, more than "
+                        "MAX_SPILL_INSTRUCTIONS spill instructions or an unordered in-place target read")
     parser.add_argument("--arch", type=int, action="append", help="compute capability (default: 80 and 90)")
     parser.add_argument("--variant", action="append", choices=list(VARIANTS), help="default: both")
     parser.add_argument("--quick", action="store_true", help="only a cross-section of the configurations")
     parser.add_argument("--jobs", type=int, default=None, help="parallel compiles (default: 2)")
     parser.add_argument("--json", action="store_true", help="print the rows as JSON instead of the table")
     parser.add_argument("--dtype", action="append", help="only these logits dtypes (e.g. bfloat16; default: all)")
+    parser.add_argument("--grep", default=None, help="only configurations whose 'kernel dtype config' matches "
+                        "this regex (e.g. 'ALIGNED=0|SOFTCAP=1')")
     parser.add_argument("--rev", default=None, help="compile the kernels of this git revision (default: the working tree)")
     args = parser.parse_args(argv)
     if os.environ.get("TRITON_INTERPRET", "0") == "1":
@@ -450,17 +527,20 @@ def main(argv=None):
     if args.rev:
         rev = subprocess.run(["git", "rev-parse", "--short", args.rev], cwd=ROOT, capture_output=True, text=True,
                              check=True).stdout.strip()
-    rows = collect(tuple(args.arch or ARCHS), args.jobs, args.quick, tuple(args.variant or VARIANTS), rev, args.dtype)
+    rows = collect(tuple(args.arch or ARCHS), args.jobs, args.quick, tuple(args.variant or VARIANTS), rev, args.dtype,
+                   args.grep)
     if args.json:
         print(json.dumps(rows, indent=1))
     else:
         table = format_table(rows)
         source = f"commit {rev}" if rev else "the working tree"
         which = "every configuration" if not args.dtype else f"the {'/'.join(args.dtype)} configurations"
+        if args.grep:
+            which += f" matching /{args.grep}/"
         title = (f"# prsl_kernels Triton AOT report: triton {triton.__version__}, {len(rows)} compiles: "
                  f"{which} of triton_kernels.launch_configs() ({source}), as the runtime specialises it\n"
                  "# variants: V%16=0 = row stride a multiple of 16 (e.g. 50272: divisibility hints, aligned rows); "
-                 "V odd = e.g. 50257 (no hint)\n"
+                 "V odd = e.g. 50257 (no hint); ALIGNED=0 rows: logits base one element past 16 bytes, V odd only\n"
                  "# regs/stack from cuobjdump -res-usage; spills = STL/LDL instructions in the SASS; smem = dynamic "
                  "+ static bytes;\n# CTAs/SM and warps/SM from registers (256-register warp units), warps and smem "
                  "(sm_80: 164 KiB, sm_90: 228 KiB per SM, 1 KiB reserved per CTA)\n")

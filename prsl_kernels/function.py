@@ -48,6 +48,12 @@ class PRSLGradInForwardFunction(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, logits, target, k, b, ignore_index, path, options, reduction, inplace, divisor=None):
+        if inplace and logits.shape[0] > 1 and logits.stride(0) < logits.shape[1]:
+            # Rows that share memory (an expanded tensor: row stride 0) would each be overwritten by
+            # another row's gradient while that row is still being read.
+            raise ValueError(f"prsl_loss(inplace_backward=True): the rows of logits overlap in memory (row stride "
+                             f"{logits.stride(0)} < V = {logits.shape[1]}, e.g. an expanded tensor), so the "
+                             "gradient cannot overwrite them; pass contiguous logits or inplace_backward=False")
         count = (target != ignore_index).sum()
         # The row gradient of the reduced loss, as PRSLFunction's backward would receive it. With
         # every row ignored the mean is 0 / 0 = NaN (as F.cross_entropy) and every gradient row is 0.
@@ -101,7 +107,9 @@ class PRSLGradInForwardFunction(torch.autograd.Function):
 def scale_unless_one(grad, scale):
     """``grad *= scale`` in place, skipped when the 0-d ``scale`` is exactly 1 (``loss.backward()``
     on the loss itself): decided on the device for CUDA tensors (no host synchronisation)."""
-    if grad.is_cuda:
+    if torch.compiler.is_compiling():
+        grad.mul_(scale)  # traced: a host read of the scale would break the graph (inductor fuses the multiply)
+    elif grad.is_cuda:
         from .triton_kernels import scale_unless_one as device_scale
 
         device_scale(grad, scale)

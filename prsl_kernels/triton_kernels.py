@@ -43,7 +43,8 @@ For k > MAX_K the launcher computes the row statistics with torch ops
 
 Backward (a 2-D grid, rows x about 8 tiles a program, a row's tiles split
 evenly over its programs, aligned like the forward's; interior tiles as unmasked
-vector loads and stores, each next tile's load issued before this tile's store):
+vector loads and stores, each next tile's load issued before this tile's store;
+a tile is never narrower than VEC, which keeps every unmasked tile inside the row):
 from lse, tau, D, S, |T| and the target,
 
     dz_j = grad_row * (p_j (1 - b D) - [j == s] + b p_j g_j),
@@ -54,8 +55,11 @@ read once, written once, in the logits' dtype.
 Gradient in the forward (``forward_grad``; ``prsl_loss`` for mean / sum, and
 ``linear_prsl_loss``): the forward kernels with WRITE_GRAD run that same tile loop
 over each row right after its statistics, while the row is in L2, into a fresh
-buffer or over the logits themselves (every tile is read before it is written).
-The two-pass kernel skips the rows it flags; the exact kernel writes theirs.
+buffer or over the logits themselves (every tile is read before it is written, and a
+barrier per row orders the row's other reads, the target logit's above all, before any
+warp's first store). The two-pass kernel skips the rows it flags; the exact kernel
+writes theirs. Rows that overlap in memory, or a grad_out that partly overlaps the
+logits, are refused.
 
 Options (spec, "Options"), each a constexpr flag, so that with all of them off
 every kernel is the code above: SOFTCAP replaces each loaded logit by
@@ -415,6 +419,13 @@ def _prsl_forward_kernel(
     stats = _stats_vector(stat_cols, lse, tau, dist, spread, tie_count)
     tl.store(stats_row + stat_cols, stats, mask=stat_cols < _CORRECT)  # correct: stored above
     if WRITE_GRAD:
+        # In place (grad_ptr == logits_ptr) the gradient overwrites the row it is made from, and
+        # the warps run unsynchronised: only thread 0's z_target reaches the loss, and warp 0 may
+        # still be loading it (or any warp its pass-1 / pass-2 lanes) while another warp already
+        # stores its gradient tiles, the target's column included. A cross-warp reduction after
+        # the load would order them too, but none is certain to come (k = 0 has none at all), so
+        # one barrier per row, against the row's thousands of loads and stores.
+        tl.debug_barrier()
         if unflagged:  # a flagged row's gradient comes with its exact statistics
             _write_row_grad(logits_ptr, grad_ptr, grad_rows_ptr, row, stride_row, grad_stride, V, target, lse, tau,
                             dist, spread, tie_count, b, eps_hi, eps_lo, lam_hi, lam_lo, cap_hi, cap_lo, GRAD_TILE,
@@ -547,6 +558,9 @@ def _prsl_forward_exact_kernel(
     stats = _stats_vector(stat_cols, lse, tau, dist, spread, tie_count)
     tl.store(stats_row + stat_cols, stats, mask=stat_cols < _CORRECT)  # correct: stored above
     if WRITE_GRAD:
+        # Every read of the row (z_target, the tie recount) before any warp's in-place store:
+        # as in the two-pass kernel.
+        tl.debug_barrier()
         _write_row_grad(logits_ptr, grad_ptr, grad_rows_ptr, row, stride_row, grad_stride, V, target, lse, tau, dist,
                         spread, tie_count, b, eps_hi, eps_lo, lam_hi, lam_lo, cap_hi, cap_lo, BLOCK_V, False, 1,
                         acc, USE_EXP2, SOFTCAP, SMOOTH, ZLOSS)
@@ -598,8 +612,10 @@ def _grad_tiles(in_row, out_row, lead, t_first, t_end, V, target32, lse, tau, di
     # Tiles [t_first, t_end) of one row's gradient from its statistics: tile t covers row
     # positions [t * TILE - lead, (t + 1) * TILE - lead), in_row / out_row point at tile 0.
     # The first and last tiles of the row are masked, interior ones are unmasked vector
-    # loads and stores. in_row == out_row is allowed (the in-place gradient): a tile is
-    # read before it is written, and nothing else of the row is read afterwards.
+    # loads and stores: they lie inside the row only because TILE > lead (the launchers
+    # keep TILE >= VEC > lead), so that tile 1 starts at TILE - lead > 0 and tile n - 2 ends
+    # at (n - 1) TILE - lead < V. in_row == out_row is allowed (the in-place gradient): a
+    # tile is read before it is written, and nothing else of the row is read afterwards.
     out_dtype: tl.constexpr = out_row.dtype.element_ty
     n_tiles = tl.cdiv(V + lead, TILE)
     cols = tl.arange(0, TILE)
@@ -675,6 +691,7 @@ def _write_row_grad(logits_ptr, grad_ptr, grad_rows_ptr, row, stride_row, grad_s
                     SOFTCAP: tl.constexpr, SMOOTH: tl.constexpr, ZLOSS: tl.constexpr):
     # The forward kernels' WRITE_GRAD: the whole row's gradient, right after its statistics,
     # while the row is still in L2 (the backward's read of it no longer goes to memory).
+    tl.static_assert(GRAD_TILE >= VEC, "a gradient tile narrower than VEC starts tile 1 before the row")
     in_row, out_row, lead = _row_grad_ptrs(logits_ptr, grad_ptr, row, stride_row, grad_stride, GRAD_ALIGNED, VEC)
     n_tiles = tl.cdiv(V + lead, GRAD_TILE)
     _grad_tiles(in_row, out_row, lead, 0, n_tiles, V, target.to(tl.int32), lse, tau, dist, spread, tie_count,
@@ -702,6 +719,7 @@ def _prsl_backward_kernel(
     ZLOSS: tl.constexpr = False,
 ):
     acc: tl.constexpr = stats_ptr.dtype.element_ty
+    tl.static_assert(TILE >= VEC, "a tile narrower than VEC starts tile 1 before the row")
     row = tl.program_id(0).to(tl.int64)
     in_row, out_row, lead = _row_grad_ptrs(logits_ptr, grad_ptr, row, stride_row, grad_stride, ALIGNED, VEC)
     n_tiles = tl.cdiv(V + lead, TILE)
@@ -775,15 +793,41 @@ class LaunchConfig(NamedTuple):
 # few in the per-row tail (benchmarks/results/aot_report.txt). float32 rows at k < 64 fit in
 # 40-48 registers on sm_90 (5-6 CTAs) and a cap there only raised the count: they are capped
 # only at KP = 128 (93 registers, 2 CTAs) and with WRITE_GRAD (79-80 registers, 3 CTAs).
+#
+# The cap pays only where the code fits under it:
+# * Rows whose base is not 16-byte aligned (``logits[1:]`` at V = 50257) are walked from the row
+#   start in 2-byte scalar loads, each with its own address and mask: 166-174 registers on
+#   sm_90 for bf16 k = 20 / 100, and 62-73 spill stores / loads under the cap, many in pass 1's
+#   streaming loop. They take no cap (one CTA of 8 warps, no local memory traffic).
+# * The options (softcap, smoothing, z-loss) add live values to every pass: under 64, on sm_90,
+#   float32 KP = 128 spilled 9 / 9 (4 / 4 with WRITE_GRAD) and 16-bit WRITE_GRAD kernels 2-7 per
+#   KP. Those take 80, which still fits three CTAs (for 8 warps occupancy steps at 64 / 80 / 128
+#   registers) and spills nothing; the option kernels that fit under 64 keep it.
 _FAST_MAXNREG = 64
+_FAST_MAXNREG_OPTIONS = 80
 
 
-def _fast_maxnreg(dtype, kp, num_warps, write_grad):
-    if kp <= 1 or num_warps != _FAST_WARPS:
+def _fast_maxnreg(config):
+    """ptxas's register cap for a two-pass forward configuration (None: none)."""
+    c = config.constexprs
+    kp = c["KP"] if c["HAS_TOPK"] else 1
+    if kp <= 1 or config.num_warps != _FAST_WARPS or not c["ALIGNED"]:
         return None
-    if dtype in (torch.float16, torch.bfloat16) or (dtype == torch.float32 and (kp >= 128 or write_grad)):
-        return _FAST_MAXNREG
-    return None
+    sixteen_bit, write_grad = config.dtype in (torch.float16, torch.bfloat16), c.get("WRITE_GRAD", False)
+    if not (sixteen_bit or (config.dtype == torch.float32 and (kp >= 128 or write_grad))):
+        return None
+    if (c["SOFTCAP"] or c["SMOOTH"] or c["ZLOSS"]) and (write_grad if sixteen_bit else kp >= 128):
+        return _FAST_MAXNREG_OPTIONS
+    return _FAST_MAXNREG
+
+
+def for_alignment(config, aligned):
+    """The two-pass forward ``config`` for logits whose base is (``aligned``) or is not 16-byte
+    aligned: unaligned tiles start at each row (ALIGNED off), uncapped (see _FAST_MAXNREG)."""
+    if config.kernel != "forward" or aligned == config.constexprs["ALIGNED"]:
+        return config
+    config = config._replace(constexprs=dict(config.constexprs, ALIGNED=aligned))
+    return config._replace(maxnreg=_fast_maxnreg(config))
 
 
 def _kp(k):
@@ -816,12 +860,12 @@ def forward_config(dtype, vocab, k, options=(0.0, 0.0, 0.0)):
         tile = _fast_tile(dtype, vocab, kp)
         vec = _VEC[dtype]
         num_warps = max(1, min(_FAST_WARPS, tile // (32 * 16 * vec // 8)))
-        return LaunchConfig("forward", dtype, {
+        config = LaunchConfig("forward", dtype, {
             "HAS_TOPK": k > 0, "KP": kp, "CAP": max(32, 2 * kp), "GCAP": 2 * max(32, 2 * kp),
             "ROWS": 32 * num_warps, "T_BLK": max(1, 32 * num_warps // max(16, kp)),
             "TILE": tile, "VEC": vec,
-            "ALIGNED": True, "USE_EXP2": dtype != torch.float64, **_option_flags(options)}, num_warps,
-            _fast_maxnreg(dtype, kp, num_warps, write_grad=False))
+            "ALIGNED": True, "USE_EXP2": dtype != torch.float64, **_option_flags(options)}, num_warps)
+        return config._replace(maxnreg=_fast_maxnreg(config))
     return exact_config(dtype, vocab, k, only_flagged=False, options=options)
 
 
@@ -845,6 +889,11 @@ _NUM_WARPS_OVERRIDE = {(torch.float32, 32, 1024): 2}
 
 def backward_config(dtype, vocab, options=(0.0, 0.0, 0.0)):
     tile = FORCE_BLOCK_V if FORCE_BLOCK_V is not None else min(_BACKWARD_TILE, _pow2_at_least(vocab))
+    # Never narrower than one 16-byte vector: aligned tiles start up to VEC - 1 elements
+    # before the row, and only a tile at least that wide keeps tile 1 (the first unmasked
+    # one) inside the row. A narrower tile (V = 1..4 in 16-bit, say) read the rows before
+    # this one and wrote this row's gradient over them.
+    tile = max(tile, _VEC[dtype])
     return LaunchConfig("backward", dtype, {"TILE": tile, "TILES_PER_PROGRAM": _BACKWARD_TILES_PER_PROGRAM,
                                             "ALIGNED": True, "VEC": _VEC[dtype],
                                             "USE_EXP2": dtype != torch.float64, **_option_flags(options)},
@@ -860,9 +909,12 @@ def with_grad(config, vocab, grad_aligned=True):
         return config._replace(constexprs=dict(config.constexprs, **extra))
     extra = {"WRITE_GRAD": True, "GRAD_TILE": backward_config(config.dtype, vocab).constexprs["TILE"],
              "GRAD_ALIGNED": grad_aligned}
-    kp = config.constexprs["KP"] if config.constexprs["HAS_TOPK"] else 1
-    return config._replace(constexprs=dict(config.constexprs, **extra),
-                           maxnreg=_fast_maxnreg(config.dtype, kp, config.num_warps, write_grad=True))
+    config = config._replace(constexprs=dict(config.constexprs, **extra))
+    return config._replace(maxnreg=_fast_maxnreg(config))
+
+
+# The options as the AOT report compiles them: all three on (the most live values).
+AOT_OPTIONS = (0.1, 1e-4, 30.0)
 
 
 def launch_configs():
@@ -870,22 +922,32 @@ def launch_configs():
 
     ALIGNED is shown True (the usual case: torch allocations are 16-byte aligned);
     the launchers pass False for a misaligned base pointer or, in the backward,
-    strided rows. The forwards' WRITE_GRAD variants (``forward_grad``) are listed for
-    the GPT-2 row length (50257) only: their tails are the backward's loop."""
+    strided rows. For the GPT-2 row length (50257) only, also: the forwards' WRITE_GRAD
+    variants (``forward_grad``; their tails are the backward's loop), the two-pass forward
+    on a misaligned base (ALIGNED off, which changes its register cap: :func:`for_alignment`),
+    and every kernel with the options on (``AOT_OPTIONS``: softcap, smoothing and z-loss,
+    each a constexpr flag that adds code to every pass)."""
     configs = []
     # Tiles follow the next power of two of V (short rows), so one V per power of two.
     vocabs = {1 << i for i in range(1, 19)} | {_SMALL_BLOCK_V + 1, 50257}
     for dtype in _TRITON_DTYPE:
         for vocab in sorted(vocabs):
-            candidates = [forward_config(dtype, vocab, 0), backward_config(dtype, vocab)]
-            for size in TOPK_BUFFER_SIZES:
-                if size - 1 > vocab - 1:
-                    break
-                candidates.append(forward_config(dtype, vocab, size - 1))
-                if size <= FAST_MAX_KP:
-                    candidates.append(exact_config(dtype, vocab, size - 1, only_flagged=True))
-            if vocab == 50257:
-                candidates += [with_grad(c, vocab) for c in candidates if c.kernel != "backward"]
+            candidates = []
+            for options in ((0.0, 0.0, 0.0),) + ((AOT_OPTIONS,) if vocab == 50257 else ()):
+                plain = [forward_config(dtype, vocab, 0, options), backward_config(dtype, vocab, options)]
+                for size in TOPK_BUFFER_SIZES:
+                    if size - 1 > vocab - 1:
+                        break
+                    plain.append(forward_config(dtype, vocab, size - 1, options))
+                    if size <= FAST_MAX_KP:
+                        plain.append(exact_config(dtype, vocab, size - 1, only_flagged=True, options=options))
+                if vocab == 50257:
+                    plain += [with_grad(c, vocab) for c in plain if c.kernel != "backward"]
+                    if options == (0.0, 0.0, 0.0):
+                        plain += [for_alignment(with_grad(c, vocab, grad_aligned=False) if grad else c, False)
+                                  for c in plain if c.kernel == "forward" and not c.constexprs.get("WRITE_GRAD")
+                                  for grad in (False, True)]
+                candidates += plain
             for config in candidates:
                 if config not in configs:
                     configs.append(config)
@@ -941,6 +1003,25 @@ def _aligned(*tensors):
     return all(t.data_ptr() % 16 == 0 for t in tensors)
 
 
+def _rows_overlap(x):
+    """Whether two rows of the 2-D ``x`` (unit stride along V) share memory."""
+    return x.shape[0] > 1 and x.shape[1] > 0 and x.stride(0) < x.shape[1]
+
+
+def _memory_overlaps(a, b):
+    """Whether the address ranges of ``a`` and ``b`` intersect (conservative: two interleaved
+    views that share no element count as overlapping)."""
+    if a.numel() == 0 or b.numel() == 0 or a.untyped_storage().data_ptr() != b.untyped_storage().data_ptr():
+        return False
+
+    def span(t):
+        last = sum((n - 1) * st for n, st in zip(t.shape, t.stride()))
+        return t.data_ptr(), t.data_ptr() + (last + 1) * t.element_size()
+
+    (a_lo, a_hi), (b_lo, b_hi) = span(a), span(b)
+    return a_lo < b_hi and b_lo < a_hi
+
+
 def _option_args(options):
     # (eps, lam, c) as hi/lo float32 pairs, as b (float64 rows keep ~48 bits).
     return tuple(x for value in options for x in _split_b(float(value)))
@@ -990,7 +1071,8 @@ def forward_with_flags(logits, target, k, b, ignore_index, label_smoothing=0.0, 
                 logits, target, loss_rows, row_stats, scratch, loss_rows, grad_rows, grad_out, *args,
                 **config.constexprs, **config.launch_options())
             return loss_rows, row_stats, None
-        constexprs = dict(config.constexprs, ALIGNED=_aligned(logits))
+        config = for_alignment(config, _aligned(logits))
+        constexprs = config.constexprs
         has_topk = constexprs["HAS_TOPK"]
         cap = constexprs["CAP"] if has_topk else 1
         # Per-row scratch, CAP entries each (L2-resident): listed groups and candidate values.
@@ -1024,6 +1106,16 @@ def forward_grad(logits, target, grad_rows, grad_out, k, b, ignore_index, label_
     if grad_out.shape != logits.shape or grad_out.dtype != logits.dtype or (
             grad_out.stride(1) != 1 and logits.shape[1] > 1):
         raise ValueError("forward_grad: grad_out must be [N, V] in the logits' dtype with unit stride along V")
+    # One program per row stores its gradient while the others still read their rows: two rows
+    # that share memory (a stride-0 expanded grad_out), or a grad_out that overlaps the logits
+    # without being them, would race (a row read after another row's gradient was stored).
+    if _rows_overlap(grad_out):
+        raise ValueError(f"forward_grad: grad_out's rows overlap in memory (row stride {grad_out.stride(0)} < "
+                         f"V = {grad_out.shape[1]}, e.g. an expanded tensor): the row gradients would race")
+    in_place = grad_out.data_ptr() == logits.data_ptr() and grad_out.stride(0) == logits.stride(0)
+    if not in_place and _memory_overlaps(logits, grad_out):
+        raise ValueError("forward_grad: grad_out partly overlaps logits: pass logits itself (the in-place "
+                         "gradient) or memory apart from it")
     loss_rows, row_stats, _ = forward_with_flags(logits, target, k, b, ignore_index, label_smoothing, z_loss,
                                                  softcap, grad=(grad_rows.contiguous(), grad_out))
     return loss_rows, row_stats

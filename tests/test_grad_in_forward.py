@@ -1,5 +1,6 @@
 """The gradient made in the forward (issue 18): ``prsl::forward_grad`` on C++ and Triton
-(interpreter), ``prsl_loss``'s use of it for mean / sum, and ``inplace_backward``.
+(compiled on CUDA, else the interpreter), ``prsl_loss``'s use of it for mean / sum, and
+``inplace_backward``.
 
 The Triton kernels write, per row, exactly what the backward kernel writes from the same
 row statistics (the same code, in the same order): compared bit for bit. The C++ kernel
@@ -14,6 +15,7 @@ import pytest
 import torch
 
 import prsl_reference as ref
+from conftest import backend_device
 from prsl_kernels import cpp_kernels, prsl_loss
 from prsl_kernels import triton_kernels as tk
 
@@ -46,9 +48,11 @@ def _assert_same_as_forward_then_backward(mod, logits, target, k, b, options, ge
     C++ without softcap within KEPT_EXP_RTOL); the fresh and in-place gradients are identical."""
     n = logits.shape[0]
     grad_rows = torch.rand(n, generator=gen, dtype=torch.float64).to(_acc(logits.dtype)) + 0.25
+    device = backend_device("triton" if mod is tk else "cpp")
+    logits, target, grad_rows = logits.to(device), target.to(device), grad_rows.to(device)
     loss, stats = mod.forward(logits, target, k, b, -100, *options)
     grad = mod.backward(grad_rows, logits, target, stats, b, -100, *options)
-    out = torch.full(logits.shape, 7.0, dtype=logits.dtype)  # no zeros: every element must be written
+    out = torch.full(logits.shape, 7.0, dtype=logits.dtype, device=device)  # no zeros: every element must be written
     loss2, stats2 = mod.forward_grad(logits, target, grad_rows, out, k, b, -100, *options)
     assert torch.equal(loss2, loss) and torch.equal(stats2, stats)
     if mod is cpp_kernels and options[2] == 0.0:
@@ -146,7 +150,7 @@ def test_cpp_candidates_at_the_row_ends_and_block_edges(dtype, k):
                                atol=1e-7)
 
 
-# ---------------------------------------------------------------- Triton (interpreter)
+# ---------------------------------------------------------------- Triton (compiled on CUDA, else interpreted)
 
 
 @pytest.mark.parametrize("dtype,vocab,k,block", [
@@ -169,6 +173,8 @@ def test_triton_backward_splits_long_rows_over_programs_and_may_write_in_place(m
     vocab = 2100
     logits, target = _rows(3, vocab, torch.float32, gen)
     grad_rows = torch.rand(3, generator=gen) + 0.5
+    device = backend_device("triton")
+    logits, target, grad_rows = logits.to(device), target.to(device), grad_rows.to(device)
     for k in (20, tk.MAX_K + 3):
         loss, stats = tk.forward(logits, target, k, 0.5, -100)
         grad = tk.backward(grad_rows, logits, target, stats, 0.5, -100)
@@ -185,6 +191,7 @@ def test_triton_flagged_rows_get_their_gradient_from_the_exact_kernel():
     an out-of-range target (check_target=False) gives a NaN row, as in the backward."""
     gen = torch.Generator().manual_seed(21)
     vocab, k = 3000, 20
+    device = backend_device("triton")
     for dtype in (torch.float32, torch.bfloat16):
         logits = (torch.randn(6, vocab, generator=gen) * 2).to(dtype)
         target = torch.randint(0, vocab, (6,), generator=gen)
@@ -192,9 +199,10 @@ def test_triton_flagged_rows_get_their_gradient_from_the_exact_kernel():
         logits[4, 10:] = float("-inf")
         target[4] = 2
         target[5] = vocab + 5
+        logits, target = logits.to(device), target.to(device)
         _, _, flags = tk.forward_with_flags(logits, target, k, 0.5, -100)
         assert flags.tolist() == [0, 0, 0, 1, 1, 0]
-        grad_rows = torch.rand(6, generator=gen) + 0.5
+        grad_rows = (torch.rand(6, generator=gen) + 0.5).to(device)
         out = torch.zeros_like(logits)
         tk.forward_grad(logits, target, grad_rows, out, k, 0.5, -100)
         want = ref.grad_closed_form(logits[:5], target[:5], k, 0.5, grad_rows=grad_rows[:5])
@@ -202,12 +210,12 @@ def test_triton_flagged_rows_get_their_gradient_from_the_exact_kernel():
         assert torch.isnan(out[5]).all()
 
 
-def test_triton_scale_unless_one_skips_an_exact_one():
-    x = torch.randn(3, 5000)
+def test_triton_scale_unless_one_skips_an_exact_one(triton_device):
+    x = torch.randn(3, 5000).to(triton_device)
     before = x.clone()
-    tk.scale_unless_one(x, torch.tensor(1.0))
+    tk.scale_unless_one(x, torch.tensor(1.0, device=triton_device))
     assert torch.equal(x, before)
-    tk.scale_unless_one(x, torch.tensor(0.375))  # a power-of-two multiple: exact in float32
+    tk.scale_unless_one(x, torch.tensor(0.375, device=triton_device))  # a power-of-two multiple: exact in float32
     assert torch.equal(x, before * 0.375)
 
 
@@ -233,11 +241,14 @@ def test_prsl_loss_gradient_made_in_the_forward(backend, dtype, reduction):
     gen = torch.Generator().manual_seed(11)
     logits, target = _rows(24, 400, dtype, gen)
     target[3:6] = -100
+    device = backend_device(backend)
+    logits, target = logits.to(device), target.to(device)
     count = (target != -100).sum()
     rows = prsl_loss(logits, target, 6, 2.0, reduction="none", backend=backend)
     want_loss = rows.sum() if reduction == "sum" else rows.sum() / count
     for upstream in (1.0, 0.3):
-        per_row = torch.full((24,), upstream / (count.item() if reduction == "mean" else 1.0), dtype=torch.float64)
+        per_row = torch.full((24,), upstream / (count.item() if reduction == "mean" else 1.0), dtype=torch.float64,
+                             device=device)
         closed = ref.grad_closed_form(logits, target, 6, 2.0, grad_rows=per_row)
         x = logits.clone().requires_grad_(True)
         r = prsl_loss(x, target, 6, 2.0, reduction="none", backend=backend)
@@ -324,6 +335,7 @@ def test_divisor_is_folded_into_the_gradient(monkeypatch, backend):
                                                                            original(grad, scale)))
     gen = torch.Generator().manual_seed(31)
     logits, target = _rows(12, 300, torch.float32, gen)
+    logits, target = logits.to(backend_device(backend)), target.to(backend_device(backend))
     divisor = torch.tensor(37)
     x = logits.clone().requires_grad_(True)
     after = prsl_loss(x, target, 6, 2.0, reduction="sum", backend=backend) / 37.0
@@ -333,7 +345,8 @@ def test_divisor_is_folded_into_the_gradient(monkeypatch, backend):
     folded.backward()
     torch.testing.assert_close(folded, after, rtol=1e-6, atol=0)
     torch.testing.assert_close(y.grad, x.grad, rtol=1e-5, atol=1e-9)
-    closed = ref.grad_closed_form(logits, target, 6, 2.0, grad_rows=torch.full((12,), 1 / 37, dtype=torch.float64))
+    closed = ref.grad_closed_form(logits, target, 6, 2.0, grad_rows=torch.full((12,), 1 / 37, dtype=torch.float64,
+                                                                             device=logits.device))
     torch.testing.assert_close(y.grad.to(closed.dtype), closed, rtol=1e-5, atol=1e-9)
     if backend != "reference":
         assert seen[0] == pytest.approx(1 / 37) and seen[1] == 1.0

@@ -197,16 +197,17 @@ def test_default_chunk_size():
 
 
 @pytest.mark.parametrize("reduction", ["mean", "none"])
-def test_triton_interpreter(reduction):
-    """The Triton kernels (CPU interpreter) under the same chunked driver."""
+def test_triton_interpreter(reduction, triton_device):
+    """The Triton kernels (compiled on CUDA, else the CPU interpreter) under the same chunked driver."""
     h, w, bias, t, g = _data(120, shape=(6,), hidden=8, vocab=37, dtype=torch.float32, n_ignored=1, scale=2.0)
     upstream = torch.randn(t.shape, generator=g) if reduction == "none" else None
-    got = _fused(h, w, t, 5, 0.5, bias, upstream, reduction=reduction, chunk_size=4, backend="triton")
+    on = [x if x is None else x.to(triton_device) for x in (h, w, t, bias, upstream)]
+    got = _fused(*on[:3], 5, 0.5, *on[3:], reduction=reduction, chunk_size=4, backend="triton")
     want = _unfused(h.double(), w.double(), t, 5, 0.5, bias.double(),
                     None if upstream is None else upstream.double(), reduction=reduction)
-    torch.testing.assert_close(got[0].double(), want[0], **F32)
+    torch.testing.assert_close(got[0].double().cpu(), want[0], **F32)
     for a, b in zip(got[1], want[1]):
-        torch.testing.assert_close(a.double(), b, **F32)
+        torch.testing.assert_close(a.double().cpu(), b, **F32)
 
 
 def test_compile_fullgraph_no_graph_break():

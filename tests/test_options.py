@@ -1,8 +1,8 @@
 """The options (spec, "Options"): softcap, label smoothing, z-loss, and the `correct`
 row stat (token accuracy), in every fused backend against the reference.
 
-The C++ kernels run natively; the Triton kernels run in the CPU interpreter
-(tests/conftest.py), on tiny shapes with the tile shrunk (FORCE_BLOCK_V) so that
+The C++ kernels run natively; the Triton kernels compiled on CUDA, or in the CPU
+interpreter without one (tests/conftest.py), on tiny shapes with the tile shrunk (FORCE_BLOCK_V) so that
 a row streams through several tiles, which covers the two-pass kernel (k < 128),
 the exact kernel (k >= 128, and rows the two-pass kernel flags), the torch path
 above MAX_K, and the backward.
@@ -19,6 +19,7 @@ import torch
 import torch.nn.functional as F
 
 import prsl_reference as ref
+from conftest import backend_device
 from prsl_kernels import PRSLLoss, linear_prsl_loss, prsl_loss
 from prsl_kernels import triton_kernels as tk
 from prsl_kernels.spec import CORRECT, NUM_ROW_STATS, ROW_STATS
@@ -61,13 +62,14 @@ def make_rows(n, vocab, dtype, seed, scale=4.0):
 
 def check_against_reference(logits, target, k, b, options, backend, grad_rows=None):
     """Per-row loss, the six row stats and the gradient of prsl_loss vs the reference."""
-    dtype = logits.dtype
-    x = logits.detach().clone().requires_grad_(True)
-    loss, stats = prsl_loss(x, target, k, b, reduction="none", backend=backend, return_stats=True,
+    dtype, device = logits.dtype, backend_device(backend)
+    x = logits.detach().clone().to(device).requires_grad_(True)
+    loss, stats = prsl_loss(x, target.to(device), k, b, reduction="none", backend=backend, return_stats=True,
                             **_kwargs(options))
     upstream = torch.randn(loss.shape, generator=torch.Generator().manual_seed(5), dtype=loss.dtype) \
         if grad_rows is None else grad_rows
-    (loss * upstream).sum().backward()
+    (loss * upstream.to(device)).sum().backward()
+    loss, stats, grad = loss.detach().cpu(), type(stats)(*(s.cpu() for s in stats)), x.grad.cpu()
 
     want_loss, want_stats = ref.loss_rows_reference(logits, target, k, b, **_kwargs(options))
     torch.testing.assert_close(loss, want_loss, **LOSS_TOL[dtype])
@@ -83,7 +85,7 @@ def check_against_reference(logits, target, k, b, options, backend, grad_rows=No
     assert torch.equal(stats.correct[~counted], torch.zeros_like(stats.correct[~counted]))
 
     want_grad = ref.grad_closed_form(logits, target, k, b, grad_rows=upstream, **_kwargs(options))
-    torch.testing.assert_close(x.grad.to(want_grad.dtype), want_grad, **GRAD_TOL[dtype])
+    torch.testing.assert_close(grad.to(want_grad.dtype), want_grad, **GRAD_TOL[dtype])
     # ... and the closed form is what autograd gives through the reference.
     y = logits.detach().to(want_grad.dtype).requires_grad_(True)
     (ref.prsl_loss_reference(y, target, k, b, reduction="none", **_kwargs(options)) * upstream).sum().backward()
@@ -126,7 +128,8 @@ def test_triton_flagged_rows_and_torch_path(block, monkeypatch):
     options = OPTIONS[-1]
     logits, target = make_rows(4, 203, torch.float32, seed=3)
     logits[:3] = torch.randint(-3, 3, (3, 203), generator=torch.Generator().manual_seed(3)).float()  # heavy ties
-    loss, stats, flags = tk.forward_with_flags(logits, target, 6, 0.7, -100, 0.2, 1e-2, 3.0)
+    device = backend_device("triton")
+    loss, stats, flags = tk.forward_with_flags(logits.to(device), target.to(device), 6, 0.7, -100, 0.2, 1e-2, 3.0)
     assert flags is not None and int(flags[:3].sum()) >= 1
     check_against_reference(logits, target, 6, 0.7, options, "triton")
     monkeypatch.setattr(tk, "MAX_K", 5)
@@ -147,9 +150,11 @@ def test_softcap_ties_created_by_rounding(block, backend, dtype):
     logits[:, 10:19] = torch.linspace(60.0, 90.0, 9, dtype=torch.float64)  # all cap to exactly 2.0
     logits = logits.to(dtype)
     target = torch.tensor([3, 12, 149])  # row 1: the target is one of the capped ones
+    device = backend_device(backend)
     for k in (4, 12):  # tau inside the saturated block (ties) and below it
-        _, stats = prsl_loss(logits, target, k, 0.5, reduction="none", backend=backend, softcap=cap,
-                             return_stats=True)
+        _, stats = prsl_loss(logits.to(device), target.to(device), k, 0.5, reduction="none", backend=backend,
+                             softcap=cap, return_stats=True)
+        stats = type(stats)(*(s.cpu() for s in stats))
         _, want = ref.loss_rows_reference(logits, target, k, 0.5, softcap=cap)
         assert torch.equal(stats.tau[:1], want[1][:1]) and torch.equal(stats.tie_count, want[4])
         if k == 4:
@@ -167,15 +172,16 @@ def test_softcap_ties_created_by_rounding(block, backend, dtype):
 def test_label_smoothing_b0_is_torch_cross_entropy(block, backend, reduction):
     block(64)
     logits, target = make_rows(5, 97, torch.float32, seed=4)
+    device = backend_device(backend)
     for eps in (0.1, 1.0):
-        x = logits.clone().requires_grad_(True)
+        x = logits.clone().to(device).requires_grad_(True)
         y = logits.clone().requires_grad_(True)
-        got = prsl_loss(x, target, 6, 0.0, reduction=reduction, backend=backend, label_smoothing=eps)
+        got = prsl_loss(x, target.to(device), 6, 0.0, reduction=reduction, backend=backend, label_smoothing=eps)
         want = F.cross_entropy(y, target, label_smoothing=eps, reduction=reduction)
-        torch.testing.assert_close(got, want, rtol=2e-6, atol=2e-6)
+        torch.testing.assert_close(got.cpu(), want, rtol=2e-6, atol=2e-6)
         got.sum().backward()
         want.sum().backward()
-        torch.testing.assert_close(x.grad, y.grad, rtol=1e-5, atol=1e-7)
+        torch.testing.assert_close(x.grad.cpu(), y.grad, rtol=1e-5, atol=1e-7)
 
 
 def test_label_smoothing_with_masked_vocabulary_is_inf_as_torch():
@@ -183,7 +189,9 @@ def test_label_smoothing_with_masked_vocabulary_is_inf_as_torch():
     logits[:, 7] = float("-inf")
     target[:2] = torch.tensor([0, 1])
     for backend in ("cpp", "triton", "reference"):
-        got = prsl_loss(logits, target, 3, 0.5, reduction="none", backend=backend, label_smoothing=0.1)
+        device = backend_device(backend)
+        got = prsl_loss(logits.to(device), target.to(device), 3, 0.5, reduction="none", backend=backend,
+                        label_smoothing=0.1)
         want = F.cross_entropy(logits, target, label_smoothing=0.1, reduction="none")
         assert torch.isposinf(got[:2]).all() and torch.isposinf(want[:2]).all()
 
@@ -194,8 +202,9 @@ def test_label_smoothing_with_masked_vocabulary_is_inf_as_torch():
 def test_gradcheck_fp64_with_options(block, backend):
     block(16)
     gen = torch.Generator().manual_seed(8)
-    logits = (torch.randn(3, 23, generator=gen, dtype=torch.float64) * 2).requires_grad_(True)
-    target = torch.tensor([4, 0, -100])
+    device = backend_device(backend)
+    logits = (torch.randn(3, 23, generator=gen, dtype=torch.float64) * 2).to(device).requires_grad_(True)
+    target = torch.tensor([4, 0, -100], device=device)
     for options in OPTIONS[2:]:
         fn = lambda z: prsl_loss(z, target, 4, 0.6, reduction="none", backend=backend, **_kwargs(options))  # noqa: E731
         assert torch.autograd.gradcheck(fn, (logits,), eps=1e-6, atol=1e-7, rtol=1e-5)
@@ -208,6 +217,7 @@ def test_defaults_are_the_plain_loss_bit_for_bit(block, backend):
     """Options off (explicitly or by default) run the plain kernels: identical bits."""
     block(64)
     logits, target = make_rows(4, 150, torch.float32, seed=9)
+    logits, target = logits.to(backend_device(backend)), target.to(backend_device(backend))
     runs = []
     for kwargs in ({}, dict(label_smoothing=0.0, z_loss=0.0, softcap=None)):
         x = logits.clone().requires_grad_(True)
@@ -254,12 +264,15 @@ def test_correct_is_target_at_row_maximum_ties_count(backend):
                            [3.0, 3.0, 1.0, 0.0],    # target 2 is not the maximum
                            [9.0, 1.0, 1.0, 0.0]])   # ignored
     target = torch.tensor([1, 0, 2, -100])
+    device = backend_device(backend)
+    logits, target = logits.to(device), target.to(device)
     _, stats = prsl_loss(logits, target, 2, 0.5, backend=backend, return_stats=True)
     assert stats.correct.tolist() == [1.0, 1.0, 0.0, 0.0]
     assert len(stats) == NUM_ROW_STATS and ROW_STATS[CORRECT] == "correct"
     # With a softcap, on the capped logits: 40 and 50 both cap to 1.0 (a tie).
     capped = torch.tensor([[40.0, 50.0, 0.0, 1.0]])
-    _, stats = prsl_loss(capped, torch.tensor([0]), 1, 0.5, backend=backend, softcap=1.0, return_stats=True)
+    _, stats = prsl_loss(capped.to(device), torch.tensor([0], device=device), 1, 0.5, backend=backend, softcap=1.0,
+                         return_stats=True)
     assert stats.correct.tolist() == [1.0]
 
 
@@ -301,11 +314,13 @@ def test_linear_prsl_loss_with_options(block, backend, reduction):
 
     block(64)
     gen = torch.Generator().manual_seed(12)
-    hidden = torch.randn(2, 5, 8, generator=gen, dtype=torch.float64).float()
-    weight = (torch.randn(67, 8, generator=gen, dtype=torch.float64) * 0.8).float()
-    bias = torch.randn(67, generator=gen, dtype=torch.float64).float()
+    device = backend_device(backend)
+    hidden = torch.randn(2, 5, 8, generator=gen, dtype=torch.float64).float().to(device)
+    weight = (torch.randn(67, 8, generator=gen, dtype=torch.float64) * 0.8).float().to(device)
+    bias = torch.randn(67, generator=gen, dtype=torch.float64).float().to(device)
     target = torch.randint(0, 67, (2, 5), generator=gen)
     target[1, 3] = -100
+    target = target.to(device)
     kwargs = dict(label_smoothing=0.1, z_loss=1e-3, softcap=3.0)
     leaves = [t.clone().requires_grad_(True) for t in (hidden, weight, bias)]
     loss_fn = LinearPRSLLoss(4, 0.5, reduction=reduction, backend=backend, chunk_size=4, **kwargs)
@@ -318,7 +333,7 @@ def test_linear_prsl_loss_with_options(block, backend, reduction):
                                  backend=backend, return_stats=True, **kwargs)
     torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-6)
     torch.testing.assert_close(torch.stack(got_stats), torch.stack(want_stats), rtol=1e-5, atol=1e-6)
-    upstream = torch.linspace(0.5, 1.5, got.numel()).reshape(got.shape)
+    upstream = torch.linspace(0.5, 1.5, got.numel(), device=device).reshape(got.shape)
     (got * upstream).sum().backward()
     (want * upstream).sum().backward()
     for a, b in zip(leaves, refs):

@@ -1,13 +1,15 @@
 """Compiled (not interpreted) Triton: the launch configurations compile for
 sm_80 / sm_90 as the runtime specialises them, without register spills; the
-runtime's alignment hints really reach the binaries; the module imports without
+runtime's alignment hints really reach the binaries; in place, the forward kernels
+read the target logit before any warp stores a gradient; the module imports without
 a GPU.
 
 Compiling needs TRITON_INTERPRET unset, so these run in subprocesses. The suite
 compiles a cross-section (aot_report.QUICK: the largest register footprints of
-each kernel, both row-stride variants, both architectures; 2-4 minutes cold on 2
+each kernel, both row-stride variants, both architectures, the register caps' edge
+cases: an unaligned base and the options; 3-5 minutes cold on 2
 cores, seconds with a warm Triton cache); PRSL_AOT_FULL=1 compiles every
-configuration (two variants each: about 20-30 minutes cold), as
+configuration (two variants each: about an hour cold), as
 ``benchmarks/aot_report.py --write`` does for results/aot_report.txt.
 """
 
@@ -26,6 +28,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "benchmarks"))
 
 import aot_report  # noqa: E402
+from conftest import needs_interpreter  # noqa: E402
 
 needs_tools = pytest.mark.skipif(not aot_report.have_tools(), reason="triton's ptxas / cuobjdump not found")
 
@@ -97,6 +100,78 @@ def test_runtime_hints_reach_the_binaries():
         assert "128" in out["backward"][variant]["loop_loads"], out["backward"][variant]
 
 
+@needs_tools
+def test_inplace_target_read_is_ordered_before_the_gradient_stores():
+    """forward_grad in place: only warp 0's load of the target logit reaches the loss, so a barrier
+    must separate it from every warp's gradient stores, on every path: the two-pass kernel at
+    k = 0 (no reduction after the load at all) and k = 20, and the exact kernel."""
+    result = subprocess.run([sys.executable, __file__, "order"], env=_compiled_env(), capture_output=True,
+                            text=True, cwd=ROOT, timeout=1800)
+    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
+    assert json.loads(result.stdout) == {"k0": True, "k20": True, "exact": True}
+
+
+def test_register_cap_follows_alignment_and_options():
+    """The two-pass forward's register cap: off for a misaligned base (its scalar loads need
+    ~170 registers; capped, they spilled in the streaming loop), 80 where the options spilled
+    under 64, and every launched variant is listed for the AOT report."""
+    vocab = 50257
+    listed = tk.launch_configs()
+    for dtype in (torch.bfloat16, torch.float32):
+        aligned = tk.with_grad(tk.forward_config(dtype, vocab, 100), vocab)
+        unaligned = tk.for_alignment(tk.with_grad(tk.forward_config(dtype, vocab, 100), vocab, False), False)
+        assert aligned.maxnreg == 64 and unaligned.maxnreg is None
+        assert unaligned.constexprs["ALIGNED"] is False and unaligned in listed
+        assert tk.for_alignment(tk.forward_config(dtype, vocab, 100), False) in listed
+    options = tk.forward_config(torch.float32, vocab, 100, tk.AOT_OPTIONS)
+    assert options.maxnreg == 80 and options in listed
+    assert tk.with_grad(tk.forward_config(torch.bfloat16, vocab, 100, tk.AOT_OPTIONS), vocab).maxnreg == 80
+    assert tk.forward_config(torch.bfloat16, vocab, 100, tk.AOT_OPTIONS).maxnreg == 64
+
+
+@needs_interpreter  # launches on CPU tensors
+def test_unaligned_launch_takes_no_register_cap(monkeypatch):
+    """What the launcher really passes (interpreter): maxnreg for aligned rows, none for ``logits[1:]``."""
+    seen = []
+
+    class Recorder:
+        def __init__(self, kernel):
+            self.kernel = kernel
+
+        def __getitem__(self, grid):
+            def launch(*args, **kwargs):
+                seen.append((kwargs["ALIGNED"], kwargs.get("maxnreg")))
+                return self.kernel[grid](*args, **kwargs)
+            return launch
+
+    monkeypatch.setattr(tk, "_prsl_forward_kernel", Recorder(tk._prsl_forward_kernel))
+    monkeypatch.setattr(tk, "FORCE_BLOCK_V", None)
+    vocab = 3001  # 8 warps, as at V = 50257
+    flat = torch.randn(4 * vocab + 16).to(torch.bfloat16)
+    start = next(i for i in range(8) if (flat.data_ptr() + 2 * i) % 16 == 0)
+    aligned = flat[start:start + 2 * vocab].view(2, vocab)
+    unaligned = flat[start + 1:start + 1 + 2 * vocab].view(2, vocab)
+    target = torch.tensor([5, vocab - 1])
+    tk.forward(aligned, target, 20, 0.5, -100)
+    got = tk.forward(unaligned, target, 20, 0.5, -100)[0]
+    assert seen == [(True, 64), (False, None)]
+    torch.testing.assert_close(got, tk.forward(unaligned.clone(), target, 20, 0.5, -100)[0])
+
+
+def _order():
+    """Run as a script (TRITON_INTERPRET unset): target_read_ordered of the WRITE_GRAD kernels."""
+    vocab = 50257
+    configs = {"k0": tk.forward_config(torch.bfloat16, vocab, 0), "k20": tk.forward_config(torch.bfloat16, vocab, 20),
+               "exact": tk.exact_config(torch.bfloat16, vocab, 20, only_flagged=True)}
+    out = {}
+    for name, config in configs.items():
+        config = tk.with_grad(config, vocab)
+        tile = config.constexprs.get("GRAD_TILE") or config.constexprs["BLOCK_V"]
+        ttir = aot_report.compile_runtime(config, 90, vocab).asm["ttir"]
+        out[name] = aot_report.target_read_ordered(ttir, "bf16", tile)
+    return out
+
+
 def _hints():
     """Run as a script (TRITON_INTERPRET unset): hints and loop loads of three kernels."""
     import static_cost
@@ -129,3 +204,5 @@ def _hints():
 if __name__ == "__main__":
     if sys.argv[1:] == ["hints"]:
         print(json.dumps(_hints()))
+    elif sys.argv[1:] == ["order"]:
+        print(json.dumps(_order()))

@@ -9,9 +9,13 @@ import pytest
 import torch
 
 import prsl_reference as ref
+from conftest import needs_interpreter
 from prsl_kernels import prsl_loss
 from prsl_kernels import triton_kernels as tk
 from prsl_kernels.spec import DIST, LSE, NUM_ROW_STATS, SPREAD_SUM, TAU, TIE_COUNT
+
+# CPU tensors throughout, and a kernel helper swapped at run time (the last test): the interpreter's.
+pytestmark = needs_interpreter
 
 # Gradients in 16-bit may differ from the fp32 closed form by their output rounding only.
 GRAD_RTOL = {torch.float16: 2.0 ** -11, torch.bfloat16: 2.0 ** -8, torch.float32: 1e-5, torch.float64: 1e-10}

@@ -3,6 +3,7 @@
 import pytest
 import torch
 
+from conftest import backend_device
 from prsl_kernels import prsl_loss
 
 V = 10
@@ -75,9 +76,10 @@ def test_all_ignored_rows_give_zero_gradients(backend, linear):
     from prsl_kernels import linear_prsl_loss
 
     g = torch.Generator().manual_seed(3)
-    hidden = torch.randn(6, 8, generator=g, requires_grad=True)
-    weight = torch.randn(V, 8, generator=g, requires_grad=True)
-    target = torch.full((6,), -100)
+    device = backend_device(backend)
+    hidden = torch.randn(6, 8, generator=g).to(device).requires_grad_(True)
+    weight = torch.randn(V, 8, generator=g).to(device).requires_grad_(True)
+    target = torch.full((6,), -100, device=device)
     for reduction in ("mean", "sum"):
         hidden.grad = weight.grad = None
         if linear:
@@ -88,3 +90,14 @@ def test_all_ignored_rows_give_zero_gradients(backend, linear):
         (loss if reduction == "mean" else loss / (target != -100).sum()).backward()
         for grad in (hidden.grad, weight.grad):
             assert torch.equal(grad, torch.zeros_like(grad)), (reduction, grad)
+
+
+def test_target_out_of_range_names_its_position():
+    # The position in the caller's own target tensor, not a row of the flattened logits.
+    g = torch.Generator().manual_seed(7)
+    z = torch.randn(3, 4, V, generator=g)
+    t = torch.randint(0, V, (3, 4), generator=g)
+    t[2, 1] = V + 2
+    t[2, 3] = -7
+    with pytest.raises(ValueError, match=rf"found {V + 2} at target\[2, 1\]"):
+        prsl_loss(z, t, 2, 0.5, backend="reference")
