@@ -23,6 +23,7 @@ from .linear import linear_prsl_loss
 from .loss import prsl_loss
 from .spec import IGNORE_INDEX, stats_dtype
 from .validation import check_b, check_options, check_target_range
+from .vocab_parallel import is_dtensor, local_value
 
 
 def align_labels(labels: torch.Tensor, shift: bool, ignore_index: int = IGNORE_INDEX) -> torch.Tensor:
@@ -84,7 +85,7 @@ class PRSLTokenLoss:
                  aligned: bool = False) -> torch.Tensor:
         """``aligned=True``: ``labels`` already line up with ``logits`` (HF's ``shift_labels``)."""
         targets = self._targets(labels, logits.device, logits.shape[-1], aligned)
-        if (self.k == 0 or self.b == 0) and not self._has_options:
+        if (self.k == 0 or self.b == 0) and not self._has_options and not is_dtensor(logits):
             # Plain cross-entropy: torch's own kernel, the baseline a user would compare against.
             loss_sum = torch.nn.functional.cross_entropy(logits.reshape(-1, logits.shape[-1]), targets.reshape(-1),
                                                          ignore_index=self.ignore_index, reduction="sum")
@@ -104,6 +105,7 @@ class PRSLTokenLoss:
             loss, stats = prsl_loss(logits, targets, self.k, self.b, ignore_index=self.ignore_index,
                                     reduction="sum", divisor=denom, backend=self.backend,
                                     check_target=False, return_stats=True, **self.options)
+            loss = local_value(loss)  # vocab-sharded logits (tensor parallelism): the same on every rank
             penalty_sum = self.b * (stats.dist * counted).sum()
             # The logged sums: the loss times its divisor (0, not NaN, when every label is ignored).
             loss_sum = torch.where(count > 0, loss.detach() * torch.as_tensor(denom).to(loss.device), 0.0)
@@ -237,6 +239,7 @@ class PRSLLinearTokenLoss(PRSLTokenLoss):
                                            ignore_index=self.ignore_index, reduction="sum", backend=self.backend,
                                            chunk_size=self.chunk_size, check_target=False,
                                            return_stats=True, **options)
+        loss_sum = local_value(loss_sum)  # a tensor-parallel head: the same on every rank
         counted = (targets != self.ignore_index).reshape(-1)
         penalty_sum = self.b * (stats.dist * counted).sum() if self.k and self.b else loss_sum.new_zeros(())
         count = counted.sum()

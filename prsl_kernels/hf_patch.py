@@ -58,6 +58,7 @@ import torch
 from .hf_losses import PRSLLinearTokenLoss, PRSLTokenLoss
 from .linear import default_chunk_size
 from .spec import IGNORE_INDEX
+from .vocab_parallel import dtensor_linear_argmax, is_dtensor, local_value
 
 _PATCH_ATTR = "_prsl_patch"  # on an instance: its _Patch; on a class's forward: the wrapper's marker
 
@@ -395,9 +396,15 @@ class _HeadCapture:
             # Storage offsets and set_ do not trace: under torch.compile the placeholder is a
             # zero-column view, and only its shape is read (see _traced_rows).
             return hidden.detach()[..., :0]
-        self.marker = torch.empty(1, dtype=hidden.dtype, device=hidden.device).untyped_storage()
-        return hidden.new_empty(0).set_(self.marker, hidden.storage_offset(), hidden.shape[:-1] + (0,),
-                                        hidden.stride()[:-1] + (1,))
+        local = local_value(hidden)
+        self.marker = torch.empty(1, dtype=local.dtype, device=local.device).untyped_storage()
+        placeholder = local.new_empty(0).set_(self.marker, local.storage_offset(), local.shape[:-1] + (0,),
+                                              local.stride()[:-1] + (1,))
+        if is_dtensor(hidden):  # a tensor-parallel head: its output hook takes logits sharded over the vocabulary
+            from torch.distributed.tensor import DTensor, Shard
+
+            return DTensor.from_local(placeholder, hidden.device_mesh, [Shard(placeholder.dim() - 1)], run_check=False)
+        return placeholder
 
     def hidden(self, model_name):
         if len(self.inputs) != 1:
@@ -529,43 +536,81 @@ def _prsl_of(patch, head, capture, logits, targets, num_items_in_batch, aligned,
     """PRSL of what the model made of its head's output: its logits (``capture`` None), or, fused,
     the hidden rows the placeholder ``logits`` stands for, through the head's own forward."""
     if capture is None:
+        # A tensor-parallel head with use_local_output=True (FSDP2's weight is a DTensor too, but the
+        # logits it makes are whole).
+        if is_dtensor(head.weight) and not is_dtensor(logits) and logits.shape[-1] != head.out_features:
+            raise NotImplementedError(
+                f"apply_prsl(fused_linear=False): {name}'s tensor-parallel LM head returns this rank's slice of the "
+                f"logits as a plain tensor; give it ColwiseParallel(output_layouts=Shard(-1), use_local_output=False) "
+                f"so PRSL gets them as a DTensor (or use the default fused_linear=True)")
         _check_targets(targets, tuple(logits.shape[:-1]), aligned, name)
         loss = patch.loss(logits, targets, num_items_in_batch, aligned=aligned)
     else:
         hidden = capture.hidden(name)
+        mesh = hidden.device_mesh if is_dtensor(hidden) else None  # a tensor-parallel head
+        hidden, logits = local_value(hidden), local_value(logits)
         if torch.compiler.is_compiling():
             rows, softcap, scale = _traced_rows(patch, logits, hidden, name)
         else:
             rows, transformed = _rows_of(logits, hidden, capture.marker)
+            if mesh is not None and transformed and patch.model_softcap is None and patch.scale == 1.0 \
+                    and logits.dtype == hidden.dtype:
+                raise NotImplementedError(
+                    f"apply_prsl: the output of {name}'s tensor-parallel LM head was changed after the head; give "
+                    f"it ColwiseParallel(output_layouts=Shard(-1)) (use_local_output either way): PRSL is "
+                    f"computed over the vocabulary shards and never needs the whole logits")
             softcap, scale = patch.post_processing(transformed, logits.dtype != hidden.dtype, name)
         _check_targets(targets, tuple(rows.shape[:-1]), aligned, name)
         if scale != 1.0:
             rows = rows * scale  # (s h) W^T + s c == s (h W^T + c): the bias is scaled too
-        loss = _loss_through_head(patch, head, capture, rows, targets, num_items_in_batch, aligned, softcap, scale)
+        loss = _loss_through_head(patch, head, capture, rows, targets, num_items_in_batch, aligned, softcap, scale,
+                                  mesh)
     patch.calls += 1
     return loss
 
 
-def _loss_through_head(patch, head, capture, rows, targets, num_items_in_batch, aligned, softcap, scale):
+def _loss_through_head(patch, head, capture, rows, targets, num_items_in_batch, aligned, softcap, scale, mesh=None):
     """The fused loss computed as the head module's forward: FSDP2 / ZeRO-3 unshard its weight around
     the call and hook the backward to the loss, as for the logits they would have made. An
-    evaluation forward also takes the predictions there, while the weight is whole."""
+    evaluation forward also takes the predictions there, while the weight is whole.
+
+    A tensor-parallel head (``mesh``, its weight a ``Shard(0)`` DTensor) gets ``rows`` as a replicated
+    DTensor, which its input hook leaves as it is whatever its ``input_layouts``; the loss (the same on
+    every rank) leaves through its output hook as a one-element-per-rank DTensor ``Shard(0)``, which
+    ``output_layouts=Shard(-1)`` keeps (and ``Replicate()`` gathers: this rank's own element is taken)."""
 
     def forward(hidden):
         bias = head.bias if head.bias is None or scale == 1.0 else head.bias * scale
         if capture.want_predictions:
             capture.predictions = _argmax_rows(hidden, head.weight, bias)
-        return patch.loss(hidden, head.weight, targets, num_items_in_batch, bias=bias, aligned=aligned,
+        loss = patch.loss(hidden, head.weight, targets, num_items_in_batch, bias=bias, aligned=aligned,
                           model_softcap=softcap)
+        if mesh is not None:
+            # Imported here, not shared with the enclosing function: a closure cell that only the
+            # tensor-parallel branch fills would be an uninitialised read that torch.compile breaks on.
+            from torch.distributed.tensor import DTensor, Shard
 
+            loss = DTensor.from_local(loss.reshape(1), mesh, [Shard(0)], run_check=False)
+        return loss
+
+    if mesh is not None:
+        from torch.distributed.tensor import DTensor, Replicate
+
+        rows = DTensor.from_local(rows, mesh, [Replicate()], run_check=False)
     with _Swap(patch, "head_call", forward):
-        return head(rows)
+        loss = head(rows)
+    if mesh is None:
+        return loss
+    loss = local_value(loss).reshape(-1)
+    return loss[mesh.get_local_rank() if loss.numel() > 1 else 0]
 
 
 def _argmax_rows(rows, weight, bias):
     """The token each row's logits ``rows @ weight.T + bias`` rank first, in row chunks of the fused
     loss's size: no N x V logits. A model's soft cap keeps the order, so its argmax is this one
     (up to ties)."""
+    if is_dtensor(weight):  # a tensor-parallel head: no logits cross the group
+        return dtensor_linear_argmax(rows, weight, bias)
     flat = rows.reshape(-1, rows.shape[-1])
     chunk = default_chunk_size(flat.shape[0], weight.shape[0], flat.dtype, flat.device)
     ids = torch.empty(flat.shape[0], dtype=torch.long, device=flat.device)

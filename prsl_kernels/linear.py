@@ -39,9 +39,11 @@ from __future__ import annotations
 import torch
 
 from . import backends
+from .function import scale_unless_one
 from .loss import RowStats, prsl_loss, reduce_rows
 from .spec import IGNORE_INDEX, stats_dtype
 from .validation import check_inputs, check_linear_inputs, check_options, check_target_range
+from .vocab_parallel import dtensor_linear_prsl_loss, is_dtensor
 
 # Bytes of one C x V chunk buffer (one live at once: the chunk's gradient overwrites its logits
 # in the forward kernel, in the forward for mean / sum, in the backward for reduction="none").
@@ -66,17 +68,29 @@ _AUTOCAST_FROM = (torch.float32, torch.float16, torch.bfloat16)
 def default_chunk_size(n_rows: int, vocab: int, dtype: torch.dtype, device: torch.device) -> int:
     """Rows per chunk: as many as fit the device's chunk budget (``CHUNK_BYTES``; 32 MiB for
     16-bit logits on CPU), a multiple of 8, at least 8 and at most ``n_rows``. On CUDA the budget shrinks to a
-    sixteenth of the free memory when that is smaller (read once per call, outside
-    ``torch.compile``)."""
+    sixteenth of the free memory when that is smaller (read on the device's first call,
+    outside ``torch.compile``, and kept)."""
     elem = torch.empty((), dtype=dtype).element_size()
     budget = CHUNK_BYTES.get(device.type, CHUNK_BYTES["cpu"])
     if device.type != "cuda" and elem == 2:
         budget = _CPU_16BIT_CHUNK_BYTES
     if device.type == "cuda" and not torch.compiler.is_compiling():
-        free, _ = torch.cuda.mem_get_info(device)
-        budget = min(budget, free // 16)
+        budget = min(budget, _cuda_free_budget(device))
     rows = max(_MIN_CHUNK_ROWS, budget // (vocab * elem) // 8 * 8)
     return max(1, min(rows, n_rows))
+
+
+# A sixteenth of each CUDA device's free memory, read on its first call: mem_get_info is a driver
+# call (and a context query) that every training step would otherwise repeat for the same answer.
+_CUDA_FREE_BUDGET = {}
+
+
+def _cuda_free_budget(device):
+    index = device.index if device.index is not None else torch.cuda.current_device()
+    if index not in _CUDA_FREE_BUDGET:
+        free, _ = torch.cuda.mem_get_info(index)
+        _CUDA_FREE_BUDGET[index] = free // 16
+    return _CUDA_FREE_BUDGET[index]
 
 
 def linear_prsl_loss(hidden, weight, target, k, b, *, bias=None, ignore_index=IGNORE_INDEX, reduction="mean",
@@ -114,6 +128,11 @@ def linear_prsl_loss(hidden, weight, target, k, b, *, bias=None, ignore_index=IG
                                     reduction=reduction, backend=backend, chunk_size=chunk_size,
                                     check_target=check_target, return_stats=return_stats,
                                     label_smoothing=label_smoothing, z_loss=z_loss, softcap=softcap)
+    if any(is_dtensor(x) for x in (hidden, weight, bias, target)):  # tensor parallelism: a vocab-sharded head
+        return dtensor_linear_prsl_loss(hidden, weight, target, k, b, bias=bias, ignore_index=ignore_index,
+                                        reduction=reduction, backend=backend, chunk_size=chunk_size,
+                                        check_target=check_target, return_stats=return_stats,
+                                        label_smoothing=label_smoothing, z_loss=z_loss, softcap=softcap)
     check_linear_inputs(hidden, weight, bias, target, k)
     vocab = weight.shape[0]
     logits_like = hidden.new_zeros(()).expand(*hidden.shape[:-1], vocab)  # no memory: for the shared checks
@@ -259,7 +278,12 @@ class LinearPRSLFunction(torch.autograd.Function):
             # All rows ignored: the gradients are exact zeros, and stay so even when the caller divided
             # the loss by a zero token count (an inf or NaN upstream; 0 * inf would be NaN).
             grad_loss = torch.where(count > 0, grad_loss, torch.zeros_like(grad_loss))
-            grad_hidden, grad_weight, grad_bias = (None if g is None else g.mul_(grad_loss) for g in grads)
+            # Scaled in place unless the upstream gradient is exactly 1 (loss.backward() on the loss itself),
+            # decided on the device: otherwise a read and a write of all of V x H (and N x H) for nothing.
+            for g in grads:
+                if g is not None:
+                    scale_unless_one(g, grad_loss)
+            grad_hidden, grad_weight, grad_bias = grads
         else:  # reduction="none", or a second backward through a retained graph: recompute
             grad_rows = grad_loss if scale is None else (grad_loss * scale).expand(hidden.shape[0])
             grad_hidden, grad_weight, grad_bias = _backward_chunks(ctx, grad_rows, hidden, weight, bias, target)

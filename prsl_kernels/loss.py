@@ -8,6 +8,7 @@ from . import backends
 from .function import PRSLFunction, PRSLGradInForwardFunction
 from .spec import IGNORE_INDEX, NUM_ROW_STATS, stats_dtype
 from .validation import check_inputs, check_options, check_target_range
+from .vocab_parallel import dtensor_prsl_loss, is_dtensor
 
 
 class RowStats(NamedTuple):
@@ -44,8 +45,10 @@ def prsl_loss(logits, target, k, b, *, ignore_index=IGNORE_INDEX, reduction="mea
         ignore_index: target value whose rows count neither in loss nor gradient.
         reduction: ``"mean"`` (over counted rows), ``"sum"`` or ``"none"``.
         backend: ``"auto"``, ``"triton"``, ``"cpp"`` or ``"reference"``.
-        check_target: verify targets lie in ``[0, V)`` (one host sync on GPU). Unchecked, an
-            out-of-range target is still never read: its row is NaN (Triton) or the call raises.
+        check_target: verify targets lie in ``[0, V)``: on the CPU a ``ValueError`` naming the
+            first bad position (``target[2, 5]``); on CUDA an asynchronous device assert (no host
+            sync). Unchecked, an out-of-range target is still never read: its row is NaN (Triton)
+            or the call raises (C++).
         return_stats: also return :class:`RowStats` (e.g. to log CE and ``b * D`` apart, or the
             token accuracy from ``correct``).
         label_smoothing: ``eps`` in [0, 1]; the CE term becomes
@@ -80,6 +83,11 @@ def prsl_loss(logits, target, k, b, *, ignore_index=IGNORE_INDEX, reduction="mea
     Returns:
         The loss (float32, or float64 for float64 logits), and the stats if asked.
     """
+    if is_dtensor(logits) or is_dtensor(target):  # tensor parallelism: logits sharded over the vocabulary
+        return dtensor_prsl_loss(logits, target, k, b, ignore_index=ignore_index, reduction=reduction, backend=backend,
+                                 check_target=check_target, return_stats=return_stats,
+                                 label_smoothing=label_smoothing, z_loss=z_loss, softcap=softcap,
+                                 inplace_backward=inplace_backward, divisor=divisor)
     check_inputs(logits, target, k, b, ignore_index, reduction, backend)
     options = check_options(label_smoothing, z_loss, softcap)
     if not isinstance(inplace_backward, bool):
@@ -93,7 +101,7 @@ def prsl_loss(logits, target, k, b, *, ignore_index=IGNORE_INDEX, reduction="mea
         if torch.is_tensor(divisor):
             if divisor.numel() != 1 or divisor.is_complex():
                 raise ValueError(f"divisor must be a real scalar, got a tensor of shape {tuple(divisor.shape)}")
-            divisor = divisor.reshape(()).to(device=logits.device, dtype=stats_dtype(logits.dtype))
+            divisor = _divisor_on(divisor, logits)
         elif not isinstance(divisor, (int, float)) or isinstance(divisor, bool):
             raise TypeError(f"divisor must be a number or a 0-d tensor, got {type(divisor).__name__}")
     vocab = logits.shape[-1]
@@ -123,6 +131,16 @@ def prsl_loss(logits, target, k, b, *, ignore_index=IGNORE_INDEX, reduction="mea
     if divisor is not None:
         loss = loss / divisor
     return (loss, stats) if return_stats else loss
+
+
+def _divisor_on(divisor, logits):
+    """A one-element ``divisor`` tensor as the loss uses it: on the logits' device in the stats
+    dtype, or, held on the host for logits elsewhere (Hugging Face's ``num_items_in_batch`` often
+    is), a Python number: read on the host at no cost, where copying it to the device would be a
+    blocking copy that waits for the device's queue."""
+    if divisor.device.type == "cpu" and logits.device.type != "cpu" and not torch.compiler.is_compiling():
+        return divisor.item()
+    return divisor.reshape(()).to(device=logits.device, dtype=stats_dtype(logits.dtype))
 
 
 def reduce_rows(loss_rows, target, ignore_index, reduction):

@@ -36,6 +36,13 @@ model's clean output. Each finished round is written to disk (its JSONL records,
 the adversarial images), so a rerun with the same arguments resumes after the last
 finished round and gives exactly what an uninterrupted run gives.
 
+Under ``torchrun --nproc_per_node N`` or ``accelerate launch`` the images are split over the
+processes (image ``i`` to rank ``i % N``), each attacked once through all its rounds; each finished
+batch goes to ``partial/``, so a rerun resumes per image (with any N). Rank 0 merges the partials,
+scores every round on all images at once (CIDEr-D's document frequencies span the whole set) and
+writes the same files and report as one process; it alone shows a progress bar, with the global
+count. ``--worst-case-over-references`` stays single-process: its choice scores every image.
+
 Layout of ``--output-dir`` (one folder per model, then the cross-model report)::
 
     <name>/attack_config.json     what was run (a resume must match it)
@@ -44,14 +51,17 @@ Layout of ``--output-dir`` (one folder per model, then the cross-model report)::
     <name>/state.pt               adversarial images after the last finished round
     <name>/grid.npz               first few clean / adversarial images with outputs
     <name>/samples.jsonl          all rounds' records (id, round, output, scores)
+    <name>/partial/part-NNNNNN.pt several processes: finished batches not yet merged
     summary.csv, report.md, figures/*.png  (see report.py)
 """
 
 from __future__ import annotations
 
 import argparse
+import copy
 import json
 import os
+import shutil
 import sys
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -229,6 +239,8 @@ class ModelAttack:
     def __init__(self, bundle, items, out_dir, config: AttackConfig, scorer, *, model_path="", name=None,
                  run_info=None, progress=True):
         self.bundle, self.items, self.cfg, self.scorer = bundle, list(items), config.validate(), scorer
+        # Each item's place in the whole run: seeds its random start, whichever process attacks it.
+        self.index = list(range(len(self.items)))
         self.out = Path(out_dir)
         self.name = name or self.out.name
         self.model_path, self.run_info, self.progress = str(model_path), dict(run_info or {}), progress
@@ -283,7 +295,7 @@ class ModelAttack:
                            "max_new_tokens": self.max_new_tokens, "valid_range": True},
                 "ids": [it.id for it in self.items]}
 
-    def _check_or_write_config(self):
+    def _check_or_write_config(self, write=True):
         path = self.out / "attack_config.json"
         mine = self.describe()
         if path.is_file():
@@ -297,7 +309,8 @@ class ModelAttack:
                                        "--output-dir or --overwrite")
             old["attack"]["rounds"] = max(old["attack"]["rounds"], self.cfg.rounds)
             mine = old
-        _write_text(path, json.dumps(mine, indent=1))
+        if write:
+            _write_text(path, json.dumps(mine, indent=1))
 
     def _load_state(self):
         path = self.out / "state.pt"
@@ -328,7 +341,7 @@ class ModelAttack:
         from .attack_steps import random_start
 
         starts = [random_start(x0[i:i + 1], self.eps, self.cfg.attack, bounds=self._bounds(),
-                               generator=torch.Generator().manual_seed(self.cfg.seed * 1_000_003 + i))
+                               generator=torch.Generator().manual_seed(self.cfg.seed * 1_000_003 + self.index[i]))
                   for i in range(len(x0))]
         return torch.cat(starts)
 
@@ -393,6 +406,15 @@ class ModelAttack:
         outputs = [candidates[j][1][i] for i, (_, j) in enumerate(best)]
         losses = [candidates[j][2][i] for i, (_, j) in enumerate(best)]
         return x_new, outputs, losses
+
+    def _round(self, rnd, x, x0, targets, bar):
+        """Round ``rnd`` from ``x``: the adversarial images, their outputs and attack losses."""
+        if rnd == 1 and self.cfg.attack != "bim":
+            x = self._random_start(x0)
+        if self.cfg.worst_case:
+            return self._worst_case_round(x, x0, bar)
+        x, losses = self._step_all(x, x0, targets, bar)
+        return x, self._generate(x), losses
 
     def _attack_loss(self, x, targets):
         losses = []
@@ -476,13 +498,7 @@ class ModelAttack:
         for rnd in range(done + 1, self.cfg.rounds + 1):
             if stop_after is not None and rnd > stop_after:
                 break
-            if rnd == 1 and self.cfg.attack != "bim":
-                x = self._random_start(x0)
-            if self.cfg.worst_case:
-                x, outputs, losses = self._worst_case_round(x, x0, bar)
-            else:
-                x, losses = self._step_all(x, x0, targets, bar)
-                outputs = self._generate(x)
+            x, outputs, losses = self._round(rnd, x, x0, targets, bar)
             self._score_and_write(rnd, outputs, clean, losses)
             self._save_state(rnd, x, clean)
             done = rnd
@@ -498,6 +514,130 @@ class ModelAttack:
         parts = [(self.out / "rounds" / f"round_{r:03d}.jsonl").read_text() for r in range(last + 1)]
         _write_text(path, "".join(parts))
         return path
+
+    # ---- several processes
+    #
+    # Every image's rounds depend on that image alone (per-sample losses, per-image random starts),
+    # so the images can be split over processes and each attacked through all its rounds at once.
+    # Only the scores need the whole set (CIDEr-D's document frequencies come from every image's
+    # references): the processes write outputs and losses, and rank 0 scores the merged rounds.
+
+    def _view(self, index):
+        """This attack restricted to the items at ``index`` (positions in the whole run)."""
+        view = copy.copy(self)
+        view.items, view.index = [self.items[i] for i in index], list(index)
+        return view
+
+    def _partials(self, done):
+        """Batches finished by any process since the last merge: ``{index: (partial, position)}``.
+        A partial of another start or round count (an older, interrupted run) is ignored."""
+        found = {}
+        for path in sorted((self.out / "partial").glob("part-*.pt")):
+            part = torch.load(path, map_location="cpu", weights_only=True)
+            if part["start"] != done or part["rounds"] != self.cfg.rounds:
+                continue
+            if len(part["outputs"]) != self.cfg.rounds - done:   # rounds 0..R fresh, done+1..R resumed
+                raise RuntimeError(f"{path} holds {len(part['outputs'])} rounds, expected {self.cfg.rounds - done}")
+            for j, (i, item_id) in enumerate(zip(part["index"], part["ids"])):
+                if i < len(self.items) and self.items[i].id == item_id:
+                    found[i] = (part, j)
+        return found
+
+    def _attack_batch_rounds(self, index, done, state_x, state_clean):
+        """Every round after ``done`` for the items at ``index``; written to one partial file."""
+        view = self._view(index)
+        x0 = view._clean_inputs()
+        outputs, losses = [], []
+        if done < 0:
+            clean = view._generate(x0)
+            losses.append(view._attack_loss(x0, view._targets(clean)))
+            outputs.append(clean)
+            x = x0.clone()
+        else:
+            clean = [state_clean[i] for i in index]
+            x = state_x[index].to(self.device)
+        targets = view._targets(clean)
+        for rnd in range(max(done, 0) + 1, self.cfg.rounds + 1):
+            x, out, loss = view._round(rnd, x, x0, targets, None)
+            outputs.append(out)
+            losses.append(loss)
+        part = {"start": done, "rounds": self.cfg.rounds, "index": list(index), "ids": [it.id for it in view.items],
+                "clean": clean, "outputs": outputs, "losses": losses, "x": x.cpu()}
+        _atomic_write(self.out / "partial" / f"part-{index[0]:06d}.pt", lambda p: torch.save(part, p))
+        self.attacked.extend(it.id for it in view.items)
+
+    def _merge(self, done):
+        """Rank 0: the partials in item order, scored and written as a single-process run writes them."""
+        found = self._partials(done)
+        missing = [it.id for i, it in enumerate(self.items) if i not in found]
+        if missing:
+            raise RuntimeError(f"{self.out}: no process attacked {len(missing)} image(s), e.g. {missing[:3]}")
+        at = [found[i] for i in range(len(self.items))]
+        clean = [part["clean"][j] for part, j in at]
+        # A fresh run's partials start with round 0 (the clean outputs); a resumed one's after ``done``.
+        for k, rnd in enumerate(range(0 if done < 0 else done + 1, self.cfg.rounds + 1)):
+            self._score_and_write(rnd, [part["outputs"][k][j] for part, j in at], clean,
+                                  [part["losses"][k][j] for part, j in at])
+        self._save_state(self.cfg.rounds, torch.stack([part["x"][j] for part, j in at]), clean)
+
+    def run_sharded(self, world, stop_after_batches=None):
+        """Run (or resume) the attack as one of ``world.size`` processes (see ``distributed.World``).
+
+        Process ``r`` attacks the items ``i`` with ``i % size == r``, ``batch_size`` at a time,
+        each batch through every round, and writes each finished batch to ``partial/``; a rerun
+        skips every item a partial holds, whichever process wrote it. Rank 0 then merges the
+        partials into the files :meth:`run` writes (rounds, state, grid, samples) and scores them
+        there, on every image at once, so scores equal a single-process run's.
+        ``stop_after_batches``: stop after that many batches, unmerged (used to test resuming).
+        Returns the path of ``samples.jsonl`` on rank 0, else None."""
+        if self.cfg.worst_case and world.size > 1:
+            raise ValueError("--worst-case-over-references runs in one process only: its per-round choice "
+                             "scores every image at once")
+        self.attacked = []
+        self.out.mkdir(parents=True, exist_ok=True)
+        (self.out / "rounds").mkdir(exist_ok=True)
+        (self.out / "partial").mkdir(exist_ok=True)
+        self._check_or_write_config(write=False)
+        world.barrier()                     # every process has read the old config before rank 0 updates it
+        if world.main:
+            self._check_or_write_config()
+        done, state_x, state_clean = self._load_state()
+        if done >= self.cfg.rounds:
+            todo = []
+        else:
+            finished = self._partials(done)
+            todo = [i for i in range(world.rank, len(self.items), world.size) if i not in finished]
+        bs = self.cfg.batch_size
+        batches = [todo[i:i + bs] for i in range(0, len(todo), bs)]
+        total, steps = world.sum(len(todo)), world.max(len(batches))
+        bar = None
+        if world.main and self.progress and total:
+            from tqdm.auto import tqdm
+
+            bar = tqdm(total=total, desc=f"{self.cfg.attack.upper()} {self.name} ({world.size} processes)",
+                       unit="img", file=sys.stderr)
+        # In step: the global count for rank 0's bar is one sum per batch (a process with fewer
+        # batches adds zeros), so no process waits for another's files.
+        for k in range(steps):
+            if stop_after_batches is not None and k >= stop_after_batches:
+                return None
+            mine = 0
+            if k < len(batches):
+                self._attack_batch_rounds(batches[k], done, state_x, state_clean)
+                mine = len(batches[k])
+            n = world.sum(mine)
+            if bar is not None:
+                bar.update(n)
+        if bar is not None:
+            bar.close()
+        world.barrier()                     # every partial is written
+        if not world.main:
+            return None
+        if done < self.cfg.rounds:
+            self._merge(done)
+        shutil.rmtree(self.out / "partial", ignore_errors=True)
+        # The merged state is a finished single-process run: run() writes the grid and samples.jsonl.
+        return self.run()
 
 
 # --------------------------------------------------------------------------- CLI
@@ -673,11 +813,13 @@ def select_samples(samples, args, model_dirs):
     return chosen[:args.num_samples], f"{min(len(chosen), args.num_samples)} images of {args.data} held out from fine-tuning"
 
 
-def run(args):
-    """Attack every model of ``args`` (parsed by :func:`build_parser`); returns the output dir."""
-    import shutil
+def run(args, world=None):
+    """Attack every model of ``args`` (parsed by :func:`build_parser`); returns the output dir.
 
+    Under ``torchrun`` / ``accelerate launch`` (``world``, see ``distributed.init_world``) the
+    images are split over the processes and rank 0 writes the merged results and the report."""
     from . import data as data_mod
+    from .distributed import World
     from .metrics import CAPTION_METRICS, METRICS, CaptionScorer
     from .models import load_bundle
 
@@ -685,13 +827,14 @@ def run(args):
         if not any((Path(m) / f).is_file() for f in ("config.json", "adapter_config.json")):
             raise SystemExit(f"prsl-attack: {m} is not a checkpoint directory (no config.json) nor a LoRA adapter "
                              "(no adapter_config.json)")
+    world = world or World()
     task = _task_for(args.model, args.task)
     names = _names(args.model, args.name)
     config = AttackConfig(task=task, rounds=args.rounds, eps=args.eps, alpha=args.alpha,
                           steps_per_round=args.steps_per_round, space=args.space, target=args.target,
                           attack=args.attack, target_text=args.target_text, worst_case=args.worst_case,
                           seed=args.seed, num_beams=args.num_beams, max_new_tokens=args.max_new_tokens,
-                          batch_size=args.batch_size, device=args.device).validate()
+                          batch_size=args.batch_size, device=world.device(args.device)).validate()
     if args.num_samples < 1:
         raise ValueError(f"--num-samples must be >= 1, got {args.num_samples}")
     metrics = args.metrics or (CAPTION_METRICS if task == "caption" else METRICS)
@@ -703,17 +846,20 @@ def run(args):
                                         n_images=args.num_samples, image_dir=args.image_dir,
                                         limit=None if file_data else args.num_samples)
         samples, which = select_samples(samples, args, args.model)
-        if not args.no_progress:
-            print(f"prsl-attack: {task}, {which}", file=sys.stderr)
+        if not args.no_progress and world.main:
+            print(f"prsl-attack: {task}, {which}" + (f", over {world.size} processes" if world.size > 1 else ""),
+                  file=sys.stderr)
         items = attack_items(samples, task, args.questions_per_image)
         for model_dir, name in zip(args.model, names):
             model_out = out / name
-            if args.overwrite and model_out.exists():
+            if args.overwrite and model_out.exists() and world.main:
                 shutil.rmtree(model_out)
+            world.barrier()
             bundle = load_bundle(model_dir, processor_path=args.processor)
-            ModelAttack(bundle, items, model_out, config, scorer, model_path=str(Path(model_dir).resolve()),
-                        name=name, run_info=_run_info(model_dir), progress=not args.no_progress).run()
-    if not args.no_report:
+            attack = ModelAttack(bundle, items, model_out, config, scorer, model_path=str(Path(model_dir).resolve()),
+                                 name=name, run_info=_run_info(model_dir), progress=not args.no_progress)
+            attack.run() if world.size == 1 else attack.run_sharded(world)
+    if not args.no_report and world.main:
         from .report import write_report
 
         write_report([out / n for n in names], out)
@@ -721,12 +867,20 @@ def run(args):
 
 
 def main(argv=None):
+    from .distributed import init_world, leave_process_group
+
     args = build_parser().parse_args(argv)
+    world = init_world(args.device)
     try:
-        out = run(args)
+        out = run(args, world)
     except (ValueError, RuntimeError, FileNotFoundError, OSError) as err:
+        if world.size > 1:
+            print(f"prsl-attack (rank {world.rank}): {err}", file=sys.stderr)
+            leave_process_group(1)
         raise SystemExit(f"prsl-attack: {err}") from err
-    print(f"prsl-attack: results in {out}")
+    if world.main:
+        print(f"prsl-attack: results in {out}")
+    leave_process_group(0)
     return 0
 
 
