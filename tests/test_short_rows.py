@@ -13,13 +13,13 @@ in place and not. The padding between rows must come back untouched.
 import pytest
 import torch
 
-from conftest import needs_interpreter
+from conftest import backend_device
 from float64_oracle import Oracle, row_weights, worst_ratio
 from prsl_kernels import prsl_loss
 from prsl_kernels import triton_kernels as tk
 
-# The Triton backend on CPU tensors, through the interpreter (tests/test_gpu_compiled.py runs compiled).
-pytestmark = needs_interpreter
+# The Triton backend on its device: CPU tensors through the interpreter, CUDA tensors compiled
+# (where the race of tiles outside the row, between programs, is real).
 
 VEC = {torch.float16: 8, torch.bfloat16: 8, torch.float32: 4, torch.float64: 2}
 SENTINEL = 7.0  # in the padding between rows: any gradient written there shows
@@ -54,11 +54,11 @@ def _rows(dtype, vocab, seed):
     return logits.to(dtype), target, gen
 
 
-def _laid_out(values, pad):
+def _laid_out(values, pad, device):
     """A leaf holding ``values`` with rows ``pad`` elements apart beyond V, the padding set to SENTINEL."""
     n, vocab = values.shape
     stride = vocab + pad
-    storage = torch.full(((n - 1) * stride + vocab,), SENTINEL, dtype=values.dtype)
+    storage = torch.full(((n - 1) * stride + vocab,), SENTINEL, dtype=values.dtype, device=device)
     x = storage.as_strided((n, vocab), (stride, 1))
     x.copy_(values)
     return storage, x.detach().requires_grad_(True)
@@ -73,8 +73,10 @@ def _padding(storage, n, vocab, pad):
 
 @pytest.mark.parametrize("dtype,vocab,tile", _cases())
 def test_short_rows_and_tile_edges(monkeypatch, dtype, vocab, tile):
+    device = backend_device("triton")
     monkeypatch.setattr(tk, "FORCE_BLOCK_V", tile)
     logits, target, gen = _rows(dtype, vocab, seed=vocab)
+    target_on = target.to(device)
     n = logits.shape[0]
     acc = torch.float64 if dtype == torch.float64 else torch.float32
     top = min(vocab - 1, 40)  # k = V - 1 on short rows; the long ones are about their tiles
@@ -82,20 +84,21 @@ def test_short_rows_and_tile_edges(monkeypatch, dtype, vocab, tile):
     runs = [("none", 1 + vocab % 3, False, top, 0.5), ("mean", 0, True, min(1, top), -0.3),
             ("sum", 3, True, top // 2, 1.0), ("sum", 0, False, top, 0.5)]
     for reduction, pad, inplace, k, b in runs:
-        storage, x = _laid_out(logits, pad)
-        loss = prsl_loss(x, target, k, b, reduction=reduction, backend="triton", inplace_backward=inplace)
+        storage, x = _laid_out(logits, pad, device)
+        loss = prsl_loss(x, target_on, k, b, reduction=reduction, backend="triton", inplace_backward=inplace)
         upstream = torch.randn(loss.shape, generator=gen, dtype=acc) if reduction == "none" else \
             torch.tensor(1.0 if reduction == "sum" else 0.7, dtype=acc)
-        loss.backward(upstream)
+        loss.backward(upstream.to(device))
         oracle = Oracle(logits, target, k, b)
         want_loss, loss_tol = oracle.loss(reduction)
         rescale = 1.0 if reduction == "none" else float(upstream)
         want_grad, grad_tol = oracle.grad(row_weights(reduction, upstream, target), rescale)
         where = f"{reduction}, pad {pad}, inplace {inplace}, k {k}"
-        loss_ratio, _ = worst_ratio(loss.detach(), want_loss, loss_tol)
-        grad_ratio, at = worst_ratio(x.grad, want_grad, grad_tol)
+        got_grad = x.grad.cpu()
+        loss_ratio, _ = worst_ratio(loss.detach().cpu(), want_loss, loss_tol)
+        grad_ratio, at = worst_ratio(got_grad, want_grad, grad_tol)
         assert loss_ratio <= 1, f"{where}: loss error {loss_ratio:.3g} x tol"
         assert grad_ratio <= 1, f"{where}: gradient error {grad_ratio:.3g} x tol at {divmod(at, vocab)}: " \
-            f"{x.grad.reshape(-1)[at].item()} vs {want_grad.reshape(-1)[at].item()}"
-        assert (x.grad[target == -100] == 0).all()
+            f"{got_grad.reshape(-1)[at].item()} vs {want_grad.reshape(-1)[at].item()}"
+        assert (got_grad[target == -100] == 0).all()
         assert (_padding(storage, n, vocab, pad) == SENTINEL).all(), f"{where}: the padding between rows was written"
