@@ -28,7 +28,11 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "benchmarks"))
 
 import aot_report  # noqa: E402
-from conftest import needs_interpreter  # noqa: E402
+
+# Not conftest's marker: this file also runs as a script (compiled, in subprocesses), where importing
+# conftest after triton would refuse. In pytest, conftest has set TRITON_INTERPRET before this import.
+needs_interpreter = pytest.mark.skipif(os.environ.get("TRITON_INTERPRET") != "1",
+                                       reason="launches on CPU tensors: Triton's interpreter")
 
 needs_tools = pytest.mark.skipif(not aot_report.have_tools(), reason="triton's ptxas / cuobjdump not found")
 
