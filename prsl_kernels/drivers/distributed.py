@@ -85,10 +85,14 @@ def leave_process_group(code: int) -> None:
     """Under a launcher (``WORLD_SIZE > 1``): end the process without the interpreter's teardown.
 
     At interpreter exit gloo's worker threads can still release the last tensor of a finished
-    collective while Python finalises, and the process aborts (SIGABRT) after a completed run
-    (see ``finetune._leave_process_group``, measured there). So a finished process waits for the
-    others, destroys the group, flushes its streams and leaves with ``os._exit``. A world of one
-    returns and exits normally."""
+    collective while Python finalises; the tensor's Python object then needs the GIL and the
+    process aborts ("terminate called without an active exception", SIGABRT, in
+    ``c10::TensorImpl::decref_pyobject`` with the main thread in ``Py_FinalizeEx``: about one
+    two-process ``prsl-finetune`` run in ten on this project's CPU VM, after the run had completed
+    and been written). So a finished process waits for the others when the group is still up
+    (rank 0 evaluates and writes meanwhile), destroys it, flushes its streams and leaves with
+    ``os._exit``. A world of one returns and exits normally. Used by ``prsl-finetune`` and
+    ``prsl-attack``."""
     if _env_int("WORLD_SIZE", 1) <= 1:
         return
     dist = torch.distributed

@@ -16,7 +16,6 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import json
-import logging
 import math
 import os
 import sys
@@ -28,6 +27,7 @@ import torch
 
 from . import data as data_mod
 from . import models
+from .distributed import leave_process_group
 
 LOSSES = ("ce", "prsl", "prsl-released")
 SCHEDULES = ("linear", "cosine", "constant", "constant_with_warmup")
@@ -632,35 +632,10 @@ def _data_info(cfg: FinetuneConfig, train_samples, train_examples, eval_samples)
     return info
 
 
-def _leave_process_group(code: int) -> None:
-    """Under torchrun (WORLD_SIZE > 1): ends the process without the interpreter's teardown.
-
-    At interpreter exit the gloo process group's worker threads are still alive and can release
-    the last tensor of a finished collective while Python finalises; the tensor's Python object
-    then needs the GIL and the process aborts ("terminate called without an active exception",
-    SIGABRT, in ``c10::TensorImpl::decref_pyobject``, with the main thread in ``Py_FinalizeEx``:
-    about one two-process run in ten on this project's CPU VM, after the run had completed and
-    been written). So a finished worker waits for the others when the group is still up (rank 0
-    evaluates and writes the run meanwhile), destroys it, flushes its streams and leaves with
-    os._exit.
-    """
-    if int(os.environ.get("WORLD_SIZE", "1")) <= 1:
-        return
-    dist = torch.distributed
-    if dist.is_available() and dist.is_initialized():
-        if code == 0:
-            dist.barrier()
-        dist.destroy_process_group()
-    logging.shutdown()
-    sys.stdout.flush()
-    sys.stderr.flush()
-    os._exit(code)
-
-
 def main(argv=None) -> int:
     cfg = parse_args(argv)
     code = _main(cfg)
-    _leave_process_group(code)
+    leave_process_group(code)
     return code
 
 
