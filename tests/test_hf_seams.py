@@ -225,9 +225,15 @@ def test_trainer_evaluate_gives_compute_metrics_the_predictions(tmp_path):
 
     metrics = _trainer(tmp_path, model, batch, compute_metrics=compute_metrics).evaluate()
     want = logits.argmax(-1)
-    assert seen["preds"].shape == tuple(want.shape)
-    assert (seen["preds"] == want.numpy()).all()
+    preds = torch.from_numpy(seen["preds"])
+    assert preds.shape == want.shape
+    # float32: the chunked matmul may round differently from the full one, so only positions whose
+    # top two logits are clearly apart (1e-4, against float32 errors of ~1e-7 here) must agree.
+    top2 = logits.topk(2, dim=-1).values
+    clear = (top2[..., 0] - top2[..., 1]) > 1e-4
+    assert clear.float().mean() > 0.8
+    assert torch.equal(preds[clear], want[clear])
     counted = batch["labels"][:, 1:] != -100
-    accuracy = (want[:, :-1] == batch["labels"][:, 1:])[counted].float().mean().item()
+    accuracy = (preds[:, :-1] == batch["labels"][:, 1:])[counted].float().mean().item()
     assert metrics["eval_accuracy"] == pytest.approx(accuracy)
     assert "eval_loss" in metrics
