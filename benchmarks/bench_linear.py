@@ -201,7 +201,7 @@ def write_results(rows, out_dir, slug, header):
 
 def check_against_reference(device, log=print):
     """Loss and gradients of the fused op on ``device`` against the float64 reference (CPU)."""
-    from prsl_reference import prsl_loss_reference
+    from reference import prsl_loss_reference
 
     worst = 0.0
     for dtype, tol in ((torch.float32, 1e-4), (torch.bfloat16, 3e-2)):

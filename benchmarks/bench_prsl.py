@@ -4,7 +4,7 @@
 Backends (each skipped with a note where it cannot run):
   cross_entropy       torch.nn.functional.cross_entropy, the floor any loss pays
   liger_ce            Liger-Kernel's fused Triton cross-entropy (CUDA, when liger_kernel imports)
-  reference           prsl_reference.prsl_loss_reference, eager PyTorch
+  reference           reference.prsl_loss_reference, eager PyTorch
   reference_compiled  the same under torch.compile(fullgraph=True), compiled per case
   cpp                 prsl_loss(backend="cpp"), the fused C++ kernel (CPU)
   triton              prsl_loss(backend="triton"), the fused Triton kernels (CUDA)
@@ -91,17 +91,14 @@ CSV_FIELDS = ("device", "device_name", "threads", "backend", "status", "N", "V",
 
 
 def import_package():
-    """Make ``prsl_kernels`` and ``prsl_reference`` importable from a bare checkout.
+    """Make ``prsl_kernels`` and ``reference`` importable when run as a script from a checkout.
 
-    On a lent GPU machine the package is not pip-installed: the repo root goes on
-    sys.path, and ``reference/`` (installed as ``prsl_reference``) is aliased.
+    On a lent GPU machine the package is not pip-installed and ``python benchmarks/x.py``
+    puts only ``benchmarks/`` on sys.path: the repo root goes there too, and both import
+    under the same names as from an install.
     """
     if str(REPO_ROOT) not in sys.path:
         sys.path.insert(0, str(REPO_ROOT))
-    try:
-        importlib.import_module("prsl_reference")
-    except ImportError:
-        sys.modules["prsl_reference"] = importlib.import_module("reference")
     return importlib.import_module("prsl_kernels")
 
 
@@ -334,7 +331,7 @@ def make_loss_fn(name, k, b, check_target, options=None):
     options = options or {}
     import torch.nn.functional as F
     from prsl_kernels import prsl_loss
-    from prsl_reference import prsl_loss_reference
+    from reference import prsl_loss_reference
 
     if name == "cross_entropy":
         return lambda x, t: F.cross_entropy(x, t)

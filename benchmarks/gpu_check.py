@@ -59,7 +59,7 @@ bench_prsl.import_package()
 import torch  # noqa: E402
 
 from prsl_kernels import prsl_loss  # noqa: E402
-from prsl_reference import prsl_loss_reference, row_stats_reference  # noqa: E402
+from reference import prsl_loss_reference, row_stats_reference  # noqa: E402
 
 # Normwise relative error bounds, max|out - ref| / max|ref|, against float64.
 # Loss and statistics accumulate in float32 whatever the input dtype; the

@@ -135,7 +135,7 @@ class PRSLTokenLoss:
             return ((z_s >= flat.max(-1).values) & counted).sum()
 
     def _released(self, logits, targets):
-        from prsl_reference import prsl_released_loss_reference
+        from reference import prsl_released_loss_reference
 
         counted = targets != self.ignore_index
         count = counted.sum()

@@ -153,7 +153,7 @@ def reduce_rows(loss_rows, target, ignore_index, reduction):
 
 
 def _reference_rows(logits, target, k, b, ignore_index, options=(0.0, 0.0, 0.0)):
-    from prsl_reference import loss_rows_reference
+    from reference import loss_rows_reference
 
     eps, lam, cap = options
     loss_rows, stats = loss_rows_reference(logits, target, k, b, ignore_index, label_smoothing=eps, z_loss=lam,

@@ -1,6 +1,6 @@
 """Pure-PyTorch reference of PRSL: the executable form of ``docs/spec.md``.
 
-Installed as the package ``prsl_reference``. Autograd gives every gradient here;
+Imported as ``reference`` from a checkout (repo root on the path) and from an install alike. Autograd gives every gradient here;
 nothing is hand-derived except ``grad_closed_form``, which writes the spec's
 closed form out so tests can hold the autograd result (and the kernels) to it.
 Memory is O(N*V) on purpose: this is the readable version, not the fast one.

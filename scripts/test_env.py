@@ -75,12 +75,28 @@ def _installed_version(name):
         return None
 
 
+TOP_LEVEL_PACKAGES = ("prsl_kernels", "reference")
+
+
+def _installed_from_root(package):
+    """Whether the install (not the working directory, which python puts first on the path)
+    resolves ``package`` to this checkout: an install made before a package was added or
+    renamed resolves it elsewhere, or not at all."""
+    saved = sys.path[:]
+    sys.path[:] = [p for p in sys.path if p not in ("", ".") and Path(p).resolve() != ROOT]
+    try:
+        spec = importlib.util.find_spec(package)
+    finally:
+        sys.path[:] = saved
+    return spec is not None and bool(spec.origin) and Path(spec.origin).resolve().is_relative_to(ROOT)
+
+
 def problems(lock=LOCK):
     """What differs between this environment and the lock (empty: nothing to install)."""
     found = []
-    spec = importlib.util.find_spec("prsl_kernels")
-    if spec is None or not spec.origin or not Path(spec.origin).resolve().is_relative_to(ROOT):
-        found.append(f"prsl_kernels is not installed from {ROOT}")
+    for package in TOP_LEVEL_PACKAGES:
+        if not _installed_from_root(package):
+            found.append(f"{package} is not installed from {ROOT}")
     try:
         installed = {_key(Requirement(r)) for r in md.distribution(PROJECT).requires or []}
     except md.PackageNotFoundError:

@@ -49,7 +49,7 @@ def build(arch, dtype):
 def reference(arch, dtype):
     """One process, the whole batch: PRSL on the unpatched model's logits."""
     from prsl_kernels.hf import align_labels
-    from prsl_reference import prsl_loss_reference
+    from reference import prsl_loss_reference
 
     model, batch = build(arch, dtype)
     inputs = {key: value for key, value in batch.items() if key != "labels"}

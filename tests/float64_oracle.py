@@ -15,7 +15,7 @@ import math
 
 import torch
 
-import prsl_reference as ref
+import reference as ref
 
 # Unit roundoff of the accumulation (float32; float64 for float64 logits) and of the
 # gradient's storage dtype, and the smallest step of that dtype (fp16's subnormals).

@@ -76,7 +76,7 @@ def test_bench_writes_csv_and_backends_agree(tmp_path):
             if r["backend"] == "cross_entropy":
                 assert float(r["loss"]) == pytest.approx(ce, rel=1e-5)
             else:  # CE + b * mean D >= CE for b = 0.5
-                from prsl_reference import prsl_loss_reference
+                from reference import prsl_loss_reference
                 expect = float(prsl_loss_reference(logits.double(), target, int(r["k"]), 0.5))
                 assert float(r["loss"]) == pytest.approx(expect, rel=1e-5), r
                 assert float(r["loss"]) > ce
@@ -87,7 +87,7 @@ def test_bench_options_rows(tmp_path, monkeypatch):
     backends once; the losses are the reference's with those options."""
     monkeypatch.syspath_prepend(str(REPO / "benchmarks"))
     import bench_prsl
-    from prsl_reference import prsl_loss_reference
+    from reference import prsl_loss_reference
 
     proc = _run([BENCH, "--device", "cpu", "--shapes", "3x97", "--k", "5", "--dtypes", "fp32",
                  "--backends", "cross_entropy,cpp", "--options", "none,softcap,all", "--reps", "1",

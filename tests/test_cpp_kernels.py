@@ -16,7 +16,7 @@ import torch
 
 from prsl_kernels import backends, cpp_kernels, ops, prsl_loss
 from prsl_kernels.spec import DIST, LSE, SPREAD_SUM, TAU, TIE_COUNT, stats_dtype
-from prsl_reference import grad_closed_form, prsl_loss_reference, row_stats_reference
+from reference import grad_closed_form, prsl_loss_reference, row_stats_reference
 
 requires_cpp = pytest.mark.skipif(not cpp_kernels.available(),
                                   reason=f"C++ extension unavailable: {cpp_kernels.build_error()}")
@@ -294,7 +294,7 @@ def test_disabled_extension_falls_back_with_one_warning():
     script = textwrap.dedent("""
         import warnings, torch
         from prsl_kernels import prsl_loss, cpp_kernels
-        from prsl_reference import prsl_loss_reference
+        from reference import prsl_loss_reference
         z = torch.randn(4, 30); t = torch.randint(0, 30, (4,))
         with warnings.catch_warnings(record=True) as caught:
             warnings.simplefilter("always")

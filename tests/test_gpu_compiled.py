@@ -6,7 +6,7 @@ functions run at tiny shapes in Triton's CPU interpreter (tests/conftest.py): th
 test code (inputs, reference, tolerances' bookkeeping) without a GPU, in well under a minute.
 The real-shape cases show as skipped there, the tiny ones as skipped on CUDA.
 
-The reference is ``prsl_reference`` on the kernels' own input values upcast to float64 (a bf16
+The reference is ``reference`` on the kernels' own input values upcast to float64 (a bf16
 logit is an exact float64), taken in row chunks: one float64 copy of 8192 x 50257 is 3.3 GB and
 the reference makes several. The gradient is the spec's closed form (``grad_closed_form``, held
 to autograd through the reference by tests/test_options.py), which needs no autograd graph.
@@ -34,7 +34,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-import prsl_reference as ref
+import reference as ref
 from conftest import COMPILED, INTERPRETER, TRITON_DEVICE
 from prsl_kernels import linear_prsl_loss, prsl_loss
 from prsl_kernels import triton_kernels as tk

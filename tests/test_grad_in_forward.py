@@ -14,7 +14,7 @@ gradients are also checked against the closed-form reference.
 import pytest
 import torch
 
-import prsl_reference as ref
+import reference as ref
 from conftest import backend_device
 from prsl_kernels import cpp_kernels, prsl_loss
 from prsl_kernels import triton_kernels as tk

@@ -5,7 +5,7 @@ import torch
 
 from prsl_kernels.hf import (CEComputeLoss, PRSLComputeLoss, PRSLTokenLoss, align_labels,
                              apply_prsl_fused_linear, prsl_loss_function, remove_prsl_fused_linear)
-from prsl_reference import prsl_loss_reference, prsl_released_loss_reference
+from reference import prsl_loss_reference, prsl_released_loss_reference
 
 V = 40
 

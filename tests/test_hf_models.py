@@ -14,7 +14,7 @@ from torch.utils._python_dispatch import TorchDispatchMode
 
 import tiny_models
 from prsl_kernels.hf import align_labels, apply_prsl, remove_prsl
-from prsl_reference import prsl_loss_reference
+from reference import prsl_loss_reference
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
 

@@ -9,7 +9,7 @@ import torch
 
 import tiny_models
 from prsl_kernels.hf import align_labels, apply_prsl
-from prsl_reference import prsl_loss_reference
+from reference import prsl_loss_reference
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
 

@@ -4,7 +4,7 @@ An import cycle only shows when the module in the cycle that is not yet loaded
 is imported first (``from prsl_kernels.sft import ...`` in a new process), which
 a test session that has already imported half the package never sees. One
 subprocess imports each module in turn, after dropping every ``prsl_kernels``
-and ``prsl_reference`` module from ``sys.modules``: each import starts from an
+and ``reference`` module from ``sys.modules``: each import starts from an
 unloaded package, while torch and transformers stay loaded (a new interpreter
 per module would cost seconds each).
 """
@@ -20,7 +20,7 @@ _SCRIPT = textwrap.dedent("""
     import importlib, sys, traceback
     failures = []
     for name in sys.argv[1:]:
-        for loaded in [m for m in sys.modules if m.split(".")[0] in ("prsl_kernels", "prsl_reference")]:
+        for loaded in [m for m in sys.modules if m.split(".")[0] in ("prsl_kernels", "reference")]:
             del sys.modules[loaded]
         try:
             importlib.import_module(name)
@@ -32,7 +32,7 @@ _SCRIPT = textwrap.dedent("""
 
 
 def package_modules():
-    names = ["prsl_reference"]
+    names = ["reference"]
     for info in pkgutil.walk_packages(prsl_kernels.__path__, "prsl_kernels."):
         names.append(info.name)
     return ["prsl_kernels"] + sorted(names)

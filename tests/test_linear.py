@@ -12,7 +12,7 @@ import torch.nn.functional as F
 
 from prsl_kernels import LinearPRSLLoss, cpp_kernels, linear_prsl_loss, prsl_loss
 from prsl_kernels.linear import CHUNK_BYTES, default_chunk_size
-from prsl_reference import prsl_loss_reference
+from reference import prsl_loss_reference
 
 requires_cpp = pytest.mark.skipif(not cpp_kernels.available(),
                                   reason=f"C++ extension unavailable: {cpp_kernels.build_error()}")

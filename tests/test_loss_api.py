@@ -6,7 +6,7 @@ import torch
 import prsl_kernels
 from prsl_kernels import PRSLLoss, prsl_loss
 from prsl_kernels.backends import cpp_available, triton_interpreter_on
-from prsl_reference import prsl_loss_reference, row_stats_reference
+from reference import prsl_loss_reference, row_stats_reference
 
 
 def _data(shape, v, seed, dtype=torch.float32):

@@ -18,7 +18,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-import prsl_reference as ref
+import reference as ref
 from conftest import backend_device
 from prsl_kernels import PRSLLoss, linear_prsl_loss, prsl_loss
 from prsl_kernels import triton_kernels as tk

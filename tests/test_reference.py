@@ -6,7 +6,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from prsl_reference import (grad_closed_form, prsl_loss_reference, prsl_released_loss_reference,
+from reference import (grad_closed_form, prsl_loss_reference, prsl_released_loss_reference,
                             row_stats_reference)
 
 

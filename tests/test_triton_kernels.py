@@ -8,7 +8,7 @@ row in several blocks. The reference is evaluated on the same values, upcast.
 import pytest
 import torch
 
-import prsl_reference as ref
+import reference as ref
 from conftest import needs_interpreter
 from prsl_kernels import prsl_loss
 from prsl_kernels import triton_kernels as tk
