@@ -1,6 +1,6 @@
 #!/usr/bin/env python3
 """Forward + backward of PRSL against the memory floor: the three-pass path, the gradient
-made in the forward, and ``inplace_backward`` (issue 18), on CPU (C++) or CUDA (Triton).
+made in the forward, and ``inplace_backward``, on CPU (C++) or CUDA (Triton).
 
 Per case (dtype, N x V, k), interleaved round by round so that the load of a shared
 machine drifts over all of them alike (medians over --reps rounds):

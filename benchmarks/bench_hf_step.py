@@ -1,5 +1,5 @@
 #!/usr/bin/env python3
-"""One training step of a LLaVA-shaped model (issue 20): peak memory and time of HF's own
+"""One training step of a LLaVA-shaped model: peak memory and time of HF's own
 cross-entropy, PRSL on the logits (``apply_prsl(fused_linear=False)``) and the fused PRSL
 (``apply_prsl``, the default), through ``model(**batch).loss.backward()``.
 

@@ -1,5 +1,5 @@
 #!/usr/bin/env python3
-"""Benchmark of the fused linear + PRSL loss (issue 10): time and peak memory of one
+"""Benchmark of the fused linear + PRSL loss: time and peak memory of one
 forward+backward from hidden states, against the unfused paths.
 
 Methods (per shape, dtype and k; each skipped with a note where it cannot run):
@@ -33,7 +33,7 @@ Results: a table on stdout and benchmarks/results/linear-<device>.csv (+ .txt), 
 after every case.
 
     python3 benchmarks/bench_linear.py                       # CPU defaults (see DEFAULTS)
-    python3 benchmarks/bench_linear.py --device cuda         # the issue's GPU shapes
+    python3 benchmarks/bench_linear.py --device cuda         # the GPU shapes
     python3 benchmarks/bench_linear.py --shapes 64x32x1000 --k 0,20 --dtypes fp32 --reps 1
 """
 

@@ -544,7 +544,7 @@ def main(argv=None):
             bench_errors = 1
 
     if not args.skip_bench and not args.skip_linear and not args.dry_run:
-        # Fused linear + PRSL (issue 10) against F.linear + prsl_loss / F.cross_entropy and,
+        # Fused linear + PRSL against F.linear + prsl_loss / F.cross_entropy and,
         # where importable, Liger's fused linear cross-entropy, at bench_linear's CUDA shapes.
         try:
             import bench_linear
@@ -559,7 +559,7 @@ def main(argv=None):
             bench_errors += 1
 
     if not args.skip_bench and not args.dry_run:
-        # Issue 18: the forward against k (do_bench), and forward + backward against the copy floor:
+        # The gradient made in the forward: the forward against k (do_bench), and forward + backward against the copy floor:
         # three-pass, the gradient in the forward, inplace_backward.
         try:
             import bench_grad_in_forward
