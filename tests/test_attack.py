@@ -60,8 +60,9 @@ def test_bim_step_projects_onto_ball_and_range():
 
 def torchattacks_bim_update(images, ori_images, grad, eps, alpha, lo=0.0, hi=1.0):
     """torchattacks 3.5.1 ``BIM.forward``'s update, verbatim but for the bounds (its [0, 1] generalised
-    to per-channel ``lo``/``hi``, so the same formula checks normalised space). torchattacks itself
-    pulls torchvision and pins requests==2.25, so it is not a test dependency."""
+    to per-channel ``lo``/``hi``, so the same formula checks normalised space). Written out rather than
+    imported: the formula is what is checked, whatever torchattacks is installed (the set-up installs it
+    with ``--no-deps``, as its metadata asks for torchvision and requests~=2.25)."""
     adv_images = images + alpha * grad.sign()
     a = torch.clamp(ori_images - eps, min=lo) if isinstance(lo, float) else torch.maximum(ori_images - eps, lo)
     b = (adv_images >= a).float() * adv_images + (adv_images < a).float() * a
