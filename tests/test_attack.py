@@ -383,7 +383,7 @@ def test_vqa_attack_on_tiny_blip2(samples, tmp_path):
 
 
 def test_cli_on_a_checkpoint_of_a_visual_genome_run(tmp_path):
-    """The README's VQA path end to end: fine-tune on a Visual Genome file whose images lie in
+    """The VQA path of docs/drivers.md end to end: fine-tune on a Visual Genome file whose images lie in
     VG_100K and VG_100K_2 (13.6), then attack an intermediate checkpoint-N (13.8) with neither
     --task (13.7) nor a subset: the attack takes the images fine-tuning held out (13.3)."""
     from PIL import Image
