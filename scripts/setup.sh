@@ -5,6 +5,8 @@
 # torch is installed only where absent, pinned to the CPU build that lies on this project's machines
 # (an unpinned `torch` would pull a multi-GB CUDA build); a torch that is there (CPU or CUDA, any
 # version) is never replaced: pip runs with it held at its version.
+# torchattacks (constraints/no-deps.txt) is installed with --no-deps: its metadata asks for torchvision,
+# which setup refuses (scripts/test_env.py forbidden says why).
 # PRSL_UNLOCKED=1: upgrade everything else to the newest releases pyproject.toml allows, to see
 # breakage early (a later plain run goes back to the locked versions).
 set -euo pipefail
@@ -12,6 +14,8 @@ cd "$(dirname "$0")/.."
 PY=${PYTHON:-python3}
 UNLOCKED=${PRSL_UNLOCKED:-0}
 $PY -c "import importlib.util as u, sys; sys.exit(u.find_spec('torch') is None)" || $PY -m pip install -q torch==2.13.0
+# torchvision would replace that torch (its wheels pin a torch build): stop, saying so, where it is installed.
+$PY scripts/test_env.py forbidden
 if [ "$UNLOCKED" != 1 ] && $PY scripts/test_env.py check 2>/dev/null; then
     exit 0
 fi
@@ -26,3 +30,5 @@ else
     $PY scripts/test_env.py check || true  # say what is missing or off the lock
     $PY -m pip install -q -c "$CONSTRAINTS" -e ".[test]"
 fi
+# Test tools whose metadata asks for torchvision (constraints/no-deps.txt): without their dependencies.
+$PY -m pip install -q --no-deps $([ "$UNLOCKED" = 1 ] && echo --upgrade) $($PY scripts/test_env.py no-deps $([ "$UNLOCKED" = 1 ] && echo --unlocked))

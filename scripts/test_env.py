@@ -2,13 +2,19 @@
 
     python scripts/test_env.py check           exit 0 when this checkout is installed (editable, with
                                                pyproject's current requirements) and every package of
-                                               the lock is at its locked version: setup.sh then skips pip
+                                               the lock (and of constraints/no-deps.txt) is at its locked
+                                               version: setup.sh then skips pip
     python scripts/test_env.py constraints     the constraints pip installs with: the lock, plus the
                                                installed torch held at its version (a CPU or CUDA build,
                                                never replaced) and whatever that torch pins exactly
                                                (a CUDA torch pins its triton) at torch's pin
     python scripts/test_env.py constraints --unlocked
                                                only the held torch (PRSL_UNLOCKED=1: newest releases)
+    python scripts/test_env.py no-deps [--unlocked]
+                                               the requirements setup.sh installs with ``pip --no-deps``
+                                               (constraints/no-deps.txt; unlocked: names only)
+    python scripts/test_env.py forbidden       exit 1, saying why, when a package the test environment
+                                               must not hold is installed (torchvision)
     python scripts/test_env.py freeze          a new lock from what is installed: every package that
                                                ``prsl-kernels[test]`` needs, except torch and the
                                                packages only torch needs (they come with the torch
@@ -31,6 +37,7 @@ except ImportError:  # a fresh machine: pip carries a copy
 
 ROOT = Path(__file__).resolve().parents[1]
 LOCK = ROOT / "constraints" / "test.txt"
+NO_DEPS = ROOT / "constraints" / "no-deps.txt"  # installed with pip --no-deps; not rewritten by freeze
 PROJECT = "prsl-kernels"
 HELD = "torch"  # never pinned by the lock, never replaced
 
@@ -68,6 +75,14 @@ def _lock_pins(path=LOCK):
     return pins
 
 
+# Packages the test environment must not hold, and why (setup.sh stops on them).
+FORBIDDEN = {
+    "torchvision": "a torchvision wheel pins one torch build: installing or upgrading it replaces the installed "
+                   "torch (on this project's machines the CPU build, with a multi-GB CUDA one), and the drivers' "
+                   "processors are tested on their torchvision-free path",
+}
+
+
 def _installed_version(name):
     try:
         return md.version(name)
@@ -91,7 +106,7 @@ def _installed_from_root(package):
     return spec is not None and bool(spec.origin) and Path(spec.origin).resolve().is_relative_to(ROOT)
 
 
-def problems(lock=LOCK):
+def problems(lock=LOCK, no_deps=NO_DEPS):
     """What differs between this environment and the lock (empty: nothing to install)."""
     found = []
     for package in TOP_LEVEL_PACKAGES:
@@ -103,11 +118,23 @@ def problems(lock=LOCK):
         installed = set()
     if installed != {_key(r) for r in _declared_requirements()}:
         found.append(f"the installed {PROJECT} metadata is not pyproject.toml's")
-    for name, version in _lock_pins(lock).items():
+    for name, version in {**_lock_pins(lock), **_lock_pins(no_deps)}.items():
         have = _installed_version(name)
         if have != version:
             found.append(f"{name} {have or 'missing'} (locked: {version})")
     return found
+
+
+def forbidden():
+    """Messages for the installed packages of FORBIDDEN (empty: none is installed)."""
+    return [f"{name} {have} is installed, and the test environment must not hold it: {why}. Uninstall it "
+            f"(pip uninstall {name}) or use a fresh virtual environment."
+            for name, why in FORBIDDEN.items() if (have := _installed_version(name))]
+
+
+def no_deps(unlocked=False, path=NO_DEPS):
+    pins = _lock_pins(path)
+    return "".join(f"{name}\n" if unlocked else f"{name}=={version}\n" for name, version in pins.items())
 
 
 def _torch_pins():
@@ -176,6 +203,14 @@ def main(argv):
     if command == "constraints":
         sys.stdout.write(constraints(unlocked="--unlocked" in argv[1:]))
         return 0
+    if command == "no-deps":
+        sys.stdout.write(no_deps(unlocked="--unlocked" in argv[1:]))
+        return 0
+    if command == "forbidden":
+        found = forbidden()
+        for line in found:
+            print(line, file=sys.stderr)
+        return 1 if found else 0
     if command == "freeze":
         sys.stdout.write(freeze())
         return 0

@@ -71,7 +71,7 @@ def shard(model, case):
 
     if case == "ddp":
         return DistributedDataParallel(model)
-    # The README's FSDP2 recipe as written: the architecture's own blocks (decoder and vision
+    # The FSDP2 recipe of docs/training.md as written: the architecture's own blocks (decoder and vision
     # layers alike), inner ones first, with no per-architecture attribute path.
     blocks = [m for m in model.modules() if type(m).__name__ in model._no_split_modules]
     for block in reversed(blocks):

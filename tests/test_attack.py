@@ -60,8 +60,9 @@ def test_bim_step_projects_onto_ball_and_range():
 
 def torchattacks_bim_update(images, ori_images, grad, eps, alpha, lo=0.0, hi=1.0):
     """torchattacks 3.5.1 ``BIM.forward``'s update, verbatim but for the bounds (its [0, 1] generalised
-    to per-channel ``lo``/``hi``, so the same formula checks normalised space). torchattacks itself
-    pulls torchvision and pins requests==2.25, so it is not a test dependency."""
+    to per-channel ``lo``/``hi``, so the same formula checks normalised space). Written out rather than
+    imported: the formula is what is checked, whatever torchattacks is installed (the set-up installs it
+    with ``--no-deps``, as its metadata asks for torchvision and requests~=2.25)."""
     adv_images = images + alpha * grad.sign()
     a = torch.clamp(ori_images - eps, min=lo) if isinstance(lo, float) else torch.maximum(ori_images - eps, lo)
     b = (adv_images >= a).float() * adv_images + (adv_images < a).float() * a
@@ -382,7 +383,7 @@ def test_vqa_attack_on_tiny_blip2(samples, tmp_path):
 
 
 def test_cli_on_a_checkpoint_of_a_visual_genome_run(tmp_path):
-    """The README's VQA path end to end: fine-tune on a Visual Genome file whose images lie in
+    """The VQA path of docs/drivers.md end to end: fine-tune on a Visual Genome file whose images lie in
     VG_100K and VG_100K_2 (13.6), then attack an intermediate checkpoint-N (13.8) with neither
     --task (13.7) nor a subset: the attack takes the images fine-tuning held out (13.3)."""
     from PIL import Image

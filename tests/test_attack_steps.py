@@ -2,8 +2,9 @@
 on 3x8x8 "images", 10 classes, CE loss): the eps-ball and [lo, hi] are never left (checked with
 plain ``<=``, no tolerance); both attacks raise the loss; APGD returns each sample's best
 iterate; APGD's iterates equal a literal single-sample transcription of Algorithm 1 of Croce &
-Hein (ICML 2020) as AutoAttack runs it; PGD without random start is BIM. An optional test
-compares APGD with torchattacks' copy of AutoAttack. A few seconds on 2 cores."""
+Hein (ICML 2020) as AutoAttack runs it; PGD without random start is BIM. A test compares
+APGD with torchattacks' copy of AutoAttack (torchattacks is installed by the set-up with
+``--no-deps``, constraints/no-deps.txt; skipped where it is absent). A few seconds on 2 cores."""
 
 import math
 from fractions import Fraction
@@ -349,7 +350,7 @@ def test_loss_shape_is_checked():
         pgd(lambda x: F.cross_entropy(net(x), y), x0, 8 / 255, 2 / 255, 1)
 
 
-# --------------------------------------------------------------------------- torchattacks (optional)
+# --------------------------------------------------------------------------- torchattacks (set-up, --no-deps)
 
 
 @pytest.mark.parametrize("rough,steps", [(False, 20), (True, 10)])
