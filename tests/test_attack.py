@@ -12,9 +12,10 @@ import torch
 
 pytest.importorskip("transformers")
 
-from prsl_kernels.drivers import data, models  # noqa: E402
-from prsl_kernels.drivers.attack import (AttackConfig, ModelAttack, TeacherForcedCE, attack_items, bim,  # noqa: E402
-                                         bim_step, build_parser, main, select_samples)
+from prsl_kernels.drivers import checkpoints, data, models  # noqa: E402
+from prsl_kernels.drivers.attack import (AttackConfig, ModelAttack, TeacherForcedCE, attack_items,  # noqa: E402
+                                         build_parser, main, select_samples)
+from prsl_kernels.drivers.attack_steps import bim, bim_step  # noqa: E402
 
 SIZE = models.TinySize(hidden=32, encoder_layers=1, decoder_layers=1, heads=2, patch=8, image_size=32, max_text=40)
 
@@ -147,7 +148,7 @@ def test_model_attack_pixel_mode_stays_in_range(bundle, samples, tmp_path):
 
 
 def test_normalized_attack_produces_valid_images(bundle, samples, tmp_path):
-    """Issue 13.1: in the default normalised space every adversarial input maps back to pixels in
+    """In the default normalised space every adversarial input maps back to pixels in
     [0, 1], and the run equals BIM in pixel space (torchattacks' update) with eps and alpha times
     the std, the model fed (x - mean) / std."""
     items = attack_items(samples[:3], "caption")
@@ -185,7 +186,7 @@ def json_outputs(model_dir, rnd):
 
 
 def test_generation_follows_checkpoint_config_without_warnings(bundle, samples, tmp_path, capfd):
-    """Issue 13.13: the checkpoint's generation config sets beams and length unless given; generate
+    """The checkpoint's generation config sets beams and length unless given; generate
     does not warn about max_length / attention masks on every call (pad == eos as in GPT-2)."""
     import copy
 
@@ -278,28 +279,28 @@ def test_help_shows_every_default(capsys):
 
 
 def test_checkpoint_without_processor_is_a_clear_error(bundle, tmp_path):
-    """Issue 13.8: a folder without an image processor names --processor (no raw hub OSError);
+    """A folder without an image processor names --processor (no raw hub OSError);
     a Trainer checkpoint-N finds its run's; --processor works."""
     ckpt = tmp_path / "bare"
     bundle.save(ckpt)
     (ckpt / "preprocessor_config.json").unlink()
     with pytest.raises(FileNotFoundError, match="--processor"):
-        models.load_bundle(ckpt)
+        checkpoints.load_bundle(ckpt)
     run = tmp_path / "run"
     bundle.save(run)
     inner = run / "checkpoint-2"
     bundle.save(inner)
     (inner / "preprocessor_config.json").unlink()
     (inner / "trainer_state.json").write_text("{}")
-    assert models.processor_dir(inner) == run
-    assert models.load_bundle(ckpt, processor_path=run).kind == models.ENCODER_DECODER
+    assert checkpoints.processor_dir(inner) == run
+    assert checkpoints.load_bundle(ckpt, processor_path=run).kind == models.ENCODER_DECODER
     with pytest.raises(SystemExit, match="--processor"):
         main(["--model", str(ckpt), "--output-dir", str(tmp_path / "out"), "--metrics", "exact_match",
               "--num-samples", "1", "--no-progress"])
 
 
 def test_task_from_checkpoint(bundle, tmp_path):
-    """Issue 13.7: no --task needed: prsl_finetune.json (also a checkpoint-N's run's), else the architecture."""
+    """No --task needed: prsl_finetune.json (also a checkpoint-N's run's), else the architecture."""
     from prsl_kernels.drivers.attack import _task_for
 
     cap = tmp_path / "cap"
@@ -325,7 +326,7 @@ def _args(**kw):
 
 
 def test_held_out_selection(tmp_path):
-    """Issue 13.3: the attack takes the images fine-tuning held out of the same file, not the first N."""
+    """The attack takes the images fine-tuning held out of the same file, not the first N."""
     from prsl_kernels.drivers.data import Sample
 
     ann = tmp_path / "captions.json"

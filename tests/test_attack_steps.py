@@ -15,7 +15,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from prsl_kernels.drivers import attack_steps
-from prsl_kernels.drivers.attack import bim_step
+from prsl_kernels.drivers.attack_steps import bim_step
 from prsl_kernels.drivers.attack_steps import apgd, linf_ball, pgd
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")

@@ -1,4 +1,4 @@
-"""The drivers on local image-text-to-text checkpoints (issue 17): tiny random LLaVA and Qwen2-VL
+"""The drivers on local image-text-to-text checkpoints: tiny random LLaVA and Qwen2-VL
 folders saved with their processors by the test (nothing downloaded) are fine-tuned (all weights,
 and LoRA) and attacked with BIM, PGD and APGD; the chat prompt, the label mask, the decoding of
 new tokens and Qwen's patch layout."""
@@ -10,7 +10,7 @@ import pytest
 import torch
 
 import tiny_models
-from prsl_kernels.drivers import chat_models, data, models
+from prsl_kernels.drivers import chat_models, checkpoints, data
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
@@ -31,10 +31,10 @@ def folder(request, tmp_path_factory):
 
 def test_folder_loads_as_a_chat_bundle(folder):
     family, path, side = folder
-    bundle = models.load_bundle(path)
+    bundle = checkpoints.load_bundle(path)
     assert isinstance(bundle, chat_models.ChatBundle) and bundle.kind == chat_models.CHAT and bundle.shift_labels
     assert bundle.family is chat_models.FAMILIES[chat_models.family_of(family)]
-    assert models.checkpoint_task(path) is None  # no run info, no architecture default: --task says
+    assert checkpoints.checkpoint_task(path) is None  # no run info, no architecture default: --task says
     target = "a red circle on the left"
     text = bundle.text_inputs(["", "Question: what colour is it? Answer:"], [target, "red"])
     labels, ids = text["labels"], text["input_ids"]
@@ -103,8 +103,8 @@ def test_finetune_then_attack_with_each_attack(folder, tmp_path, lora):
     assert len(trained) == 3 and all(r["penalty"] > 0 for r in trained)  # PRSL through the fused patch
     if lora:
         assert (out / "adapter_config.json").is_file() and not (out / "config.json").exists()
-        merged = models.load_bundle(out).model
-        base = models.load_bundle(path).model
+        merged = checkpoints.load_bundle(out).model
+        base = checkpoints.load_bundle(path).model
         # The adapter changed the attention projections, never the (frozen) LM head.
         assert torch.equal(merged.get_output_embeddings().weight, base.get_output_embeddings().weight)
         assert not torch.equal(merged.get_decoder().layers[0].self_attn.q_proj.weight,
@@ -126,8 +126,8 @@ def test_idefics3_prompt_written_without_the_processor_is_the_processors(tmp_pat
     """SmolVLM's processor cannot be built without torchvision, so its prompt's image tokens are
     written by the adapter: the same ids as Idefics3's processor writes for one unsplit image."""
     path = tiny_models.save_idefics3_folder(tmp_path / "idefics3", ["a red circle"])
-    with_processor = models.load_bundle(path)
-    without = models.load_bundle(path)
+    with_processor = checkpoints.load_bundle(path)
+    without = checkpoints.load_bundle(path)
     without.processor = chat_models._TokenizerAndImages(path)
     assert with_processor._prompt_ids("Describe it.") == without._prompt_ids("Describe it.")
 
@@ -136,7 +136,7 @@ def test_llava_next_layout_is_the_processors(tmp_path):
     """The anyres layout of a square image: the tiles are exactly the processor's; the base view is
     torch's antialiased bicubic of the image, PIL's within rounding (here measured, not assumed)."""
     path = tiny_models.save_llava_next_folder(tmp_path / "next", ["a red circle"])
-    bundle = models.load_bundle(path)
+    bundle = checkpoints.load_bundle(path)
     g = np.random.default_rng(1)
     images = [g.integers(0, 256, (32, 32, 3), dtype=np.uint8) for _ in range(2)]
     want = bundle.image_processor(images=images, return_tensors="pt")
@@ -153,7 +153,7 @@ def test_llava_next_layout_is_the_processors(tmp_path):
 def test_paligemma_prompts_are_its_own_prefixes(tmp_path):
     """PaliGemma has no chat template: captioning is "caption en", VQA "answer en <question>"."""
     path = tiny_models.save_paligemma_folder(tmp_path / "pg", ["a red circle", "answer en what colour"])
-    bundle = models.load_bundle(path)
+    bundle = checkpoints.load_bundle(path)
     tok = bundle.tokenizer
 
     def text_of(prompt):

@@ -13,7 +13,7 @@ import numpy as np
 import pytest
 import torch
 
-from prsl_kernels.drivers import data, finetune, models
+from prsl_kernels.drivers import checkpoints, data, finetune, models
 
 
 def tiny(out, **kw):
@@ -85,7 +85,7 @@ def test_tiny_vit_gpt2_trains_and_saves(tmp_path, loss):
     assert 0.0 <= info["final_eval"]["exact_match"] <= 1.0 and info["final_eval"]["n"] == 8
     for name in ("config.json", "model.safetensors", "tokenizer.json", "preprocessor_config.json"):
         assert (out / name).is_file(), name
-    bundle = models.load_bundle(out)
+    bundle = checkpoints.load_bundle(out)
     assert bundle.kind == models.ENCODER_DECODER
     pv = bundle.pixel_values([s.image for s in data.synthetic_dataset(2, seed=5)])
     assert len(bundle.generate(pv, max_new_tokens=4)) == 2
@@ -108,7 +108,7 @@ def test_tiny_blip2_opt_vqa_trains(tmp_path):
                               train_images=16, max_steps=8))
     losses = [v for _, v in _train_losses(out)]
     assert losses[-1] < losses[0] - 0.5, losses
-    bundle = models.load_bundle(out)
+    bundle = checkpoints.load_bundle(out)
     assert bundle.kind == models.BLIP2
     ex = data.vqa_examples(data.synthetic_dataset(2, seed=9))[:2]
     outs = bundle.generate(bundle.batch(ex, with_labels=False)["pixel_values"], [e.prompt for e in ex],
@@ -117,7 +117,7 @@ def test_tiny_blip2_opt_vqa_trains(tmp_path):
 
 
 def test_blip2_checkpoint_without_image_token_is_a_clear_error(tmp_path, capsys):
-    """Issue 13.5: an older BLIP-2 snapshot (no image_token_index) failed in the collator with
+    """An older BLIP-2 snapshot (no image_token_index) failed in the collator with
     'Could not infer dtype of NoneType'; it is refused at load, saying what is missing and how to fix it."""
     size = models.TinySize(hidden=32, encoder_layers=1, decoder_layers=1, heads=2, num_query_tokens=4)
     ckpt = tmp_path / "blip2-old"
@@ -126,7 +126,7 @@ def test_blip2_checkpoint_without_image_token_is_a_clear_error(tmp_path, capsys)
     assert config.pop("image_token_index") is not None
     (ckpt / "config.json").write_text(json.dumps(config))
     with pytest.raises(ValueError, match="image_token_index") as err:
-        models.load_bundle(ckpt)
+        checkpoints.load_bundle(ckpt)
     assert "<image>" in str(err.value) and "resize_token_embeddings" in str(err.value)
     rc = finetune.main(["--output-dir", str(tmp_path / "out"), "--task", "vqa", "--model", str(ckpt),
                         "--max-steps", "1"])
@@ -139,13 +139,13 @@ def test_prsl_released_runs(tmp_path, capsys):
     assert rec and all(r["penalty"] != 0 for r in rec)
     info = json.loads((out / finetune.RUN_INFO).read_text())
     assert info["loss"]["name"] == "prsl-released"
-    assert info["config"]["lr"] == finetune.LR_DEFAULTS["preset"]      # issue 13.4: the preset's default
-    # Issue 13.14: no raw Trainer log dicts on the console (they are in log.jsonl).
+    assert info["config"]["lr"] == finetune.LR_DEFAULTS["preset"]      # the preset's default
+    # No raw Trainer log dicts on the console (they are in log.jsonl).
     assert "{'loss'" not in capsys.readouterr().out
 
 
 def test_ce_and_penalty_logged_when_logging_steps_exceed_max_steps(tmp_path):
-    """Issue 13.13: with --logging-steps > --max-steps the only line is Trainer's final one."""
+    """With --logging-steps > --max-steps the only line is Trainer's final one."""
     out = finetune.train(tiny(tmp_path, loss="prsl", k=6, max_steps=2, logging_steps=50))
     rec = [r for r in _log(out) if "ce" in r]
     assert len(rec) == 1 and rec[0]["tokens"] > 0 and rec[0]["penalty"] > 0 and "train_loss" in rec[0]
@@ -154,7 +154,7 @@ def test_ce_and_penalty_logged_when_logging_steps_exceed_max_steps(tmp_path):
 
 
 def test_learning_rate_defaults_per_model_kind(tmp_path, capsys):
-    """Issue 13.4: 1e-3 trains the tiny presets from scratch; a local checkpoint gets 5e-5."""
+    """1e-3 trains the tiny presets from scratch; a local checkpoint gets 5e-5."""
     assert finetune.default_lr("tiny-vit-gpt2") == 1e-3 and finetune.default_lr(str(tmp_path)) == 5e-5
     assert finetune.parse_args(["--output-dir", str(tmp_path)]).lr is None       # resolved in train()
     assert finetune.parse_args(["--output-dir", str(tmp_path), "--lr", "2e-4"]).lr == 2e-4
@@ -197,9 +197,9 @@ def test_resume_equals_uninterrupted(tmp_path):
     finetune.train(tiny(tmp_path / "part", stop_at_step=4, **run))
     assert not (tmp_path / "part" / "model.safetensors").exists()
     assert finetune.last_checkpoint(tmp_path / "part").name == "checkpoint-4"
-    # Issue 13.8: every checkpoint can be loaded (and attacked) on its own.
+    # Every checkpoint can be loaded (and attacked) on its own.
     assert (tmp_path / "part" / "checkpoint-4" / "preprocessor_config.json").is_file()
-    assert models.processor_dir(tmp_path / "part" / "checkpoint-4") == tmp_path / "part" / "checkpoint-4"
+    assert checkpoints.processor_dir(tmp_path / "part" / "checkpoint-4") == tmp_path / "part" / "checkpoint-4"
     with pytest.raises(FileExistsError, match="--resume"):
         finetune.train(tiny(tmp_path / "part", **run))
     resumed = finetune.train(tiny(tmp_path / "part", resume=True, **run))
@@ -233,7 +233,7 @@ def test_coco_and_visual_genome_files(tmp_path):
     info = json.loads((out / finetune.RUN_INFO).read_text())
     assert info["data"]["train_images"] == 11 and info["data"]["eval_images"] == 1
     assert info["data"]["train_examples"] == 22
-    # Issue 13.3: the held-out image is recorded (the attack picks it); 13.13: no synthetic-only fields.
+    # The held-out image is recorded (the attack picks it); no synthetic-only fields.
     assert info["data"]["held_out_ids"] == ["coco-9"]        # ids sort as strings: 0, 1, 10, 11, 2, ..., 9
     for key in ("data_seed", "n_captions", "max_objects", "image_size"):
         assert key not in info["data"], key
@@ -291,7 +291,7 @@ def test_resume_without_checkpoint(tmp_path):
 def test_torchrun_two_processes(tmp_path):
     """Two CPU processes (gloo) through torchrun: Trainer handles the data parallelism.
 
-    Issue 13.11: ce / penalty / tokens in log.jsonl are global (all-reduced), like "loss": the two
+    ce / penalty / tokens in log.jsonl are global (all-reduced), like "loss": the two
     processes' batches of 4 are the single process's batch of 8 (same sampler order), so step 1
     (computed with the initial weights) logs the same token count and CE. Only rank 0 reports.
     """

@@ -71,6 +71,8 @@ import torch
 import torch.nn.functional as F
 
 from ..spec import IGNORE_INDEX
+from .attack_steps import bim
+from .cli import cpu_accelerator_without_gpu, show_defaults
 
 #: (eps, alpha) per task in normalised pixel space, as in the paper (ViT-GPT2 / BLIP-2).
 TASK_DEFAULTS = {"caption": (0.5, 0.01), "vqa": (1.0, 0.5)}
@@ -157,34 +159,6 @@ def attack_items(samples, task, questions_per_image=1):
                 answers = [aa for qq, aa in s.qa if qq == q]
                 items.append(AttackItem(f"{s.id}-q{j}", image, vqa_prompt(q), answers or [a]))
     return items
-
-
-# --------------------------------------------------------------------------- BIM core
-
-
-def bim_step(x, x0, grad, eps, alpha, bounds=None):
-    """One BIM step: ascend along ``sign(grad)``, project onto the L-inf ``eps``-ball around ``x0``,
-    then onto the valid range ``bounds = (lo, hi)`` (tensors or floats; per channel in normalised
-    space). With ``x0`` inside the range this is torchattacks' BIM update:
-    ``clamp(min(max(x', max(x0 - eps, lo)), x0 + eps), max=hi)``."""
-    x = x + alpha * grad.sign()
-    # min/max rather than clamp(min=tensor) keeps broadcasting of per-channel bounds simple.
-    x = torch.maximum(torch.minimum(x, x0 + eps), x0 - eps)
-    if bounds is not None:
-        lo, hi = bounds
-        x = torch.maximum(torch.minimum(x, torch.as_tensor(hi, dtype=x.dtype, device=x.device)),
-                          torch.as_tensor(lo, dtype=x.dtype, device=x.device))
-    return x
-
-
-def bim(loss_fn, x, x0, eps, alpha, steps, bounds=None):
-    """``steps`` BIM steps from ``x`` (ascending ``loss_fn(x)``, a scalar whose gradient for each
-    sample depends on that sample only, e.g. a sum over the batch)."""
-    for _ in range(steps):
-        x = x.detach().requires_grad_(True)
-        (grad,) = torch.autograd.grad(loss_fn(x), x)
-        x = bim_step(x.detach(), x0, grad, eps, alpha, bounds)
-    return x.detach()
 
 
 class TeacherForcedCE:
@@ -656,15 +630,6 @@ def fraction(text):
     return value
 
 
-def show_defaults(parser):
-    """``ArgumentDefaultsHelpFormatter`` prints a default only beside a help text: give every
-    option one (its name in words), so ``--help`` shows every default."""
-    for action in parser._actions:
-        if not action.help and action.default is not argparse.SUPPRESS:
-            action.help = action.dest.replace("_", " ")
-    return parser
-
-
 def build_parser():
     p = argparse.ArgumentParser(prog="prsl-attack", description=__doc__.split("\n\n")[0],
                                 formatter_class=argparse.ArgumentDefaultsHelpFormatter)
@@ -734,7 +699,7 @@ def build_parser():
 
 
 def _task_for(model_dirs, task):
-    from .models import checkpoint_task
+    from .checkpoints import checkpoint_task
 
     if task is not None:
         return task
@@ -766,7 +731,7 @@ def _names(model_dirs, names):
 
 def _run_info(model_dir):
     """The model's prsl_finetune.json, or for a checkpoint-N folder its run's."""
-    from .models import read_run_info
+    from .checkpoints import read_run_info
 
     return read_run_info(model_dir) or read_run_info(Path(model_dir).parent)
 
@@ -821,7 +786,7 @@ def run(args, world=None):
     from . import data as data_mod
     from .distributed import World
     from .metrics import CAPTION_METRICS, METRICS, CaptionScorer
-    from .models import load_bundle
+    from .checkpoints import load_bundle
 
     for m in args.model:
         if not any((Path(m) / f).is_file() for f in ("config.json", "adapter_config.json")):
@@ -867,6 +832,7 @@ def run(args, world=None):
 
 
 def main(argv=None):
+    cpu_accelerator_without_gpu()
     from .distributed import init_world, leave_process_group
 
     args = build_parser().parse_args(argv)

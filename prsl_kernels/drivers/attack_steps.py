@@ -1,5 +1,8 @@
-"""L-inf PGD and APGD as pure functions of a per-sample loss closure.
+"""L-inf BIM, PGD and APGD as pure functions of a loss closure.
 
+* BIM: Kurakin et al., "Adversarial examples in the physical world", ICLR 2017 workshop, as the
+  paper attacks (torchattacks' update): signed-gradient steps from the clean image, each projected
+  onto the eps-ball and the valid range (:func:`bim_step`).
 * PGD: Madry et al., "Towards Deep Learning Models Resistant to Adversarial Attacks", ICLR 2018:
   a uniform random start in the eps-ball, then signed-gradient steps with projection.
 * APGD: Croce & Hein, "Reliable evaluation of adversarial robustness with an ensemble of diverse
@@ -30,7 +33,7 @@ What is exact:
   ``lo <= x <= hi`` in floating point, with no tolerance. ``x0 + eps`` can round to a float
   further than ``eps`` from ``x0``; the ball's bounds are then moved one ulp towards ``x0``,
   inside (and, away from 0, the farthest float inside; see :func:`linf_ball`). Otherwise the
-  projection is BIM's (``attack.bim_step``): clip to the ball, then to ``bounds``.
+  projection is BIM's (:func:`bim_step`): clip to the ball, then to ``bounds``.
 * APGD's iterates are AutoAttack's, with the same floating-point expressions, except:
 
   - the first step's loss is compared with the start's loss (the paper's
@@ -53,16 +56,42 @@ What is exact:
 * The returned point is the best-loss point (AutoAttack's ``x_best``), not the first
   misclassified one: the closure knows nothing of classification.
 
-``loss_fn(x)`` must return per-sample losses of shape ``(B,)`` to be ascended (a targeted attack
-passes a negated loss), each depending on its own sample only: one backward of their sum gives
-every sample's gradient. Gradients are taken with respect to ``x`` only.
+PGD's and APGD's ``loss_fn(x)`` must return per-sample losses of shape ``(B,)`` to be ascended (a
+targeted attack passes a negated loss; BIM's returns a scalar, such as their sum), each depending on
+its own sample only: one backward of their sum gives every sample's gradient. Gradients are taken
+with respect to ``x`` only.
 """
 
 from __future__ import annotations
 
 import torch
 
-__all__ = ["apgd", "linf_ball", "pgd", "random_start"]
+__all__ = ["apgd", "bim", "bim_step", "linf_ball", "pgd", "random_start"]
+
+
+def bim_step(x, x0, grad, eps, alpha, bounds=None):
+    """One BIM step: ascend along ``sign(grad)``, project onto the L-inf ``eps``-ball around ``x0``,
+    then onto the valid range ``bounds = (lo, hi)`` (tensors or floats; per channel in normalised
+    space). With ``x0`` inside the range this is torchattacks' BIM update:
+    ``clamp(min(max(x', max(x0 - eps, lo)), x0 + eps), max=hi)``."""
+    x = x + alpha * grad.sign()
+    # min/max rather than clamp(min=tensor) keeps broadcasting of per-channel bounds simple.
+    x = torch.maximum(torch.minimum(x, x0 + eps), x0 - eps)
+    if bounds is not None:
+        lo, hi = bounds
+        x = torch.maximum(torch.minimum(x, torch.as_tensor(hi, dtype=x.dtype, device=x.device)),
+                          torch.as_tensor(lo, dtype=x.dtype, device=x.device))
+    return x
+
+
+def bim(loss_fn, x, x0, eps, alpha, steps, bounds=None):
+    """``steps`` BIM steps from ``x`` (ascending ``loss_fn(x)``, a scalar whose gradient for each
+    sample depends on that sample only, e.g. a sum over the batch)."""
+    for _ in range(steps):
+        x = x.detach().requires_grad_(True)
+        (grad,) = torch.autograd.grad(loss_fn(x), x)
+        x = bim_step(x.detach(), x0, grad, eps, alpha, bounds)
+    return x.detach()
 
 
 def linf_ball(x0, eps):
@@ -89,7 +118,7 @@ def linf_ball(x0, eps):
 
 
 def _projector(x0, eps, bounds):
-    """``P``: clip to the ``eps``-ball around ``x0``, then to ``bounds`` (as ``attack.bim_step``)."""
+    """``P``: clip to the ``eps``-ball around ``x0``, then to ``bounds`` (as :func:`bim_step`)."""
     ball_lo, ball_hi = linf_ball(x0, eps)
     if bounds is None:
         return lambda x: torch.maximum(torch.minimum(x, ball_hi), ball_lo)
@@ -156,7 +185,7 @@ def pgd(loss_fn, x0, eps, alpha, steps, *, bounds=(0.0, 1.0), random_start=True,
     """L-inf PGD (Madry et al., 2018) ascending ``loss_fn``: a uniform random start in the
     ``eps``-ball (if ``random_start``; ``start``, when given, replaces it, e.g. to continue from an
     earlier round), then ``steps`` steps ``x <- P(x + alpha * sign(grad))``.
-    Returns the last iterate. With ``random_start=False`` this is ``attack.bim`` from ``x0``, up to
+    Returns the last iterate. With ``random_start=False`` this is :func:`bim` from ``x0``, up to
     the one-ulp tightening of the ball's bounds (see :func:`linf_ball`)."""
     _check(eps, steps)
     if not alpha >= 0:

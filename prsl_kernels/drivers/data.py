@@ -438,14 +438,6 @@ def vqa_examples(samples: Sequence[Sample], *, max_per_image: int | None = None)
     return out
 
 
-def task_examples(samples, task: str, **kw) -> list[Example]:
-    if task == "caption":
-        return caption_examples(samples, **kw)
-    if task == "vqa":
-        return vqa_examples(samples, **kw)
-    raise ValueError(f"task must be 'caption' or 'vqa', got {task!r}")
-
-
 def references(example_or_sample, task: str) -> list[str]:
     """Reference texts for scoring an output: all captions, or all answers to the example's question."""
     if isinstance(example_or_sample, Example):

@@ -26,6 +26,8 @@ import sys
 import time
 from pathlib import Path
 
+from .cli import cpu_accelerator_without_gpu
+
 #: Per size: seeds, training overrides of ``finetune.demo_config``, and attack settings.
 #: The attack uses the paper's captioning eps/alpha with several BIM steps per round, so
 #: that three rounds move the images visibly within the eps-ball.
@@ -76,7 +78,7 @@ def build_parser():
 
 def _train(name, loss, k, b, seed, train_overrides, models_dir, log):
     from . import finetune
-    from .models import read_run_info
+    from .checkpoints import read_run_info
 
     out = models_dir / name
     info = read_run_info(out)
@@ -110,7 +112,7 @@ def _model_line(name, info, reused, attack_dir):
 
 
 def _training_table(trained):
-    from .report import _table
+    from .tables import table
 
     rows = []
     for name, group, info in trained:
@@ -118,7 +120,7 @@ def _training_table(trained):
         rows.append([name, group, info.get("steps", "?"), f"{info.get('train_loss', float('nan')):.3f}",
                      f"{ev['exact_match']:.2f}" if "exact_match" in ev else "n/a",
                      f"{info.get('wall_s', float('nan')):.0f}"])
-    return _table(["model", "group", "steps", "train loss", "held-out exact match", "train s"], rows)
+    return table(["model", "group", "steps", "train loss", "held-out exact match", "train s"], rows)
 
 
 def run(args):
@@ -139,7 +141,8 @@ def _run(args):
     from .attack import AttackConfig, ModelAttack, SettingsMismatch, attack_items
     from .data import synthetic_dataset
     from .metrics import CaptionScorer
-    from .models import load_bundle
+    from .checkpoints import load_bundle
+    from .models import quiet_transformers
     from .report import write_report
     from tqdm.auto import tqdm
 
@@ -178,7 +181,7 @@ def _run(args):
     names = [(f"{prefix}-s{seed}", group, loss, k, seed) for prefix, group, loss, k in configs for seed in range(seeds)]
     say(f"prsl-demo ({args.size}): {len(configs)} configurations x {seeds} seed(s) -> {out} (log: {log_path})")
     bar_kw = dict(unit="model", disable=args.no_progress, file=sys.stderr, leave=False)
-    with CaptionScorer(device=device) as scorer, _quiet_transformers():
+    with CaptionScorer(device=device) as scorer, quiet_transformers():
         # METEOR's JVM loads its tables (~15-25 s) while the models train.
         scorer.warm_up()
         trained = []
@@ -247,27 +250,8 @@ def _verdict(report):
     return body
 
 
-class _quiet_transformers:
-    """No per-load progress bars ("Loading weights", "Writing model shards") or info logs from
-    transformers on the console while the demo runs; restored afterwards."""
-
-    def __enter__(self):
-        from transformers.utils import logging as hf_logging
-
-        self._hf = hf_logging
-        self._bars = hf_logging.is_progress_bar_enabled()
-        self._level = hf_logging.get_verbosity()
-        hf_logging.disable_progress_bar()
-        hf_logging.set_verbosity_error()
-        return self
-
-    def __exit__(self, *exc):
-        if self._bars:
-            self._hf.enable_progress_bar()
-        self._hf.set_verbosity(self._level)
-
-
 def main(argv=None):
+    cpu_accelerator_without_gpu()
     args = build_parser().parse_args(argv)
     try:
         run(args)

@@ -1,4 +1,6 @@
-"""``prsl-finetune``: fine-tune ViT-GPT2 (captioning) or BLIP-2 OPT (VQA) with CE or PRSL.
+"""``prsl-finetune``: fine-tune a vision-language model for captioning or VQA with CE or PRSL: a
+chat VLM from a local checkpoint (LLaVA, LLaVA-NeXT, Qwen2-VL / Qwen2.5-VL, PaliGemma, Idefics3 /
+SmolVLM, Gemma 3), ViT-GPT2 or BLIP-2 OPT from a local checkpoint, or a tiny preset of the last two.
 
 Built on Hugging Face ``Trainer``: ``torchrun`` / ``accelerate launch`` run it
 data-parallel with no code here. The loss enters through
@@ -25,8 +27,10 @@ from pathlib import Path
 
 import torch
 
+from . import checkpoints
 from . import data as data_mod
 from . import models
+from .cli import cpu_accelerator_without_gpu, show_defaults
 from .distributed import leave_process_group
 
 LOSSES = ("ce", "prsl", "prsl-released")
@@ -66,7 +70,7 @@ class FinetuneConfig:
     b: float = 1.0
     window_start: int = 0
     backend: str = "auto"
-    fused_linear: bool = True  # ce / prsl: loss from the hidden states (hf.apply_prsl_fused_linear), no logits
+    fused_linear: bool = True  # ce / prsl: loss from the hidden states (hf.apply_prsl), no logits
     lora: int = 0               # > 0: train a LoRA adapter of this rank (peft) instead of every weight
     lora_targets: list[str] | None = None  # None: the family's (chat_models.FAMILIES), else q_proj / v_proj
     label_smoothing: float = 0.0  # the loss options (spec, "Options"); ce and prsl only
@@ -193,8 +197,6 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--no-progress", dest="progress", action="store_false")
     g.add_argument("--max-new-tokens", type=int, default=d.max_new_tokens)
     g.add_argument("--stop-at-step", type=int, default=None, help=argparse.SUPPRESS)
-    from .attack import show_defaults
-
     return show_defaults(p)
 
 
@@ -301,7 +303,7 @@ def _build_bundle(cfg: FinetuneConfig, train_samples, resume_from: Path | None) 
     came back at its initial weights). Trainer then restores optimiser, scheduler and RNG state.
     """
     if resume_from is not None:
-        bundle = models.load_bundle(resume_from, processor_path=cfg.output_dir)
+        bundle = checkpoints.load_bundle(resume_from, processor_path=cfg.output_dir)
     elif cfg.model in models.PRESETS:
         size = models.TinySize(hidden=cfg.hidden, encoder_layers=cfg.layers, decoder_layers=cfg.layers,
                                heads=cfg.heads, patch=cfg.patch, image_size=cfg.image_size,
@@ -311,7 +313,7 @@ def _build_bundle(cfg: FinetuneConfig, train_samples, resume_from: Path | None) 
         bundle = models.tiny_bundle(cfg.model, texts, size=size, seed=cfg.seed, vocab_size=cfg.vocab_size)
     else:
         # Resolved: a LoRA adapter records where its base lives.
-        bundle = models.load_bundle(Path(cfg.model).resolve())
+        bundle = checkpoints.load_bundle(Path(cfg.model).resolve())
     _freeze_unused(bundle.model)
     if cfg.lora and resume_from is None:
         bundle.model = _with_lora(bundle, cfg)
@@ -342,13 +344,13 @@ def _freeze_unused(model) -> None:
 def _fused_linear(cfg: FinetuneConfig, bundle: models.ModelBundle):
     """The fused linear + loss patch on the bundle's model (its loss object), or None: opted out
     (--no-fused-linear) or prsl-released (reference PyTorch on the logits)."""
-    from ..hf import apply_prsl_fused_linear
+    from ..hf import apply_prsl
 
     if not cfg.fused_linear or cfg.loss not in ("ce", "prsl"):
         return None
     k, b = (0, 0.0) if cfg.loss == "ce" else (cfg.k, cfg.b)
-    return apply_prsl_fused_linear(bundle.model, k, b, shift=bundle.shift_labels, backend=cfg.backend,
-                                   **_loss_options(cfg))
+    return apply_prsl(bundle.model, k, b, fused_linear=True, shift=bundle.shift_labels, backend=cfg.backend,
+                      **_loss_options(cfg))
 
 
 def _loss_options(cfg: FinetuneConfig) -> dict:
@@ -584,7 +586,7 @@ def train(cfg: FinetuneConfig) -> Path:
             "loss": {"name": cfg.loss, "k": cfg.k if cfg.loss != "ce" else 0, "b": cfg.b if cfg.loss != "ce" else 0.0,
                      "window_start": cfg.window_start, "backend": cfg.backend},
             "data": _data_info(cfg, train_samples, train_examples, eval_samples),
-            "config": _recorded_config(cfg),
+            "config": recorded_config(cfg),
             "world_size": trainer.args.world_size,
             "steps": trainer.state.global_step, "train_loss": result.training_loss,
             "wall_s": time.time() - start, "completed": not interrupted,
@@ -604,7 +606,7 @@ SYNTHETIC_ONLY = ("train_images", "data_seed", "n_captions", "max_objects")
 PRESET_ONLY = ("hidden", "layers", "heads", "patch", "num_query_tokens", "vocab_size", "image_size")
 
 
-def _recorded_config(cfg: FinetuneConfig) -> dict:
+def recorded_config(cfg: FinetuneConfig) -> dict:
     """The config as run, without the settings that did not apply to this run."""
     out = dataclasses.asdict(cfg)
     drop = (() if cfg.data == "synthetic" else SYNTHETIC_ONLY) + (() if cfg.model in models.PRESETS else PRESET_ONLY)
@@ -633,6 +635,7 @@ def _data_info(cfg: FinetuneConfig, train_samples, train_examples, eval_samples)
 
 
 def main(argv=None) -> int:
+    cpu_accelerator_without_gpu()
     cfg = parse_args(argv)
     code = _main(cfg)
     leave_process_group(code)
@@ -647,7 +650,7 @@ def _main(cfg: FinetuneConfig) -> int:
         return 2
     if int(os.environ.get("RANK", "0")) != 0:
         return 0        # rank 0 writes the run and reports it
-    info = models.read_run_info(out)
+    info = checkpoints.read_run_info(out)
     ev = info.get("final_eval", {})
     msg = f"prsl-finetune: {info.get('steps')} steps in {info.get('wall_s', 0):.1f}s -> {out}"
     if "exact_match" in ev:

@@ -417,19 +417,3 @@ class _DefaultOne(dict):
     # lambda would do, but cannot be pickled should a caller ever ship the scorer).
     def __missing__(self, key):
         return 1.0
-
-
-def mean_scores(per_sample, metrics=METRICS):
-    """Mean of per-sample scores for each metric present."""
-    out = {}
-    for m in metrics:
-        vals = [s[m] for s in per_sample if m in s]
-        if vals:
-            out[m] = sum(vals) / len(vals)
-    return out
-
-
-def proportion_below(per_sample, metric, threshold):
-    """Share of samples whose ``metric`` is strictly below ``threshold``."""
-    vals = [s[metric] for s in per_sample if metric in s]
-    return sum(v < threshold for v in vals) / len(vals) if vals else float("nan")

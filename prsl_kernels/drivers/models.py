@@ -9,7 +9,7 @@ Two families, as in the paper:
     and the logits are causal (``logits[:, t]`` predicts ``labels[:, t + 1]``).
 
 Image-text-to-text checkpoints (LLaVA, ...) are a third kind, one adapter per family:
-``chat_models.py``.
+``chat_models.py``. Loading a checkpoint folder of any kind: ``checkpoints.py``.
 
 A :class:`ModelBundle` holds a model with its tokenizer and image processor
 and knows how to batch examples, align logits with labels, and generate.
@@ -19,7 +19,6 @@ byte-level BPE tokenizer trained offline on the data's text.
 
 from __future__ import annotations
 
-import json
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Sequence
@@ -388,6 +387,26 @@ class _quiet_generation_logger:
         self.logger.removeFilter(self)
 
 
+class quiet_transformers:
+    """No per-load progress bars ("Loading weights", "Writing model shards") or info logs from
+    transformers on the console while models load and train; restored afterwards."""
+
+    def __enter__(self):
+        from transformers.utils import logging as hf_logging
+
+        self._hf = hf_logging
+        self._bars = hf_logging.is_progress_bar_enabled()
+        self._level = hf_logging.get_verbosity()
+        hf_logging.disable_progress_bar()
+        hf_logging.set_verbosity_error()
+        return self
+
+    def __exit__(self, *exc):
+        if self._bars:
+            self._hf.enable_progress_bar()
+        self._hf.set_verbosity(self._level)
+
+
 def default_max_target_tokens(model, kind: str, cap: int = 48) -> int:
     """Target tokens kept per example: ``cap``, or fewer when the decoder's positions must also
     hold the prompt (32 reserved) and, for BLIP-2, the query tokens. A function of the model
@@ -398,120 +417,6 @@ def default_max_target_tokens(model, kind: str, cap: int = 48) -> int:
     return max(1, min(cap, positions - reserved))
 
 
-def processor_dir(path, processor_path=None) -> Path:
-    """Where the tokenizer and image processor of checkpoint ``path`` live: ``processor_path`` if
-    given, else ``path``, else the run folder above a Trainer ``checkpoint-N`` (older runs saved the
-    image processor only there)."""
-    path = Path(path)
-    if processor_path is not None:
-        proc = Path(processor_path)
-        if not (proc / "preprocessor_config.json").is_file():
-            raise FileNotFoundError(f"--processor {proc} holds no image processor (preprocessor_config.json)")
-        return proc
-    if (path / "preprocessor_config.json").is_file():
-        return path
-    if (path.parent / "preprocessor_config.json").is_file() and (path / "trainer_state.json").is_file():
-        return path.parent
-    raise FileNotFoundError(f"{path} holds no image processor (preprocessor_config.json); pass the folder that "
-                            "does with --processor DIR (for a Trainer checkpoint-N: its run's output directory)")
-
-
-def check_blip2_config(config, tokenizer, path) -> None:
-    """BLIP-2 checkpoints must carry the ``<image>``-token layout (transformers >= 4.47): the
-    collator writes ``image_token_index`` once per query token. Older snapshots lack it."""
-    index = getattr(config, "image_token_index", None)
-    vocab = config.get_text_config().vocab_size
-    fix = ("Convert it once as Hugging Face did for its hub checkpoints: add the token to the tokenizer "
-           "(`tokenizer.add_tokens([AddedToken('<image>', normalized=False, special=True)], special_tokens=True)`), "
-           "grow the embeddings if needed (`model.resize_token_embeddings(len(tokenizer), pad_to_multiple_of=64)`), "
-           "set `model.config.image_token_index = tokenizer.convert_tokens_to_ids('<image>')`, and save model and "
-           "tokenizer back (save_pretrained).")
-    if index is None:
-        raise ValueError(f"{path}: this BLIP-2 checkpoint has no `image_token_index` in its config.json (an older "
-                         f"snapshot, before transformers put one <image> token per query token in the input). {fix}")
-    if not 0 <= index < vocab:
-        raise ValueError(f"{path}: image_token_index {index} is outside the language model's vocabulary ({vocab}). "
-                         f"{fix}")
-    token = tokenizer.convert_ids_to_tokens(int(index)) if index < len(tokenizer) else None
-    if token is None:
-        raise ValueError(f"{path}: image_token_index {index} is not a token of the saved tokenizer "
-                         f"({len(tokenizer)} tokens). {fix}")
-
-
-def load_bundle(path, *, max_target_tokens: int | None = None, processor_path=None) -> ModelBundle:
-    """Load a local checkpoint directory (``prsl-finetune`` output or a compatible HF checkpoint).
-
-    ``processor_path``: where the tokenizer and image processor live, if not beside the model
-    (see :func:`processor_dir`).
-    """
-    from transformers import AutoConfig, AutoImageProcessor, AutoTokenizer, Blip2ForConditionalGeneration
-    from transformers import VisionEncoderDecoderModel
-
-    from .chat_models import FAMILIES, family_of, load_chat_bundle
-
-    path = Path(path)
-    if (path / "adapter_config.json").is_file() and not (path / "config.json").is_file():
-        return _load_adapter(path, max_target_tokens, processor_path)
-    if not (path / "config.json").is_file():
-        raise FileNotFoundError(f"{path} is not a model checkpoint directory (no config.json); "
-                                f"use a local HF checkpoint or a preset: {', '.join(PRESETS)}")
-    config = AutoConfig.from_pretrained(path, local_files_only=True)
-    family = family_of(config.model_type)
-    if family is not None:
-        return load_chat_bundle(path, family, processor_path=processor_path, max_target_tokens=max_target_tokens)
-    cls = {"vision-encoder-decoder": VisionEncoderDecoderModel, "blip-2": Blip2ForConditionalGeneration}.get(
-        config.model_type)
-    if cls is None:
-        raise ValueError(f"{path}: unsupported model type {config.model_type!r} (expected vision-encoder-decoder, "
-                         f"blip-2 or an image-text-to-text family: {', '.join(FAMILIES)})")
-    proc = processor_dir(path, processor_path)
-    tokenizer = AutoTokenizer.from_pretrained(proc, local_files_only=True)
-    if config.model_type == "blip-2":
-        check_blip2_config(config, tokenizer, path)   # before the (possibly multi-GB) weights load
-    model = cls.from_pretrained(path, local_files_only=True)
-    image_processor = AutoImageProcessor.from_pretrained(proc, local_files_only=True)
-    _ensure_special_tokens(model, tokenizer)
-    return ModelBundle(model, tokenizer, image_processor, model_kind(model), max_target_tokens)
-
-
-def _load_adapter(path, max_target_tokens, processor_path):
-    """A PEFT (LoRA) adapter saved by ``prsl-finetune --lora``: its base checkpoint (recorded in
-    ``adapter_config.json``) with the adapter merged in, and the processor saved beside the adapter."""
-    from peft import PeftModel
-
-    base = json.loads((Path(path) / "adapter_config.json").read_text()).get("base_model_name_or_path")
-    if not base or not (Path(base) / "config.json").is_file():
-        raise FileNotFoundError(f"{path}: the adapter's base checkpoint {base!r} is not a local folder")
-    has_processor = any((Path(path) / f).is_file() for f in ("processor_config.json", "preprocessor_config.json"))
-    bundle = load_bundle(base, max_target_tokens=max_target_tokens,
-                         processor_path=processor_path or (path if has_processor else None))
-    bundle.model = PeftModel.from_pretrained(bundle.model, path).merge_and_unload()
-    return bundle
-
-
-def checkpoint_task(path) -> str | None:
-    """The task a checkpoint was trained for: its (or, for ``checkpoint-N``, its run's)
-    ``prsl_finetune.json``, else its architecture (BLIP-2 -> vqa, VisionEncoderDecoder -> caption)."""
-    path = Path(path)
-    for d in (path, path.parent):
-        task = read_run_info(d).get("task")
-        if task:
-            return task
-    cfg = path / "config.json"
-    if cfg.is_file():
-        kind = json.loads(cfg.read_text()).get("model_type")
-        return {"blip-2": "vqa", "vision-encoder-decoder": "caption"}.get(kind)
-    return None
-
-
-def _ensure_special_tokens(model, tokenizer):
-    """Real GPT-2 / OPT tokenizers may lack a pad token: reuse eos (labels mask padding anyway)."""
-    if tokenizer.pad_token_id is None:
-        tokenizer.pad_token = tokenizer.eos_token
-    if tokenizer.bos_token_id is None:
-        tokenizer.bos_token = tokenizer.eos_token
-
-
 def tiny_bundle(preset: str, texts: Sequence[str], *, size: TinySize | None = None, seed: int = 0,
                 vocab_size: int = TINY_VOCAB_SIZE) -> ModelBundle:
     """A fresh tiny preset: tokenizer trained on ``texts``, random weights (by ``seed``)."""
@@ -520,12 +425,5 @@ def tiny_bundle(preset: str, texts: Sequence[str], *, size: TinySize | None = No
     return ModelBundle(model, tokenizer, processor, model_kind(model))
 
 
-def read_run_info(path) -> dict:
-    """The ``prsl_finetune.json`` written next to a fine-tuned model ({} if absent)."""
-    f = Path(path) / "prsl_finetune.json"
-    return json.loads(f.read_text()) if f.is_file() else {}
-
-
 __all__ = ["PRESETS", "TINY_VOCAB_SIZE", "TinySize", "ModelBundle", "train_tokenizer", "make_tiny_model", "tiny_bundle",
-           "load_bundle", "model_kind", "read_run_info", "checkpoint_task", "processor_dir", "ENCODER_DECODER",
-           "BLIP2"]
+           "model_kind", "quiet_transformers", "ENCODER_DECODER", "BLIP2"]

@@ -4,7 +4,7 @@ Models are compared side by side; models sharing a *group* (e.g. the same loss o
 several seeds) are aggregated: the mean over seeds of the per-model scores with a
 95% Student-t confidence interval, and each group is compared to the baseline group
 (CE) by Welch's t-test on the per-seed values. Only numpy is needed for the
-statistics (the t distribution is evaluated through the regularised incomplete beta).
+statistics (``stats.py``: the t distribution through the regularised incomplete beta).
 
 ``python3 -m prsl_kernels.drivers.report DIR [DIR ...] --output-dir OUT`` rebuilds a
 report from finished attack folders.
@@ -23,6 +23,8 @@ from pathlib import Path
 import numpy as np
 
 from .metrics import METRICS, UNIT_METRICS
+from .stats import mean_ci, welch_test
+from .tables import fmt_mean_ci, group_curve, pyplot, save_figure, table
 
 THRESHOLDS = (0.90, 0.80, 0.75, 0.70)
 AGAINST = ("clean", "reference")
@@ -32,94 +34,6 @@ METRIC_LABELS = {"bleu1": "BLEU-1", "bleu2": "BLEU-2", "bleu3": "BLEU-3", "bleu4
 #: Metrics in the threshold table / figure (the paper's Figs. 2 and 5 use BERTScore).
 THRESHOLD_METRICS = ("bertscore_f1", "meteor", "rouge_l", "bleu4")
 ALPHA = 0.05
-
-
-# --------------------------------------------------------------------------- statistics
-
-
-def _betacf(a, b, x, iters=300, eps=3e-16):
-    # Continued fraction of the incomplete beta (modified Lentz).
-    tiny = 1e-300
-    qab, qap, qam = a + b, a + 1.0, a - 1.0
-    c, d = 1.0, 1.0 - qab * x / qap
-    d = 1.0 / (d if abs(d) > tiny else tiny)
-    h = d
-    for m in range(1, iters + 1):
-        m2 = 2 * m
-        aa = m * (b - m) * x / ((qam + m2) * (a + m2))
-        d = 1.0 + aa * d
-        d = 1.0 / (d if abs(d) > tiny else tiny)
-        c = 1.0 + aa / c
-        c = c if abs(c) > tiny else tiny
-        h *= d * c
-        aa = -(a + m) * (qab + m) * x / ((a + m2) * (qap + m2))
-        d = 1.0 + aa * d
-        d = 1.0 / (d if abs(d) > tiny else tiny)
-        c = 1.0 + aa / c
-        c = c if abs(c) > tiny else tiny
-        delta = d * c
-        h *= delta
-        if abs(delta - 1.0) < eps:
-            break
-    return h
-
-
-def betainc(a, b, x):
-    """Regularised incomplete beta ``I_x(a, b)``."""
-    if x <= 0.0:
-        return 0.0
-    if x >= 1.0:
-        return 1.0
-    log_front = math.lgamma(a + b) - math.lgamma(a) - math.lgamma(b) + a * math.log(x) + b * math.log1p(-x)
-    # The continued fraction converges fast for x < (a+1)/(a+b+2); use the symmetry otherwise.
-    if x < (a + 1.0) / (a + b + 2.0):
-        return math.exp(log_front) * _betacf(a, b, x) / a
-    return 1.0 - math.exp(log_front) * _betacf(b, a, 1.0 - x) / b
-
-
-def t_sf_two_sided(t, df):
-    """``P(|T| >= |t|)`` for Student's t with ``df`` (real) degrees of freedom."""
-    if not math.isfinite(t):
-        return 0.0
-    return betainc(df / 2.0, 0.5, df / (df + t * t))
-
-
-def t_ppf(q, df):
-    """Quantile of Student's t (``q`` in (0.5, 1)), by bisection on the CDF."""
-    lo, hi = 0.0, 1e3
-    target = 2.0 * (1.0 - q)          # two-sided tail mass beyond the quantile
-    for _ in range(200):
-        mid = 0.5 * (lo + hi)
-        if t_sf_two_sided(mid, df) > target:
-            lo = mid
-        else:
-            hi = mid
-    return 0.5 * (lo + hi)
-
-
-def mean_ci(values, level=0.95):
-    """``(mean, half_width)`` of the Student-t interval; half width NaN for fewer than 2 values."""
-    v = np.asarray(values, dtype=np.float64)
-    m = float(v.mean()) if v.size else float("nan")
-    if v.size < 2:
-        return m, float("nan")
-    half = t_ppf(0.5 + level / 2.0, v.size - 1) * float(v.std(ddof=1)) / math.sqrt(v.size)
-    return m, half
-
-
-def welch_test(a, b):
-    """Welch's unequal-variance t-test: ``(t, df, two-sided p)``; NaNs when either has < 2 values."""
-    a, b = np.asarray(a, dtype=np.float64), np.asarray(b, dtype=np.float64)
-    if a.size < 2 or b.size < 2:
-        return float("nan"), float("nan"), float("nan")
-    va, vb = a.var(ddof=1) / a.size, b.var(ddof=1) / b.size
-    diff = a.mean() - b.mean()
-    if va + vb == 0.0:
-        # Identical values within each group: the difference is either exactly 0 or certain.
-        return (0.0, float("inf"), 1.0) if diff == 0 else (math.copysign(math.inf, diff), float("inf"), 0.0)
-    t = diff / math.sqrt(va + vb)
-    df = (va + vb) ** 2 / (va * va / (a.size - 1) + vb * vb / (b.size - 1))
-    return float(t), float(df), t_sf_two_sided(float(t), float(df))
 
 
 # --------------------------------------------------------------------------- loading
@@ -233,32 +147,8 @@ def write_summary_csv(runs, path):
 # --------------------------------------------------------------------------- figures
 
 
-def _plt():
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    return plt
-
-
-def save_figure(fig, path):
-    """Lay out, write (110 dpi) and close ``fig``; returns ``path``."""
-    fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    _plt().close(fig)
-    return path
-
-
-def _group_curve(group_runs, rounds, fn):
-    vals = np.array([[fn(run, r) for r in rounds] for run in group_runs], dtype=np.float64)
-    stats = [mean_ci(vals[:, j][np.isfinite(vals[:, j])]) if np.isfinite(vals[:, j]).any() else
-             (float("nan"), float("nan")) for j in range(len(rounds))]
-    return np.array([s[0] for s in stats]), np.array([s[1] for s in stats])
-
-
 def plot_score_vs_round(runs, against, path):
-    plt = _plt()
+    plt = pyplot()
     metrics = _metrics_present(runs)
     rounds = sorted(set().union(*(r["rounds"] for r in runs)))
     cols = 4
@@ -266,7 +156,7 @@ def plot_score_vs_round(runs, against, path):
     fig, axes = plt.subplots(rows, cols, figsize=(4 * cols, 3.2 * rows), squeeze=False)
     for ax, m in zip(axes.flat, metrics):
         for group, gr in _groups(runs).items():
-            mean, half = _group_curve(gr, rounds, lambda run, r: run_value(run, r, against, m))
+            mean, half = group_curve(gr, rounds, lambda run, r: run_value(run, r, against, m))
             line, = ax.plot(rounds, mean, marker="o", label=f"{group} (n={len(gr)})" if len(gr) > 1 else group)
             if len(gr) > 1:
                 ax.fill_between(rounds, mean - half, mean + half, color=line.get_color(), alpha=0.2)
@@ -288,7 +178,7 @@ def plot_below_thresholds(runs, rnd, path, against="clean"):
     metrics = [m for m in THRESHOLD_METRICS if m in _metrics_present(runs)]
     if not metrics:
         return False
-    plt = _plt()
+    plt = pyplot()
     groups = _groups(runs)
     fig, axes = plt.subplots(1, len(metrics), figsize=(4.2 * len(metrics), 3.4), squeeze=False)
     width = 0.8 / max(len(groups), 1)
@@ -312,11 +202,11 @@ def plot_below_thresholds(runs, rnd, path, against="clean"):
 
 
 def plot_attack_loss(runs, path):
-    plt = _plt()
+    plt = pyplot()
     rounds = sorted(set().union(*(r["rounds"] for r in runs)))
     fig, ax = plt.subplots(figsize=(5, 3.4))
     for group, gr in _groups(runs).items():
-        mean, half = _group_curve(gr, rounds, attack_loss)
+        mean, half = group_curve(gr, rounds, attack_loss)
         line, = ax.plot(rounds, mean, marker="o", label=group)
         if len(gr) > 1:
             ax.fill_between(rounds, mean - half, mean + half, color=line.get_color(), alpha=0.2)
@@ -341,7 +231,7 @@ def _wrap(text, width=28, lines=3):
 
 def plot_image_grid(runs, path, n_rows=4):
     """Rows: samples; columns: the clean image, then one adversarial image per group (its first run)."""
-    plt = _plt()
+    plt = pyplot()
     shown = [gr[0] for gr in _groups(runs).values() if gr[0]["grid"] is not None]
     if not shown:
         return False
@@ -375,22 +265,9 @@ def plot_image_grid(runs, path, n_rows=4):
 # --------------------------------------------------------------------------- markdown
 
 
-def _fmt(mean, half=float("nan"), digits=3):
-    if not math.isfinite(mean):
-        return "n/a"
-    return f"{mean:.{digits}f}" if not math.isfinite(half) else f"{mean:.{digits}f} ± {half:.{digits}f}"
-
-
-def _table(header, rows):
-    out = ["| " + " | ".join(header) + " |", "|" + "|".join("---" for _ in header) + "|"]
-    out += ["| " + " | ".join(map(str, r)) + " |" for r in rows]
-    return "\n".join(out)
-
-
-def _group_stat(gr, fn):
-    vals = [fn(run) for run in gr]
-    vals = [v for v in vals if math.isfinite(v)]
-    return mean_ci(vals) if vals else (float("nan"), float("nan"))
+def _group_cell(gr, fn, digits=3):
+    """A group's mean with its 95% interval of ``fn(run)`` over its runs, as a table cell."""
+    return fmt_mean_ci([fn(run) for run in gr], digits)
 
 
 def significance(runs, baseline, rnd, against, metrics):
@@ -414,9 +291,9 @@ def _score_table(runs, rounds, against, metrics, kind="mean"):
     rows = []
     for group, gr in _groups(runs).items():
         for rnd in rounds:
-            cells = [_fmt(*_group_stat(gr, lambda run, m=m: run_value(run, rnd, against, m, kind))) for m in metrics]
+            cells = [_group_cell(gr, lambda run, m=m: run_value(run, rnd, against, m, kind)) for m in metrics]
             rows.append([group, len(gr), rnd] + cells)
-    return _table(["model", "runs", "round"] + [METRIC_LABELS[m] for m in metrics], rows)
+    return table(["model", "runs", "round"] + [METRIC_LABELS[m] for m in metrics], rows)
 
 
 def relative_path(path, start):
@@ -454,7 +331,7 @@ def write_markdown(runs, path, figures, *, title="BIM robustness report", baseli
               "identical to its reference (after lower-casing and trimming) scores the maximum on every metric, so "
               "an output the attack left unchanged is never counted below a threshold.",
               ""]
-    lines += ["## Models", "", _table(["model", "group", "training loss", "checkpoint"],
+    lines += ["## Models", "", table(["model", "group", "training loss", "checkpoint"],
                                       [[r["name"], r["group"], _loss_label(r["config"].get("run_info", {})),
                                         f"`{relative_path(r['config'].get('model_path', ''), Path(path).parent)}`"]
                                        for r in runs]), ""]
@@ -474,22 +351,22 @@ def write_markdown(runs, path, figures, *, title="BIM robustness report", baseli
     for group, gr in groups.items():
         for m in thr_metrics:
             rows.append([group, METRIC_LABELS[m]] +
-                        [_fmt(*_group_stat(gr, lambda run, t=t, m=m: run_value(run, thr_round, "clean", m,
-                                                                                 f"below@{t}")), digits=2)
+                        [_group_cell(gr, lambda run, t=t, m=m: run_value(run, thr_round, "clean", m, f"below@{t}"),
+                                     digits=2)
                          for t in THRESHOLDS])
     if thr_metrics:
         lines += [f"## Proportion of outputs below each threshold after round {thr_round} (against the clean "
-                  f"output)", "", _table(["model", "metric"] + [f"< {t:.2f}" for t in THRESHOLDS], rows), ""]
+                  f"output)", "", table(["model", "metric"] + [f"< {t:.2f}" for t in THRESHOLDS], rows), ""]
 
-    rows = [[group] + [_fmt(*_group_stat(gr, lambda run, r=r: attack_loss(run, r))) for r in rounds]
+    rows = [[group] + [_group_cell(gr, lambda run, r=r: attack_loss(run, r)) for r in rounds]
             for group, gr in groups.items()]
     lines += ["## Attacked cross-entropy per token (what the attack ascends; descends for a targeted one)", "",
-              _table(["model"] + [f"round {r}" for r in rounds], rows), ""]
+              table(["model"] + [f"round {r}" for r in rounds], rows), ""]
     if any("target_success_rate" in rd["summary"] for run in runs for rd in run["rounds"].values()):
-        rows = [[group] + [_fmt(*_group_stat(gr, lambda run, r=r: target_success(run, r)), digits=2)
+        rows = [[group] + [_group_cell(gr, lambda run, r=r: target_success(run, r), digits=2)
                            for r in rounds] for group, gr in groups.items()]
         lines += ["## Targeted attack: share of outputs equal to the target text (after normalisation)", "",
-                  _table(["model"] + [f"round {r}" for r in rounds], rows), ""]
+                  table(["model"] + [f"round {r}" for r in rounds], rows), ""]
 
     lines += _significance_section(runs, baseline, last, metrics)
     lines += ["## Figures", ""] + [f"- {desc}: `{p}`" for desc, p in figures] + [""]
@@ -523,11 +400,11 @@ def _significance_section(runs, baseline, rnd, metrics):
     verdicts = []
     for against in AGAINST:
         rows = significance(runs, baseline, rnd, against, metrics)
-        table = [[g, METRIC_LABELS[m], f"{d:+.4f}", f"{t:.2f}" if math.isfinite(t) else "n/a",
+        cells = [[g, METRIC_LABELS[m], f"{d:+.4f}", f"{t:.2f}" if math.isfinite(t) else "n/a",
                   f"{df:.1f}" if math.isfinite(df) else "n/a", f"{p:.3f}" if math.isfinite(p) else "n/a",
                   "yes" if math.isfinite(p) and p < ALPHA else "no"] for g, m, d, t, df, p in rows]
         out += [f"Against the {'clean output' if against == 'clean' else 'references'}:", "",
-                _table(["group", "metric", "difference", "t", "df", "p", "significant"], table), ""]
+                table(["group", "metric", "difference", "t", "df", "p", "significant"], cells), ""]
         for g in groups:
             if g == baseline:
                 continue

@@ -43,6 +43,9 @@ import sys
 import time
 from pathlib import Path
 
+from .cli import cpu_accelerator_without_gpu
+from .study_jobs import TRAINED_HERE, add_wall_time, clean_quality, scorer, train_model, worker_init
+
 #: The paper's BIM for captioning, one signed step per round as the authors' released code.
 ATTACK = dict(eps=0.5, alpha=0.01, steps_per_round=1, space="normalized", target="clean")
 #: The dose design's second attack: RobustVLM's radius in [0, 1] pixels, one round of APGD steps.
@@ -66,7 +69,7 @@ SIZES = {
         finetune=dict(max_steps=2, lr=1e-3, logging_steps=1), calib_b=(0.5, 2.0), margin=0.05,
         attack=dict(num_samples=4, rounds=2, batch_size=4, max_new_tokens=12), endpoint_rounds=(1, 2),
         threshold_round=1, equivalence_margin=0.03, apgd_steps=2),
-    # The issue's minimum scale: 2 bases x 5 seeds = 10 pairs per arm, 200 images, 10 rounds.
+    # The smallest scale the study was specified at: 2 bases x 5 seeds = 10 pairs per arm, 200 images, 10 rounds.
     "default": dict(
         bases=2, seeds=5, gate=0.6, max_extensions=2, gate_images=200,
         base=dict(train_images=4000, eval_images=200, eval_samples=200, max_steps=4000, hidden=128, patch=8,
@@ -77,8 +80,6 @@ SIZES = {
         threshold_round=2, equivalence_margin=0.03, apgd_steps=10),
 }
 PRIMARY = ("prsl-k20", "ce")
-#: Marks a model that prsl-study trained itself (so its time is in the study's wall time).
-TRAINED_HERE = "study_trained.json"
 
 
 # --------------------------------------------------------------------------- plan
@@ -126,72 +127,6 @@ def gate_samples(size, data_seed=0, image_size=64):
 # --------------------------------------------------------------------------- worker side
 
 
-_SCORER = None
-
-
-def _worker_init():
-    import torch
-
-    torch.set_num_threads(1)
-    from transformers.utils import logging as hf_logging
-
-    hf_logging.disable_progress_bar()
-    hf_logging.set_verbosity_error()
-
-
-def _scorer():
-    global _SCORER
-    if _SCORER is None:
-        from .metrics import CaptionScorer
-
-        _SCORER = CaptionScorer(device="cpu")
-    return _SCORER
-
-
-def _same_config(info, cfg):
-    from .finetune import _recorded_config
-
-    ignore = {"output_dir", "progress", "resume", "stop_at_step"}
-    want = json.loads(json.dumps(_recorded_config(cfg)))
-    have = info.get("config", {})
-    return all(have.get(k) == v for k, v in want.items() if k not in ignore)
-
-
-def train_model(cfg):
-    """Train ``cfg`` unless its folder already holds the finished run of the same config."""
-    from . import finetune
-    from .models import read_run_info
-
-    out = Path(cfg.output_dir)
-    info = read_run_info(out)
-    if info.get("completed") and _same_config(info, cfg):
-        return info, True
-    if out.exists():
-        shutil.rmtree(out)  # an interrupted or different run: start this model again
-    finetune.train(dataclasses.replace(cfg, progress=False))
-    (out / TRAINED_HERE).write_text("{}")  # the study timed this training (see _add_wall_time)
-    return read_run_info(out), False
-
-
-def clean_quality(model_dir, samples):
-    """Exact match and the shape / colour / size accuracies of greedy captions on ``samples``."""
-    from .data import caption_examples, normalize_text
-    from .finetune import evaluate
-    from .models import load_bundle
-
-    bundle = load_bundle(model_dir)
-    examples = caption_examples(samples, all_references=False)
-    res = evaluate(bundle, examples, task="caption", batch_size=100)
-    hits = {"shape": 0, "colour": 0, "size": 0}
-    for s, out in zip(samples, res["outputs"]):
-        words = set(normalize_text(out).split())
-        obj = s.meta["objects"][0]
-        for attr in hits:
-            hits[attr] += obj[attr] in words
-    n = max(len(samples), 1)
-    return {"exact_match": res["exact_match"], "n": res["n"], **{a: h / n for a, h in hits.items()}}
-
-
 def jpeg_round_trip(bundle, items, clean_outputs, scorer, *, max_new_tokens, batch_size=100):
     """The released attack's image round trip with no gradient step: un-normalise (with CLIP's
     statistics, and for contrast with the model's own), 8-bit, JPEG, reload, the model's processor.
@@ -234,7 +169,7 @@ def jpeg_round_trip(bundle, items, clean_outputs, scorer, *, max_new_tokens, bat
 def model_job(job):
     """One unit of work in a worker: train (or reuse) a model, then optionally measure its
     clean quality on the gate split and attack it. Returns a small JSON-able dict."""
-    _worker_init()
+    worker_init()
     cfg = job["config"]
     info, reused = train_model(cfg)
     res = {"name": job["name"], "dir": cfg.output_dir, "reused": reused, "steps": info.get("steps"),
@@ -273,7 +208,7 @@ def attack_model(job, kind="bim"):
     the released code's JPEG round trip unless ``job["jpeg"]`` is false) or "apgd" (one round of
     ``apgd_steps`` APGD steps in pixel space, into ``job["apgd"]``, random starts from seed 0)."""
     from .attack import AttackConfig, ModelAttack, SettingsMismatch, attack_items
-    from .models import load_bundle, read_run_info
+    from .checkpoints import load_bundle, read_run_info
 
     cfg, spec = job["config"], SIZES[job["size"]]
     items = attack_items(_attack_samples(job["size"]), "caption")
@@ -291,7 +226,7 @@ def attack_model(job, kind="bim"):
     bundle = load_bundle(cfg.output_dir)
 
     def attack():
-        return ModelAttack(bundle, items, out, acfg, _scorer(), model_path=str(Path(cfg.output_dir).resolve()),
+        return ModelAttack(bundle, items, out, acfg, scorer(), model_path=str(Path(cfg.output_dir).resolve()),
                            name=job["name"], run_info=read_run_info(cfg.output_dir), progress=False).run()
     try:
         attack()
@@ -300,7 +235,7 @@ def attack_model(job, kind="bim"):
         attack()
     if jpeg and not jpeg_path.is_file():
         clean = [json.loads(line)["output"] for line in (out / "rounds" / "round_000.jsonl").open()]
-        trip = jpeg_round_trip(bundle, items, clean, _scorer(), max_new_tokens=spec["attack"]["max_new_tokens"])
+        trip = jpeg_round_trip(bundle, items, clean, scorer(), max_new_tokens=spec["attack"]["max_new_tokens"])
         jpeg_path.write_text(json.dumps(trip, indent=1))
     return str(out), not finished
 
@@ -425,15 +360,6 @@ def _dose_preregistration(size, spec, when):
 """
 
 
-def _add_wall_time(out, seconds, worked):
-    """Seconds spent on this study over the invocations that trained, measured or attacked
-    anything (a resumed study adds up; a rerun that only rebuilds the report does not count)."""
-    path = out / "wall_time.json"
-    total = (json.loads(path.read_text())["seconds"] if path.is_file() else 0.0) + (seconds if worked else 0.0)
-    path.write_text(json.dumps({"seconds": total}))
-    return total
-
-
 def _calibrate(runner, bases, out, size, spec, say):
     """The default design's b per k on base 0, seed 0 (these runs are the pair's arm models when chosen).
     Returns the arms, the chosen b, the calibration rows and whether anything was trained."""
@@ -551,7 +477,7 @@ def run(args):
         runner.close()
         torch.set_num_threads(old_threads)
     say("4/4 report")
-    wall = _add_wall_time(out, time.time() - t0, worked)
+    wall = add_wall_time(out, time.time() - t0, worked)
     models = [dict(arm=j["arm"], pair=j["pair"], attack_dir=r["attack"], apgd_dir=r.get("apgd"), model_dir=r["dir"],
                    steps=r["steps"], train_loss=r["train_loss"]) for j, r in zip(jobs, results)]
     plan = dict(size=args.size, spec=spec, gate=gate_log, calibration=calib_rows, chosen_b=chosen, arms=arms,
@@ -559,9 +485,9 @@ def run(args):
                 preregistration=(out / "preregistration.md").read_text(), primary=PRIMARY, attack=ATTACK,
                 jpeg_quality=JPEG_QUALITY, references=_attack_references(args.size), design=args.design,
                 apgd=dict(APGD, steps_per_round=spec["apgd_steps"]), dose_k=DOSE_K)
-    from .demo import _quiet_transformers
+    from .models import quiet_transformers
 
-    with _quiet_transformers():
+    with quiet_transformers():
         if dose:
             from .study_dose import write_dose_report
 
@@ -601,6 +527,7 @@ def build_parser():
 
 
 def main(argv=None):
+    cpu_accelerator_without_gpu()
     args = build_parser().parse_args(argv)
     try:
         run(args)

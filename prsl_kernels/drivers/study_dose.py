@@ -1,7 +1,7 @@
 """The report of ``prsl-study --design dose``: the endpoint against b, the frontier, ``summary.json``.
 
 The dose design's arms are CE and PRSL k=20 at several b. Its primary analysis is the paired
-slope of the endpoint against log2 b over the PRSL arms (``study_stats.dose_slope``); each b is
+slope of the endpoint against log2 b over the PRSL arms (``stats.dose_slope``); each b is
 also compared with CE (paired, Holm over the doses), on BIM (primary endpoint) and on APGD in
 pixel space (secondary). CE is PRSL at b = 0, so ``dose`` lists it under "0"; the slope leaves it
 out (log2 0 is not a dose).
@@ -15,12 +15,12 @@ from pathlib import Path
 
 import numpy as np
 
-from . import study_stats as st
-from .report import (_group_curve, _plt, _table, attack_loss, load_run, mean_ci, relative_path, run_value,
-                     save_figure)
-from .report import THRESHOLDS
-from .study_report import _by_arm, _ci, _fmt, _mc, _model_rows, _pval, damage_bound, here_bertscore_baseline, \
-    paper_bertscore_baseline, write_models_csv
+from . import stats as st
+from .report import THRESHOLDS, attack_loss, load_run, relative_path, run_value
+from .stats import mean_ci
+from .study_report import (by_arm, damage_bound, here_bertscore_baseline, model_rows, paper_bertscore_baseline,
+                           write_models_csv)
+from .tables import fmt, fmt_interval, fmt_mean_ci, fmt_p, group_curve, pyplot, save_figure, table
 
 
 def _b_of(plan, arm):
@@ -33,7 +33,7 @@ def _label(plan, arm):
 
 
 def _rows(plan):
-    rows = _model_rows(plan)
+    rows = model_rows(plan)
     for row, m in zip(rows, plan["models"]):
         run = load_run(m["apgd_dir"])
         row["apgd_endpoint"] = run_value(run, 1, "clean", "bertscore_f1")
@@ -67,8 +67,8 @@ def write_dose_report(plan, report_dir):
 
     write_models_csv(rows, report_dir / "models.csv")
 
-    endpoint, apgd = _by_arm(rows, "endpoint"), _by_arm(rows, "apgd_endpoint")
-    clean_em = _by_arm(rows, "clean_exact_match")
+    endpoint, apgd = by_arm(rows, "endpoint"), by_arm(rows, "apgd_endpoint")
+    clean_em = by_arm(rows, "clean_exact_match")
     vs_ce, apgd_vs_ce = _versus_ce(endpoint, prsl_arms), _versus_ce(apgd, prsl_arms)
     slope, apgd_slope = _slope(endpoint, plan, prsl_arms), _slope(apgd, plan, prsl_arms)
     clean_slope = _slope(clean_em, plan, prsl_arms)
@@ -132,16 +132,17 @@ def sentence(summary):
     """The headline: the slope per doubling of b, and where the doses stand against CE."""
     sl = summary["slope"]
     # Four digits near the threshold: a p of 0.0503 must not read as 0.050.
-    pv = f"{sl['p']:.4f}" if 0.04 <= sl["p"] < 0.06 else _pval(sl["p"])
+    pv = f"{sl['p']:.4f}" if 0.04 <= sl["p"] < 0.06 else fmt_p(sl["p"])
     verdict = "" if not sl["p"] >= 0.05 else ": not significant at the pre-registered 0.05"
-    core = (f"PRSL k=20's dose-response slope is {_fmt(sl['estimate'], 5, True)} BERTScore F1 per doubling of b "
-            f"(95% CI {_ci(sl['ci95'], 5)}, p = {pv}, {sl['n']} pairs{verdict}) under BIM")
+    core = (f"PRSL k=20's dose-response slope is {fmt(sl['estimate'], 5, True)} BERTScore F1 per doubling of b "
+            f"(95% CI {fmt_interval(sl['ci95'], 5)}, p = {pv}, {sl['n']} pairs{verdict}) under BIM")
     sig = {b: d["vs_ce"] for b, d in summary["dose"].items() if "vs_ce" in d and d["vs_ce"]["p_holm"] < 0.05}
     if not sig:
         tail = "; no b differs from CE after Holm correction"
     else:
-        tail = "; " + "; ".join(f"b = {b} differs from CE by {_fmt(v['diff'], 4, True)} (95% CI {_ci(v['ci95'], 4)}, "
-                                f"Holm p = {_pval(v['p_holm'])})" for b, v in sig.items())
+        tail = "; " + "; ".join(f"b = {b} differs from CE by {fmt(v['diff'], 4, True)} "
+                                f"(95% CI {fmt_interval(v['ci95'], 4)}, Holm p = {fmt_p(v['p_holm'])})"
+                                for b, v in sig.items())
     tests = [d["equivalence"] for d in summary["dose"].values() if "equivalence" in d]
     within = all(t["p"] < 0.05 for t in tests)
     upper = max(d["vs_ce"]["ci95"][1] for d in summary["dose"].values() if "vs_ce" in d)
@@ -151,7 +152,7 @@ def sentence(summary):
 
 
 def _figures(plan, rows, arms, rounds, fig_dir):
-    plt = _plt()
+    plt = pyplot()
     colours = {a: f"C{i}" for i, a in enumerate(arms)}
     out = {}
 
@@ -203,7 +204,7 @@ def _figures(plan, rows, arms, rounds, fig_dir):
     fig, ax = plt.subplots(figsize=(6, 4))
     for a in arms:
         runs = [r["_run"] for r in rows if r["arm"] == a]
-        m, h = _group_curve(runs, rounds, lambda run, rr: run_value(run, rr, "clean", "bertscore_f1"))
+        m, h = group_curve(runs, rounds, lambda run, rr: run_value(run, rr, "clean", "bertscore_f1"))
         line, = ax.plot(rounds, m, marker="o", color=colours[a], label=_label(plan, a))
         ax.fill_between(rounds, m - np.nan_to_num(h), m + np.nan_to_num(h), color=line.get_color(), alpha=0.15)
     ax.set_xlabel("BIM round (one step each)")
@@ -233,25 +234,25 @@ def _markdown(plan, rows, arms, prsl_arms, rounds, summary, figures, report_dir)
           f"- Wall time: {plan['wall_s'] / 60:.1f} min on {plan['cpus']} CPU core(s) with {plan['workers']} worker "
           "process(es), summed over the invocations that trained or attacked anything.", "",
           "### Gate", "",
-          _table(["base", "stage", "steps", "train s", "exact match", "shape", "colour", "size", "passed"],
-                 [[g["base"], g["stage"], g["steps"], f"{g['train_s']:.0f}", _fmt(g["exact_match"], 2),
-                   _fmt(g["shape"], 2), _fmt(g["colour"], 2), _fmt(g["size"], 2), "yes" if g["passed"] else "no"]
+          table(["base", "stage", "steps", "train s", "exact match", "shape", "colour", "size", "passed"],
+                 [[g["base"], g["stage"], g["steps"], f"{g['train_s']:.0f}", fmt(g["exact_match"], 2),
+                   fmt(g["shape"], 2), fmt(g["colour"], 2), fmt(g["size"], 2), "yes" if g["passed"] else "no"]
                   for g in plan["gate"]]), ""]
 
     L += ["## Results", "", "### Dose response (pre-registered primary analysis)", "",
-          _table(["endpoint", "slope per doubling of b", "95% CI", "p", "pairs"],
-                 [["BIM (primary)", _fmt(sl["estimate"], 4, True), _ci(sl["ci95"], 4), _pval(sl["p"]), sl["n"]],
-                  ["APGD (secondary)", _fmt(asl["estimate"], 4, True), _ci(asl["ci95"], 4), _pval(asl["p"]),
+          table(["endpoint", "slope per doubling of b", "95% CI", "p", "pairs"],
+                 [["BIM (primary)", fmt(sl["estimate"], 4, True), fmt_interval(sl["ci95"], 4), fmt_p(sl["p"]), sl["n"]],
+                  ["APGD (secondary)", fmt(asl["estimate"], 4, True), fmt_interval(asl["ci95"], 4), fmt_p(asl["p"]),
                    asl["n"]],
-                  ["clean exact match", _fmt(csl["estimate"], 4, True), _ci(csl["ci95"], 4), _pval(csl["p"]),
+                  ["clean exact match", fmt(csl["estimate"], 4, True), fmt_interval(csl["ci95"], 4), fmt_p(csl["p"]),
                    csl["n"]]]), "",
           "### Per b (mean over models ± 95% CI)", "",
-          _table(["arm", "models", "clean exact match", "BIM endpoint", "APGD endpoint", "train loss"],
+          table(["arm", "models", "clean exact match", "BIM endpoint", "APGD endpoint", "train loss"],
                  [[_label(plan, a), dose[f"{_b_of(plan, a):g}"]["n_models"],
-                   _mc([r["clean_exact_match"] for r in rows if r["arm"] == a]),
-                   _mc([r["endpoint"] for r in rows if r["arm"] == a], 4),
-                   _mc([r["apgd_endpoint"] for r in rows if r["arm"] == a], 4),
-                   _mc([r["train_loss"] for r in rows if r["arm"] == a])] for a in arms]), "",
+                   fmt_mean_ci([r["clean_exact_match"] for r in rows if r["arm"] == a]),
+                   fmt_mean_ci([r["endpoint"] for r in rows if r["arm"] == a], 4),
+                   fmt_mean_ci([r["apgd_endpoint"] for r in rows if r["arm"] == a], 4),
+                   fmt_mean_ci([r["train_loss"] for r in rows if r["arm"] == a])] for a in arms]), "",
           "The train losses include b*D and are not comparable across arms; the clean exact match is.", "",
           "### Each b against CE (paired by (base, seed); Holm over the doses)", ""]
     t = []
@@ -259,19 +260,19 @@ def _markdown(plan, rows, arms, prsl_arms, rounds, summary, figures, report_dir)
         d = dose[f"{_b_of(plan, a):g}"]
         v, g, c, adj, eq = d["vs_ce"], d["apgd_vs_ce"], d["clean_exact_match_vs_ce"], \
             d["adjusted_for_clean_exact_match"], d["equivalence"]
-        t.append([_label(plan, a), f"{_fmt(v['diff'], 4, True)} {_ci(v['ci95'], 4)}", _pval(v["p_holm"]),
-                  f"{_fmt(g['diff'], 4, True)} {_ci(g['ci95'], 4)}", _pval(g["p_holm"]),
-                  f"{_fmt(c['diff'], 3, True)} {_ci(c['ci95'])}",
-                  f"{_fmt(adj['diff'], 4, True)} {_ci(adj['ci95'], 4)}", _pval(eq["p"])])
-    L += [_table(["arm", "BIM endpoint diff [95% CI]", "p (Holm)", "APGD endpoint diff [95% CI]", "p (Holm)",
+        t.append([_label(plan, a), f"{fmt(v['diff'], 4, True)} {fmt_interval(v['ci95'], 4)}", fmt_p(v["p_holm"]),
+                  f"{fmt(g['diff'], 4, True)} {fmt_interval(g['ci95'], 4)}", fmt_p(g["p_holm"]),
+                  f"{fmt(c['diff'], 3, True)} {fmt_interval(c['ci95'])}",
+                  f"{fmt(adj['diff'], 4, True)} {fmt_interval(adj['ci95'], 4)}", fmt_p(eq["p"])])
+    L += [table(["arm", "BIM endpoint diff [95% CI]", "p (Holm)", "APGD endpoint diff [95% CI]", "p (Holm)",
                   "clean exact match diff [95% CI]", "BIM diff at equal clean EM [95% CI]",
                   f"TOST ±{spec['equivalence_margin']} p"], t), "",
           f"Power: with the observed SD of the paired differences at b = {_b_of(plan, prsl_arms[-1]):g}, "
-          f"{summary['primary']['n']} pairs detect {_fmt(summary['detectable_difference_80pct'], 4)} BERTScore F1 "
+          f"{summary['primary']['n']} pairs detect {fmt(summary['detectable_difference_80pct'], 4)} BERTScore F1 "
           "with 80% power (two-sided 5%).", "",
           "### BIM per round (mean over models ± 95% CI)", "",
-          _table(["arm"] + [f"r{r}" for r in rounds[1:]],
-                 [[_label(plan, a)] + [_mc([r[f"bertscore_clean_r{rr}"] for r in rows if r["arm"] == a])
+          table(["arm"] + [f"r{r}" for r in rounds[1:]],
+                 [[_label(plan, a)] + [fmt_mean_ci([r[f"bertscore_clean_r{rr}"] for r in rows if r["arm"] == a])
                                        for rr in rounds[1:]] for a in arms]), "",
           "## Figures", ""]
     for key, path in figures.items():

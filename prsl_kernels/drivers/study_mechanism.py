@@ -34,8 +34,6 @@ import sys
 import time
 from pathlib import Path
 
-import numpy as np
-
 #: PRSL's k and the doses of the treatment check; the main study's PRSL arm is the largest b.
 K, TREATMENT_B, MAIN_B = 20, (1.0, 64.0), 64.0
 
@@ -233,13 +231,13 @@ def _json(path, make):
 
 
 def _measure(model_dir, samples):
-    from .models import load_bundle
+    from .checkpoints import load_bundle
 
     return treatment_measures(load_bundle(model_dir), samples)
 
 
 def train_bases(out, size, log):
-    from .study import clean_quality, train_model
+    from .study_jobs import clean_quality, train_model
 
     spec = SIZES[size]
     gate = heldout_samples(size)[:spec["gate_images"]]
@@ -259,7 +257,7 @@ def _train_to(cfg, step, final):
     """Bring the run of ``cfg`` to ``step`` (a checkpoint-``step``, or the finished run when ``final``),
     resuming from its last checkpoint. Returns the directory holding the model at ``step``."""
     from . import finetune
-    from .models import read_run_info
+    from .checkpoints import read_run_info
 
     out = Path(cfg.output_dir)
     if final:
@@ -300,8 +298,8 @@ def treatment_check(out, size, base_dir, log):
 
 def main_models(out, size, bases, chosen, log):
     """Every base x seed fine-tuned with CE and PRSL b=64 for ``chosen`` steps, measured and attacked."""
-    from .models import read_run_info
-    from .study import train_model
+    from .checkpoints import read_run_info
+    from .study_jobs import train_model
     from .study_mechanism_attacks import attack_model
 
     spec = SIZES[size]
@@ -331,8 +329,8 @@ def main_models(out, size, bases, chosen, log):
 def run_mechanism(args):
     import torch
 
-    from .demo import _quiet_transformers
-    from .study import _add_wall_time, _worker_init
+    from .models import quiet_transformers
+    from .study_jobs import add_wall_time, worker_init
     from .study_mechanism_report import write_mechanism_report
 
     size = args.size
@@ -347,7 +345,7 @@ def run_mechanism(args):
         shutil.rmtree(out)
     out.mkdir(parents=True, exist_ok=True)
     report_dir.mkdir(parents=True, exist_ok=True)
-    _worker_init()  # one thread: the study is sized for one core
+    worker_init()  # one thread: the study is sized for one core
     from . import finetune, study_mechanism_attacks  # noqa: F401  (imported before the provenance is taken)
     from .. import hf, loss  # noqa: F401
 
@@ -365,17 +363,18 @@ def run_mechanism(args):
         f"{prov['dirty_imported_files'] or 'none'} (diff in {out / 'run_diff.patch'})")
     t0 = time.time()
     worked = True
-    with _quiet_transformers():
+    with quiet_transformers():
         spec = SIZES[size]
         bases = train_bases(out, size, log)
         treatment = treatment_check(out, size, bases[0]["dir"], log)
         chosen, reason = choose_steps(treatment, spec["treatment_steps"], spec["min_cut"], spec["budget_steps"])
         log(f"chosen steps: {chosen} ({reason})")
         models = main_models(out, size, bases, chosen, log)
-        wall = _add_wall_time(out, time.time() - t0, worked)
+        wall = add_wall_time(out, time.time() - t0, worked)
         plan = dict(size=size, spec=spec, bases=bases, treatment=treatment, chosen_steps=chosen,
                     chosen_reason=reason, models=models, wall_s=wall, cpus=os.cpu_count(),
                     threads=torch.get_num_threads(), provenance=prov, out=str(out),
+                    references=[s.captions for s in attack_samples(size)],
                     preregistration=_preregistration(report_dir))
         summary = write_mechanism_report(plan, report_dir)
     p = summary["primary"]

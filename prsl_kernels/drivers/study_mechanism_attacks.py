@@ -20,7 +20,8 @@ from __future__ import annotations
 
 import torch
 
-from .attack import TeacherForcedCE, bim_step
+from .attack import TeacherForcedCE
+from .attack_steps import bim_step
 
 
 class TeacherForcedMargin(TeacherForcedCE):
@@ -75,7 +76,7 @@ class _Model:
     """One model under attack: pixels in [0, 1], its clean outputs, generation and the two objectives."""
 
     def __init__(self, model_dir, items, cfg):
-        from .models import load_bundle
+        from .checkpoints import load_bundle
 
         self.bundle = bundle = load_bundle(model_dir)
         bundle.model.eval()
@@ -109,9 +110,9 @@ def attack_model(model_dir, items, cfg, name, scorer=None):
     under one attack at one eps (or round): model, image, attack, eps, round, output, changed,
     bertscore_f1 vs the clean output (BIM and the 4/255 attacks), attack loss."""
     from .attack_steps import apgd, random_start
-    from .study import _scorer
+    from . import study_jobs
 
-    scorer = scorer or _scorer()
+    scorer = scorer or study_jobs.scorer()
     m = _Model(model_dir, items, cfg)
     n, bs, records = len(items), cfg["batch_size"], []
 

@@ -25,9 +25,9 @@ from pathlib import Path
 
 import numpy as np
 
-from . import study_stats as st
-from .report import _plt, _table, relative_path, save_figure
-from .study_report import _ci, _fmt, _pval
+from . import stats as st
+from .report import relative_path
+from .tables import fmt, fmt_interval, fmt_p, pyplot, save_figure, table
 
 ENDPOINTS = {
     "min_eps_margin": ("mean minimum eps to change the caption, margin attack (x 1/255)", 255.0),
@@ -146,13 +146,10 @@ def _arm_summary(rows, models):
 
 
 def write_mechanism_report(plan, report_dir):
-    from .study_mechanism import attack_samples
-
     report_dir = Path(report_dir)
     fig_dir = report_dir / "figures"
     fig_dir.mkdir(parents=True, exist_ok=True)
-    references = [s.captions for s in attack_samples(plan["size"])]
-    rows = model_rows(plan, references)
+    rows = model_rows(plan, plan["references"])
     endpoints, primary, competence, mech, delivered = analyse(plan, rows)
     treatment = [{k: r[k] for k in ("arm", "b", "k", "steps", "held_out_D_mean", "spread", "margin", "ce",
                                     "token_accuracy", "grad_l1")} for r in plan["treatment"]]
@@ -202,14 +199,14 @@ def sentence(summary):
             f"{ce['held_out_D_mean']:.4f} (CE) to {pr['held_out_D_mean']:.4f} ({pr['D_ratio_vs_ce']:.2f}x) and moved "
             f"the target logit margin from {ce['margin']:.2f} to {pr['margin']:.2f} and ‖grad_x CE‖₁ from "
             f"{ce['grad_l1']:.2f} to {pr['grad_l1']:.2f}. Over {p['n_bases']} bases, PRSL - CE in the smallest "
-            f"eps that changes a caption under the adaptive margin attack is {_fmt(p['estimate'] * 255, 3, True)}/255 "
-            f"(95% CI {_fmt(p['ci95'][0] * 255, 3, True)} to {_fmt(p['ci95'][1] * 255, 3, True)}, p = {_pval(p['p'])}); "
-            f"its slope on base clean exact match is {_fmt(c['slope'] * 255, 2, True)}/255 per unit "
-            f"(95% CI {_fmt(c['ci95'][0] * 255, 2, True)} to {_fmt(c['ci95'][1] * 255, 2, True)}, p = {_pval(c['p'])}).")
+            f"eps that changes a caption under the adaptive margin attack is {fmt(p['estimate'] * 255, 3, True)}/255 "
+            f"(95% CI {fmt(p['ci95'][0] * 255, 3, True)} to {fmt(p['ci95'][1] * 255, 3, True)}, p = {fmt_p(p['p'])}); "
+            f"its slope on base clean exact match is {fmt(c['slope'] * 255, 2, True)}/255 per unit "
+            f"(95% CI {fmt(c['ci95'][0] * 255, 2, True)} to {fmt(c['ci95'][1] * 255, 2, True)}, p = {fmt_p(c['p'])}).")
 
 
 def _figures(plan, rows, treatment, fig_dir):
-    plt = _plt()
+    plt = pyplot()
     out = {}
     fig, axes = plt.subplots(1, 3, figsize=(13, 3.8))
     for ax, key, title in zip(axes, ("held_out_D_mean", "margin", "grad_l1"),
@@ -263,7 +260,7 @@ def _figures(plan, rows, treatment, fig_dir):
 
 
 def _row_fmt(r, digits=4):
-    return [_fmt(r["estimate"], digits, True), _ci(r["ci95"], digits), _pval(r["p"]), r["n_bases"]]
+    return [fmt(r["estimate"], digits, True), fmt_interval(r["ci95"], digits), fmt_p(r["p"]), r["n_bases"]]
 
 
 def _markdown(plan, rows, summary, figures, report_dir):
@@ -278,13 +275,13 @@ def _markdown(plan, rows, summary, figures, report_dir):
          f"Wall time {plan['wall_s'] / 60:.1f} min on {plan['threads']} thread(s) of a {plan['cpus']}-core machine.",
          "", "The pre-registration (committed on its own before the run): `preregistration.md`.", "",
          "## 1. Treatment check (base 0, held-out tokens, teacher-forced on the first reference)", "",
-         _table(["arm", "steps", "held-out D", "D / CE's", "spread S", "margin", "CE", "token acc.", "‖grad_x CE‖₁"],
+         table(["arm", "steps", "held-out D", "D / CE's", "spread S", "margin", "CE", "token acc.", "‖grad_x CE‖₁"],
                 [[r["arm"], r["steps"], f"{r['held_out_D_mean']:.4f}", f"{r['D_ratio_vs_ce']:.3f}", f"{r['spread']:.4f}",
                   f"{r['margin']:.3f}", f"{r['ce']:.3f}", f"{r['token_accuracy']:.3f}", f"{r['grad_l1']:.3f}"]
                  for r in sorted(summary["treatment"], key=lambda r: (r["steps"], r["b"]))]), "",
          f"**Chosen length: {summary['chosen_steps']} steps** ({summary['chosen_reason']}).", "",
          "## 2. Bases (no gate)", "",
-         _table(["base", "init seed", "steps", "clean exact match", "shape", "colour", "size"],
+         table(["base", "init seed", "steps", "clean exact match", "shape", "colour", "size"],
                 [[b["base"], b["init_seed"], b["steps"], f"{b['exact_match']:.3f}", f"{b['shape']:.2f}",
                   f"{b['colour']:.2f}", f"{b['size']:.2f}"] for b in summary["bases"]]), "",
          f"Clean exact match spans {min(b['exact_match'] for b in summary['bases']):.3f}-"
@@ -292,25 +289,25 @@ def _markdown(plan, rows, summary, figures, report_dir):
          "",
          "## 3. Main comparison: PRSL k=20 b=64 - CE, the base as the unit", "",
          "Was the treatment delivered on every base? PRSL - CE over bases:", "",
-         _table(["measure", "PRSL - CE", "95% CI", "p", "bases"],
+         table(["measure", "PRSL - CE", "95% CI", "p", "bases"],
                 [[PREDICTORS[k]] + _row_fmt(v) for k, v in summary["treatment_delivered"].items()]), "",
          "Endpoints (per base: mean over its seeds of PRSL - CE; then t over bases):", "",
-         _table(["endpoint", "PRSL - CE", "95% CI", "p", "bases", "slope on base EM [95% CI]", "p"],
-                [[ENDPOINTS["min_eps_margin"][0] + " **(primary)**", _fmt(p["estimate"] * 255, 3, True),
-                  _ci([v * 255 for v in p["ci95"]], 3), _pval(p["p"]), p["n_bases"],
-                  f"{_fmt(c['slope'] * 255, 2, True)} {_ci([v * 255 for v in c['ci95']], 2)}", _pval(c["p"])]] +
-                [[ENDPOINTS[k][0], _fmt(v["vs_ce"]["estimate"] * ENDPOINTS[k][1], 4, True),
-                  _ci([x * ENDPOINTS[k][1] for x in v["vs_ce"]["ci95"]], 4), _pval(v["vs_ce"]["p"]),
+         table(["endpoint", "PRSL - CE", "95% CI", "p", "bases", "slope on base EM [95% CI]", "p"],
+                [[ENDPOINTS["min_eps_margin"][0] + " **(primary)**", fmt(p["estimate"] * 255, 3, True),
+                  fmt_interval([v * 255 for v in p["ci95"]], 3), fmt_p(p["p"]), p["n_bases"],
+                  f"{fmt(c['slope'] * 255, 2, True)} {fmt_interval([v * 255 for v in c['ci95']], 2)}", fmt_p(c["p"])]] +
+                [[ENDPOINTS[k][0], fmt(v["vs_ce"]["estimate"] * ENDPOINTS[k][1], 4, True),
+                  fmt_interval([x * ENDPOINTS[k][1] for x in v["vs_ce"]["ci95"]], 4), fmt_p(v["vs_ce"]["p"]),
                   v["vs_ce"]["n_bases"],
-                  f"{_fmt(v['competence']['slope'] * ENDPOINTS[k][1], 3, True)} "
-                  f"{_ci([x * ENDPOINTS[k][1] for x in v['competence']['ci95']], 3)}", _pval(v["competence"]["p"])]
+                  f"{fmt(v['competence']['slope'] * ENDPOINTS[k][1], 3, True)} "
+                  f"{fmt_interval([x * ENDPOINTS[k][1] for x in v['competence']['ci95']], 3)}", fmt_p(v["competence"]["p"])]
                  for k, v in summary["secondary"].items()]), "",
          "Clean quality is part of the contrast, not adjusted for (no adjustment was pre-registered): PRSL's clean "
          f"exact match on the attacked images differs from CE's by "
-         f"{_fmt(summary['secondary']['clean_exact_match']['vs_ce']['estimate'], 3, True)} "
-         f"{_ci(summary['secondary']['clean_exact_match']['vs_ce']['ci95'])}.", "",
+         f"{fmt(summary['secondary']['clean_exact_match']['vs_ce']['estimate'], 3, True)} "
+         f"{fmt_interval(summary['secondary']['clean_exact_match']['vs_ce']['ci95'])}.", "",
          "## 4. Attacks, per arm (mean over models)", "",
-         _table(["arm", "models", "min eps mean (/255)", "median", "IQR", "censored at eps_max",
+         table(["arm", "models", "min eps mean (/255)", "median", "IQR", "censored at eps_max",
                  "changed APGD-CE 4/255", "changed APGD-margin 4/255", "BIM endpoint", "clean EM"],
                 [[a, v["n_models"], f"{v['per_image_min_eps']['mean_x255']:.2f}",
                   f"{v['per_image_min_eps']['median_x255']:.2f}",
@@ -320,10 +317,10 @@ def _markdown(plan, rows, summary, figures, report_dir):
                  for a, v in summary["attacks"]["by_arm"].items()]), "",
          "## 5. Mechanism: does the change in what PRSL penalises predict the change in robustness?", "",
          "Over the (base, seed) pairs, PRSL - CE of each measure against PRSL - CE of the primary endpoint:", "",
-         _table(["measure", "mean change", "Pearson r", "OLS slope (x 1/255 per unit) [95% CI]", "p", "p (Holm)", "pairs"],
-                [[v["label"], _fmt(v["mean_change"], 4, True), _fmt(v["r"], 2, True),
-                  f"{_fmt(v['slope'] * 255, 3, True)} {_ci([x * 255 for x in v['ci95']], 3)}", _pval(v["p"]),
-                  _pval(v["p_holm"]), v["n"]] for v in summary["mechanism"].values()]), "",
+         table(["measure", "mean change", "Pearson r", "OLS slope (x 1/255 per unit) [95% CI]", "p", "p (Holm)", "pairs"],
+                [[v["label"], fmt(v["mean_change"], 4, True), fmt(v["r"], 2, True),
+                  f"{fmt(v['slope'] * 255, 3, True)} {fmt_interval([x * 255 for x in v['ci95']], 3)}", fmt_p(v["p"]),
+                  fmt_p(v["p_holm"]), v["n"]] for v in summary["mechanism"].values()]), "",
          "## Figures", ""]
     for key, path in figures.items():
         L.append(f"![{key}]({relative_path(path, report_dir)})")

@@ -9,11 +9,10 @@ from pathlib import Path
 
 import numpy as np
 
-from . import study_stats as st
-from .report import _fmt as _mean_half
-from .report import (_group_curve, _plt, _table, attack_loss, load_run, mean_ci, relative_path, run_value,
-                     save_figure)
-from .report import THRESHOLDS
+from . import stats as st
+from .report import THRESHOLDS, attack_loss, load_run, relative_path, run_value
+from .stats import mean_ci
+from .tables import fmt, fmt_interval, fmt_mean_ci, fmt_p, group_curve, pyplot, save_figure, table
 
 ARM_LABELS = {"ce": "CE", "prsl-k6": "PRSL k=6", "prsl-k20": "PRSL k=20", "prsl-released": "PRSL released"}
 SECONDARY = ("prsl-k6", "prsl-released")
@@ -45,7 +44,7 @@ def here_bertscore_baseline(references):
     return float(np.mean([p["bertscore_f1"] for p in per]))
 
 
-def _model_rows(plan):
+def model_rows(plan):
     spec = plan["spec"]
     rows = []
     for m in plan["models"]:
@@ -81,7 +80,7 @@ def write_models_csv(rows, path):
             w.writerow({k: (f"{v:.6g}" if isinstance(v, float) else v) for k, v in r.items() if k != "_run"})
 
 
-def _by_arm(rows, key):
+def by_arm(rows, key):
     out = {}
     for r in rows:
         if isinstance(r.get(key), float) and math.isfinite(r[key]):
@@ -89,32 +88,18 @@ def _by_arm(rows, key):
     return out
 
 
-def _fmt(x, digits=3, signed=False):
-    if x is None or not math.isfinite(x):
-        return "n/a"
-    return f"{x:+.{digits}f}" if signed else f"{x:.{digits}f}"
-
-
-def _ci(c, digits=3):
-    return f"[{_fmt(c[0], digits, True)}, {_fmt(c[1], digits, True)}]"
-
-
-def _pval(p):
-    return "n/a" if not math.isfinite(p) else (f"{p:.3f}" if p >= 0.001 else f"{p:.1e}")
-
-
 def write_study_report(plan, report_dir):
     report_dir = Path(report_dir)
     fig_dir = report_dir / "figures"
     fig_dir.mkdir(parents=True, exist_ok=True)
     spec = plan["spec"]
-    rows = _model_rows(plan)
+    rows = model_rows(plan)
     arms = [a for a in ARM_LABELS if any(r["arm"] == a for r in rows)]
     rounds = sorted(rows[0]["_run"]["rounds"])
 
     write_models_csv(rows, report_dir / "models.csv")
 
-    endpoint, clean_em = _by_arm(rows, "endpoint"), _by_arm(rows, "clean_exact_match")
+    endpoint, clean_em = by_arm(rows, "endpoint"), by_arm(rows, "clean_exact_match")
     arm, vs = plan["primary"]
     primary = st.paired(endpoint.get(arm, {}), endpoint.get(vs, {}))
     secondary = {a: st.paired(endpoint.get(a, {}), endpoint.get(vs, {})) for a in SECONDARY if a in endpoint}
@@ -136,7 +121,7 @@ def write_study_report(plan, report_dir):
             vals = [run_value(r["_run"], tr, "clean", "bertscore_f1", f"below@{mapped[t]}")
                     for r in rows if r["arm"] == a]
             raw = [run_value(r["_run"], tr, "clean", "bertscore_f1", f"below@{t}") for r in rows if r["arm"] == a]
-            below[(a, t)] = (_mean_half(*mean_ci(vals), 2), _mean_half(*mean_ci(raw), 2))
+            below[(a, t)] = tuple(fmt(m, 2, half=h) for m, h in (mean_ci(vals), mean_ci(raw)))
 
     figures = _figures(rows, arms, rounds, endpoint, vs, fig_dir, spec)
 
@@ -178,33 +163,33 @@ def damage_bound(margin, upper, ce_endpoint):
     if not damage > 0:
         return f"and the attack did not move CE's captions (endpoint {ce_endpoint:.3f})"
     return (f"a margin about {margin / damage:.0%} of the attack's whole effect on CE (1 - {ce_endpoint:.3f} = "
-            f"{damage:.3f}); the informative bound is the upper CI, {_fmt(upper, 4, True)}: at most about "
+            f"{damage:.3f}); the informative bound is the upper CI, {fmt(upper, 4, True)}: at most about "
             f"{upper / damage:.0%} of the attack's damage recovered")
 
 
 def _sentence(summary, equiv):
     p = summary["primary"]
     lab = f"{ARM_LABELS[p['arm']]} minus {ARM_LABELS[p['vs']]}"
-    core = (f"{lab}: {_fmt(p['diff'], 4, True)} BERTScore F1 against the clean caption over the endpoint rounds "
-            f"(95% CI {_ci(p['ci95'], 4)}, paired t-test p = {_pval(p['p'])}, {p['n']} pairs)")
+    core = (f"{lab}: {fmt(p['diff'], 4, True)} BERTScore F1 against the clean caption over the endpoint rounds "
+            f"(95% CI {fmt_interval(p['ci95'], 4)}, paired t-test p = {fmt_p(p['p'])}, {p['n']} pairs)")
     if math.isfinite(p["p"]) and p["p"] < 0.05:
         return core + ": PRSL changed robustness at this scale."
     if math.isfinite(equiv["p"]) and equiv["p"] < 0.05:
         return core + (f": no difference, and within the ±{equiv['margin']} equivalence margin (TOST p = "
-                       f"{_pval(equiv['p'])}), " + damage_bound(equiv["margin"], p["ci95"][1],
+                       f"{fmt_p(equiv['p'])}), " + damage_bound(equiv["margin"], p["ci95"][1],
                                                                summary["arms"][p["vs"]]["endpoint_mean"]) + ".")
     return core + f": no significant difference, and equivalence within ±{equiv['margin']} is not shown either " \
-                  f"(TOST p = {_pval(equiv['p'])})."
+                  f"(TOST p = {fmt_p(equiv['p'])})."
 
 
 def _figures(rows, arms, rounds, endpoint, vs, fig_dir, spec):
-    plt = _plt()
+    plt = pyplot()
     out = {}
     fig, axes = plt.subplots(1, 2, figsize=(11, 4))
     for a in arms:
         runs = [r["_run"] for r in rows if r["arm"] == a]
         for ax, fn in zip(axes, (lambda run, rr: run_value(run, rr, "clean", "bertscore_f1"), attack_loss)):
-            m, h = _group_curve(runs, rounds, fn)
+            m, h = group_curve(runs, rounds, fn)
             h = np.nan_to_num(h)
             line, = ax.plot(rounds, m, marker="o", color=ARM_COLOURS[a], label=f"{ARM_LABELS[a]} (n={len(runs)})")
             ax.fill_between(rounds, m - h, m + h, color=line.get_color(), alpha=0.2)
@@ -270,50 +255,50 @@ def _markdown(plan, rows, arms, rounds, summary, below, mapped, figures, report_
              "study ran, in the `train s` shown, side by side)." if any(g.get("outside") for g in plan["gate"])
              else "."), "",
           "### Gate", "",
-          _table(["base", "stage", "steps", "train s", "exact match", "shape", "colour", "size", "passed"],
+          table(["base", "stage", "steps", "train s", "exact match", "shape", "colour", "size", "passed"],
                  [[g["base"], g["stage"], g["steps"],
-                   f"{g['train_s']:.0f}" + (" (*outside*)" if g.get("outside") else ""), _fmt(g["exact_match"], 2),
-                   _fmt(g["shape"], 2), _fmt(g["colour"], 2), _fmt(g["size"], 2), "yes" if g["passed"] else "no"]
+                   f"{g['train_s']:.0f}" + (" (*outside*)" if g.get("outside") else ""), fmt(g["exact_match"], 2),
+                   fmt(g["shape"], 2), fmt(g["colour"], 2), fmt(g["size"], 2), "yes" if g["passed"] else "no"]
                   for g in plan["gate"]]),
           "", f"Gate: each of exact match, shape, colour and size accuracy >= {spec['gate']} on the gate split.", "",
           "### Calibration of b (base 0, seed 0, gate split)", "",
-          _table(["k", "b", "clean exact match", "CE's", "chosen"],
-                 [[c["k"], f"{c['b']:g}", _fmt(c["exact_match"], 3), _fmt(c["ce_exact_match"], 3),
+          table(["k", "b", "clean exact match", "CE's", "chosen"],
+                 [[c["k"], f"{c['b']:g}", fmt(c["exact_match"], 3), fmt(c["ce_exact_match"], 3),
                    "yes" if c["chosen"] else ""] for c in plan["calibration"]]),
           "", f"Rule: the largest b whose clean exact match is at least CE's minus {spec['margin']} (one model per b: "
           "the rule guards against a b that visibly hurts clean quality; it cannot resolve small differences).", "",
           "### Arms", "",
-          _table(["arm", "loss", "models", "clean exact match (mean)", "train loss (mean)"],
+          table(["arm", "loss", "models", "clean exact match (mean)", "train loss (mean)"],
                  [[ARM_LABELS[a], json.dumps(plan["arms"][a]), summary["arms"][a]["n_models"],
-                   _fmt(summary["arms"][a]["clean_exact_match_mean"]),
-                   _fmt(float(np.mean([r["train_loss"] for r in rows if r["arm"] == a])))] for a in arms]),
+                   fmt(summary["arms"][a]["clean_exact_match_mean"]),
+                   fmt(float(np.mean([r["train_loss"] for r in rows if r["arm"] == a])))] for a in arms]),
           "", "The released arm's train loss includes its own penalty (b=1e-5 times a log-softmax across rows), "
           "and PRSL's includes b*D: the train losses are not comparable across arms; the clean exact match is.", ""]
 
     L += ["## Results", "", "### Primary and secondary comparisons (endpoint, arm minus CE, paired)", ""]
-    rows_t = [[ARM_LABELS[p["arm"]] + " (primary)", p["n"], _fmt(p["diff"], 4, True), _ci(p["ci95"], 4),
-               _pval(p["p"]), "-", _fmt(p["dz"], 2)]]
+    rows_t = [[ARM_LABELS[p["arm"]] + " (primary)", p["n"], fmt(p["diff"], 4, True), fmt_interval(p["ci95"], 4),
+               fmt_p(p["p"]), "-", fmt(p["dz"], 2)]]
     for a, r in secondary.items():
-        rows_t.append([ARM_LABELS[a], r["n"], _fmt(r["diff"], 4, True), _ci(r["ci95"], 4), _pval(r["p"]),
-                       _pval(holm[a]), _fmt(r["dz"], 2)])
-    L += [_table(["arm", "pairs", "diff", "95% CI", "p", "p (Holm)", "d_z"], rows_t), ""]
+        rows_t.append([ARM_LABELS[a], r["n"], fmt(r["diff"], 4, True), fmt_interval(r["ci95"], 4), fmt_p(r["p"]),
+                       fmt_p(holm[a]), fmt(r["dz"], 2)])
+    L += [table(["arm", "pairs", "diff", "95% CI", "p", "p (Holm)", "d_z"], rows_t), ""]
     eq, adj, cd = summary["equivalence"], summary["adjusted_for_clean_exact_match"], summary["clean_exact_match_diff"]
-    L += [f"- Equivalence (TOST, margin ±{eq['margin']}): 90% CI {_ci(eq['ci90'], 4)}, p = {_pval(eq['p'])}.",
-          f"- Clean exact match, {ARM_LABELS[p['arm']]} minus CE: {_fmt(cd['diff'], 3, True)} (95% CI "
-          f"{_ci(cd['ci95'])}, p = {_pval(cd['p'])}).",
-          f"- Adjusted for clean exact match (paired difference at equal clean quality): {_fmt(adj['diff'], 4, True)} "
-          f"(95% CI {_ci(adj['ci95'], 4)}, p = {_pval(adj['p'])}; slope {_fmt(adj['slope'], 3, True)}).",
+    L += [f"- Equivalence (TOST, margin ±{eq['margin']}): 90% CI {fmt_interval(eq['ci90'], 4)}, p = {fmt_p(eq['p'])}.",
+          f"- Clean exact match, {ARM_LABELS[p['arm']]} minus CE: {fmt(cd['diff'], 3, True)} (95% CI "
+          f"{fmt_interval(cd['ci95'])}, p = {fmt_p(cd['p'])}).",
+          f"- Adjusted for clean exact match (paired difference at equal clean quality): {fmt(adj['diff'], 4, True)} "
+          f"(95% CI {fmt_interval(adj['ci95'], 4)}, p = {fmt_p(adj['p'])}; slope {fmt(adj['slope'], 3, True)}).",
           f"- Power: with the observed SD of the paired differences, {p['n']} pairs detect "
-          f"{_fmt(summary['detectable_difference_80pct'], 4)} with 80% power (two-sided 5%).", ""]
+          f"{fmt(summary['detectable_difference_80pct'], 4)} with 80% power (two-sided 5%).", ""]
 
     L += ["### Per round (mean over models ± 95% CI)", "",
           "BERTScore F1 against the clean caption:", "",
-          _table(["arm"] + [f"r{r}" for r in rounds[1:]],
-                 [[ARM_LABELS[a]] + [_mc([r[f"bertscore_clean_r{rr}"] for r in rows if r["arm"] == a])
+          table(["arm"] + [f"r{r}" for r in rounds[1:]],
+                 [[ARM_LABELS[a]] + [fmt_mean_ci([r[f"bertscore_clean_r{rr}"] for r in rows if r["arm"] == a])
                                      for rr in rounds[1:]] for a in arms]), "",
           "Attack loss (teacher-forced CE of the clean caption; round 0 = clean image):", "",
-          _table(["arm"] + [f"r{r}" for r in rounds],
-                 [[ARM_LABELS[a]] + [_mc([r[f"attack_loss_r{rr}"] for r in rows if r["arm"] == a], 2)
+          table(["arm"] + [f"r{r}" for r in rounds],
+                 [[ARM_LABELS[a]] + [fmt_mean_ci([r[f"attack_loss_r{rr}"] for r in rows if r["arm"] == a], 2)
                                      for rr in rounds] for a in arms]), ""]
 
     th = summary["thresholds"]
@@ -324,7 +309,7 @@ def _markdown(plan, rows, arms, rounds, summary, below, mapped, figures, report_
           f"(bert_score's file, from Common Crawl sentence pairs) and MiniLM's {th['minilm_baseline']:.3f} (measured "
           "here on the first references of different attacked images, which share templates: a different kind of "
           "unrelated text, so the mapped thresholds are approximate).", "",
-          _table(["arm"] + [f"< {t:.2f} -> {mapped[t]:.3f} (mapped)" for t in THRESHOLDS] +
+          table(["arm"] + [f"< {t:.2f} -> {mapped[t]:.3f} (mapped)" for t in THRESHOLDS] +
                  [f"< {t:.2f} (raw)" for t in THRESHOLDS],
                  [[ARM_LABELS[a]] + [below[(a, t)][0] for t in THRESHOLDS] +
                   [below[(a, t)][1] for t in THRESHOLDS] for a in arms]), ""]
@@ -332,12 +317,12 @@ def _markdown(plan, rows, arms, rounds, summary, below, mapped, figures, report_
     jp = [r for r in rows if "jpeg_clip_stats_unchanged" in r]
     if jp:
         def avg(key):
-            return _fmt(float(np.mean([r[key] for r in jp])), 3)
+            return fmt(float(np.mean([r[key] for r in jp])), 3)
         L += ["### The released code's image round trip (no gradient step)", "",
               "The authors' attack saves every round as an 8-bit JPEG after un-normalising with CLIP's mean/std, and "
               f"reloads it through the model's processor. Measured on the {summary['n_images']} clean images for all "
               f"{len(jp)} models (JPEG quality {plan['jpeg_quality']}, PIL's default):", "",
-              _table(["round trip", "PSNR dB", "L-inf (normalised)", "captions unchanged", "BERTScore vs clean"],
+              table(["round trip", "PSNR dB", "L-inf (normalised)", "captions unchanged", "BERTScore vs clean"],
                      [["CLIP mean/std (as released)", avg("jpeg_clip_stats_psnr_db"),
                        avg("jpeg_clip_stats_linf_normalised"), avg("jpeg_clip_stats_unchanged"),
                        avg("jpeg_clip_stats_bertscore_f1_vs_clean")],
@@ -357,7 +342,3 @@ def _markdown(plan, rows, arms, rounds, summary, below, mapped, figures, report_
         L.append(f"![{key}]({relative_path(path, report_dir)})")
     L += ["", "Per-model values: `models.csv`; machine-readable summary: `summary.json`.", ""]
     return "\n".join(L)
-
-
-def _mc(vals, digits=3):
-    return _mean_half(*mean_ci([v for v in vals if math.isfinite(v)]), digits)

@@ -1,8 +1,13 @@
-"""The statistics of ``prsl-study``: paired comparisons of arms over (base, seed) pairs.
+"""The drivers' statistics, with numpy alone (no SciPy dependency).
 
-Each fine-tuning arm starts from the same base models with the same seeds, so an arm
-and CE form pairs; every test here works on the per-pair differences ``d_i``. Student-t
-throughout (``report.t_ppf`` / ``report.t_sf_two_sided``: no SciPy dependency).
+* Student's t: the distribution through the regularised incomplete beta (:func:`betainc`),
+  its tails and quantiles, the mean's confidence interval (:func:`mean_ci`) and Welch's test,
+  as the attack report compares groups of models (e.g. one loss over several seeds) with a
+  baseline group.
+* The studies' paired comparisons of arms over (base, seed) pairs: each fine-tuning arm
+  starts from the same base models with the same seeds, so an arm and CE form pairs, and every
+  test of :func:`paired`, :func:`tost`, :func:`adjusted_difference` and :func:`dose_slope` works
+  on the per-pair differences ``d_i``; :func:`holm` adjusts a family of p-values.
 """
 
 from __future__ import annotations
@@ -11,7 +16,96 @@ import math
 
 import numpy as np
 
-from .report import t_ppf, t_sf_two_sided
+
+# --------------------------------------------------------------------------- Student's t
+
+
+def _betacf(a, b, x, iters=300, eps=3e-16):
+    # Continued fraction of the incomplete beta (modified Lentz).
+    tiny = 1e-300
+    qab, qap, qam = a + b, a + 1.0, a - 1.0
+    c, d = 1.0, 1.0 - qab * x / qap
+    d = 1.0 / (d if abs(d) > tiny else tiny)
+    h = d
+    for m in range(1, iters + 1):
+        m2 = 2 * m
+        aa = m * (b - m) * x / ((qam + m2) * (a + m2))
+        d = 1.0 + aa * d
+        d = 1.0 / (d if abs(d) > tiny else tiny)
+        c = 1.0 + aa / c
+        c = c if abs(c) > tiny else tiny
+        h *= d * c
+        aa = -(a + m) * (qab + m) * x / ((a + m2) * (qap + m2))
+        d = 1.0 + aa * d
+        d = 1.0 / (d if abs(d) > tiny else tiny)
+        c = 1.0 + aa / c
+        c = c if abs(c) > tiny else tiny
+        delta = d * c
+        h *= delta
+        if abs(delta - 1.0) < eps:
+            break
+    return h
+
+
+def betainc(a, b, x):
+    """Regularised incomplete beta ``I_x(a, b)``."""
+    if x <= 0.0:
+        return 0.0
+    if x >= 1.0:
+        return 1.0
+    log_front = math.lgamma(a + b) - math.lgamma(a) - math.lgamma(b) + a * math.log(x) + b * math.log1p(-x)
+    # The continued fraction converges fast for x < (a+1)/(a+b+2); use the symmetry otherwise.
+    if x < (a + 1.0) / (a + b + 2.0):
+        return math.exp(log_front) * _betacf(a, b, x) / a
+    return 1.0 - math.exp(log_front) * _betacf(b, a, 1.0 - x) / b
+
+
+def t_sf_two_sided(t, df):
+    """``P(|T| >= |t|)`` for Student's t with ``df`` (real) degrees of freedom."""
+    if not math.isfinite(t):
+        return 0.0
+    return betainc(df / 2.0, 0.5, df / (df + t * t))
+
+
+def t_ppf(q, df):
+    """Quantile of Student's t (``q`` in (0.5, 1)), by bisection on the CDF."""
+    lo, hi = 0.0, 1e3
+    target = 2.0 * (1.0 - q)          # two-sided tail mass beyond the quantile
+    for _ in range(200):
+        mid = 0.5 * (lo + hi)
+        if t_sf_two_sided(mid, df) > target:
+            lo = mid
+        else:
+            hi = mid
+    return 0.5 * (lo + hi)
+
+
+def mean_ci(values, level=0.95):
+    """``(mean, half_width)`` of the Student-t interval; half width NaN for fewer than 2 values."""
+    v = np.asarray(values, dtype=np.float64)
+    m = float(v.mean()) if v.size else float("nan")
+    if v.size < 2:
+        return m, float("nan")
+    half = t_ppf(0.5 + level / 2.0, v.size - 1) * float(v.std(ddof=1)) / math.sqrt(v.size)
+    return m, half
+
+
+def welch_test(a, b):
+    """Welch's unequal-variance t-test: ``(t, df, two-sided p)``; NaNs when either has < 2 values."""
+    a, b = np.asarray(a, dtype=np.float64), np.asarray(b, dtype=np.float64)
+    if a.size < 2 or b.size < 2:
+        return float("nan"), float("nan"), float("nan")
+    va, vb = a.var(ddof=1) / a.size, b.var(ddof=1) / b.size
+    diff = a.mean() - b.mean()
+    if va + vb == 0.0:
+        # Identical values within each group: the difference is either exactly 0 or certain.
+        return (0.0, float("inf"), 1.0) if diff == 0 else (math.copysign(math.inf, diff), float("inf"), 0.0)
+    t = diff / math.sqrt(va + vb)
+    df = (va + vb) ** 2 / (va * va / (a.size - 1) + vb * vb / (b.size - 1))
+    return float(t), float(df), t_sf_two_sided(float(t), float(df))
+
+
+# --------------------------------------------------------------------------- paired comparisons
 
 
 def t_sf(t, df):
