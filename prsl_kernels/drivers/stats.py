@@ -1,7 +1,6 @@
-"""The drivers' statistics, with numpy alone (no SciPy dependency).
+"""The drivers' statistics (Student's t from ``scipy.stats``).
 
-* Student's t: the distribution through the regularised incomplete beta (:func:`betainc`),
-  its tails and quantiles, the mean's confidence interval (:func:`mean_ci`) and Welch's test,
+* Student's t: its tails and quantiles, the mean's confidence interval (:func:`mean_ci`) and Welch's test,
   as the attack report compares groups of models (e.g. one loss over several seeds) with a
   baseline group.
 * The studies' paired comparisons of arms over (base, seed) pairs: each fine-tuning arm
@@ -15,69 +14,20 @@ from __future__ import annotations
 import math
 
 import numpy as np
+import scipy.stats
 
 
 # --------------------------------------------------------------------------- Student's t
 
 
-def _betacf(a, b, x, iters=300, eps=3e-16):
-    # Continued fraction of the incomplete beta (modified Lentz).
-    tiny = 1e-300
-    qab, qap, qam = a + b, a + 1.0, a - 1.0
-    c, d = 1.0, 1.0 - qab * x / qap
-    d = 1.0 / (d if abs(d) > tiny else tiny)
-    h = d
-    for m in range(1, iters + 1):
-        m2 = 2 * m
-        aa = m * (b - m) * x / ((qam + m2) * (a + m2))
-        d = 1.0 + aa * d
-        d = 1.0 / (d if abs(d) > tiny else tiny)
-        c = 1.0 + aa / c
-        c = c if abs(c) > tiny else tiny
-        h *= d * c
-        aa = -(a + m) * (qab + m) * x / ((a + m2) * (qap + m2))
-        d = 1.0 + aa * d
-        d = 1.0 / (d if abs(d) > tiny else tiny)
-        c = 1.0 + aa / c
-        c = c if abs(c) > tiny else tiny
-        delta = d * c
-        h *= delta
-        if abs(delta - 1.0) < eps:
-            break
-    return h
-
-
-def betainc(a, b, x):
-    """Regularised incomplete beta ``I_x(a, b)``."""
-    if x <= 0.0:
-        return 0.0
-    if x >= 1.0:
-        return 1.0
-    log_front = math.lgamma(a + b) - math.lgamma(a) - math.lgamma(b) + a * math.log(x) + b * math.log1p(-x)
-    # The continued fraction converges fast for x < (a+1)/(a+b+2); use the symmetry otherwise.
-    if x < (a + 1.0) / (a + b + 2.0):
-        return math.exp(log_front) * _betacf(a, b, x) / a
-    return 1.0 - math.exp(log_front) * _betacf(b, a, 1.0 - x) / b
-
-
 def t_sf_two_sided(t, df):
     """``P(|T| >= |t|)`` for Student's t with ``df`` (real) degrees of freedom."""
-    if not math.isfinite(t):
-        return 0.0
-    return betainc(df / 2.0, 0.5, df / (df + t * t))
+    return float(2.0 * scipy.stats.t.sf(abs(t), df))
 
 
 def t_ppf(q, df):
-    """Quantile of Student's t (``q`` in (0.5, 1)), by bisection on the CDF."""
-    lo, hi = 0.0, 1e3
-    target = 2.0 * (1.0 - q)          # two-sided tail mass beyond the quantile
-    for _ in range(200):
-        mid = 0.5 * (lo + hi)
-        if t_sf_two_sided(mid, df) > target:
-            lo = mid
-        else:
-            hi = mid
-    return 0.5 * (lo + hi)
+    """Quantile of Student's t."""
+    return float(scipy.stats.t.ppf(q, df))
 
 
 def mean_ci(values, level=0.95):
@@ -110,8 +60,7 @@ def welch_test(a, b):
 
 def t_sf(t, df):
     """One-sided upper tail ``P(T >= t)`` of Student's t."""
-    half = 0.5 * t_sf_two_sided(t, df)
-    return half if t >= 0 else 1.0 - half
+    return float(scipy.stats.t.sf(t, df))
 
 
 def paired(arm: dict, base: dict, level=0.95) -> dict:
