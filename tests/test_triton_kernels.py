@@ -1,7 +1,7 @@
 """The Triton kernels (prsl_kernels/triton_kernels.py) against the reference.
 
 Run in Triton's CPU interpreter (tests/conftest.py sets TRITON_INTERPRET=1), so
-shapes are small and the block size is shrunk (FORCE_BLOCK_V) to stream each
+shapes are small and the block size is shrunk (triton_kernels.block_width) to stream each
 row in several blocks. The reference is evaluated on the same values, upcast.
 """
 
@@ -24,10 +24,8 @@ LOSS_RTOL = {torch.float64: 1e-12}
 
 
 @pytest.fixture
-def block(monkeypatch):
-    def set_block(block_v):
-        monkeypatch.setattr(tk, "FORCE_BLOCK_V", block_v)
-    return set_block
+def block(block_width):
+    return block_width
 
 
 def make_rows(n, vocab, dtype, seed, scale=3.0, ignore_index=-100):
