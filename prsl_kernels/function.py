@@ -25,10 +25,10 @@ from .spec import stats_dtype
 
 class PRSLFunction(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, logits, target, k, b, ignore_index, path, options=(0.0, 0.0, 0.0)):
-        # options: (label_smoothing, z_loss, softcap), validated floats, 0.0 = off.
+    def forward(ctx, logits, target, k, b, ignore_index, path, options):
+        # options: a validation.Options, unpacked into the ops' floats here and nowhere above.
         forward_kernel, _ = backends.kernels(path)
-        loss_rows, row_stats = forward_kernel(logits, target, k, b, ignore_index, *options)
+        loss_rows, row_stats = forward_kernel(logits, target, k, b, ignore_index, *options.op_args())
         ctx.save_for_backward(logits, target, row_stats)
         ctx.b, ctx.ignore_index, ctx.path, ctx.options = b, ignore_index, path, options
         ctx.mark_non_differentiable(row_stats)
@@ -39,7 +39,7 @@ class PRSLFunction(torch.autograd.Function):
         logits, target, row_stats = ctx.saved_tensors
         _, backward_kernel = backends.kernels(ctx.path)
         grad_logits = backward_kernel(grad_rows.contiguous(), logits, target, row_stats, ctx.b,
-                                      ctx.ignore_index, *ctx.options)
+                                      ctx.ignore_index, *ctx.options.op_args())
         return grad_logits, None, None, None, None, None, None
 
 
@@ -66,7 +66,7 @@ class PRSLGradInForwardFunction(torch.autograd.Function):
             scale = scale / divisor
         grad = logits if inplace else torch.empty_like(logits, memory_format=torch.contiguous_format)
         loss_rows, row_stats = backends.forward_grad_kernel(path)(
-            logits, target, scale.expand(logits.shape[0]).contiguous(), grad, k, b, ignore_index, *options)
+            logits, target, scale.expand(logits.shape[0]).contiguous(), grad, k, b, ignore_index, *options.op_args())
         if inplace:
             # Anything else that saved these logits for its backward now fails loudly there.
             torch.autograd.graph.increment_version(logits)
@@ -100,7 +100,7 @@ class PRSLGradInForwardFunction(torch.autograd.Function):
         grad_rows = (grad_loss * scale).expand(logits.shape[0]).contiguous()
         grad = torch.empty_like(logits, memory_format=torch.contiguous_format)
         backends.forward_grad_kernel(ctx.path)(logits, target, grad_rows, grad, ctx.k, ctx.b, ctx.ignore_index,
-                                               *ctx.options)
+                                               *ctx.options.op_args())
         return grad, None, None, None, None, None, None, None, None, None
 
 

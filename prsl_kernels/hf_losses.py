@@ -22,7 +22,7 @@ import torch
 from .linear import linear_prsl_loss
 from .loss import prsl_loss
 from .spec import IGNORE_INDEX, stats_dtype
-from .validation import check_b, check_options, check_target_range
+from .validation import Options, check_b, check_options, check_target_range
 from .vocab_parallel import is_dtensor, local_value
 
 
@@ -70,10 +70,8 @@ class PRSLTokenLoss:
         if int(k) < 0:
             raise ValueError(f"k must be >= 0, got {k}")
         check_b(b)
-        check_options(label_smoothing, z_loss, softcap)
-        self.options = {"label_smoothing": label_smoothing, "z_loss": z_loss, "softcap": softcap}
-        self._has_options = bool(label_smoothing or z_loss or softcap is not None)
-        if variant == "released" and self._has_options:
+        self.options = check_options(label_smoothing, z_loss, softcap)
+        if variant == "released" and not self.options.is_off:
             raise ValueError("label_smoothing / z_loss / softcap are not available with variant='released'")
         self.k, self.b, self.shift, self.ignore_index = int(k), float(b), bool(shift), int(ignore_index)
         if not isinstance(check_target, bool):
@@ -85,7 +83,7 @@ class PRSLTokenLoss:
                  aligned: bool = False) -> torch.Tensor:
         """``aligned=True``: ``labels`` already line up with ``logits`` (HF's ``shift_labels``)."""
         targets = self._targets(labels, logits.device, logits.shape[-1], aligned)
-        if (self.k == 0 or self.b == 0) and not self._has_options and not is_dtensor(logits):
+        if (self.k == 0 or self.b == 0) and self.options.is_off and not is_dtensor(logits):
             # Plain cross-entropy: torch's own kernel, the baseline a user would compare against.
             loss_sum = torch.nn.functional.cross_entropy(logits.reshape(-1, logits.shape[-1]), targets.reshape(-1),
                                                          ignore_index=self.ignore_index, reduction="sum")
@@ -104,7 +102,7 @@ class PRSLTokenLoss:
             # The divisor goes into the kernels' gradient (no scaling pass in the backward).
             loss, stats = prsl_loss(logits, targets, self.k, self.b, ignore_index=self.ignore_index,
                                     reduction="sum", divisor=denom, backend=self.backend,
-                                    check_target=False, return_stats=True, **self.options)
+                                    check_target=False, return_stats=True, **self.options.as_kwargs())
             loss = local_value(loss)  # vocab-sharded logits (tensor parallelism): the same on every rank
             penalty_sum = self.b * (stats.dist * counted).sum()
             # The logged sums: the loss times its divisor (0, not NaN, when every label is ignored).
@@ -234,11 +232,13 @@ class PRSLLinearTokenLoss(PRSLTokenLoss):
         ``model_softcap``: the cap the model itself puts on its logits (Gemma 2's config), applied
         by the kernel as the ``softcap`` option (never together with a user's ``softcap``)."""
         targets = self._targets(labels, hidden.device, weight.shape[0], aligned)
-        options = self.options if model_softcap is None else {**self.options, "softcap": model_softcap}
+        options = self.options
+        if model_softcap is not None:  # never together with a user's softcap (apply_prsl refuses that)
+            options = Options(options.label_smoothing, options.z_loss, model_softcap)
         loss_sum, stats = linear_prsl_loss(hidden, weight, targets, self.k, self.b, bias=bias,
                                            ignore_index=self.ignore_index, reduction="sum", backend=self.backend,
                                            chunk_size=self.chunk_size, check_target=False,
-                                           return_stats=True, **options)
+                                           return_stats=True, **options.as_kwargs())
         loss_sum = local_value(loss_sum)  # a tensor-parallel head: the same on every rank
         counted = (targets != self.ignore_index).reshape(-1)
         penalty_sum = self.b * (stats.dist * counted).sum() if self.k and self.b else loss_sum.new_zeros(())

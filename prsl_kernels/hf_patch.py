@@ -58,6 +58,7 @@ import torch
 from .hf_losses import PRSLLinearTokenLoss, PRSLTokenLoss
 from .linear import default_chunk_size
 from .spec import IGNORE_INDEX
+from .validation import check_options
 from .vocab_parallel import dtensor_linear_argmax, is_dtensor, local_value
 
 _PATCH_ATTR = "_prsl_patch"  # on an instance: its _Patch; on a class's forward: the wrapper's marker
@@ -173,13 +174,13 @@ def apply_prsl(model: torch.nn.Module, k: int, b: float, *, fused_linear: bool =
                          f"{model_softcap}); softcap={softcap} would cap them twice. Leave softcap=None: the "
                          f"model's cap is applied exactly.")
     scale = _logit_scale(config, name)
-    options = dict(label_smoothing=label_smoothing, z_loss=z_loss, softcap=softcap)
+    options = check_options(label_smoothing, z_loss, softcap)  # a bad option raises here, before any patching
     if fused_linear:
         loss = PRSLLinearTokenLoss(k, b, shift=model_shift, ignore_index=ignore_index, backend=backend,
-                                   chunk_size=chunk_size, check_target=check_target, **options)
+                                   chunk_size=chunk_size, check_target=check_target, **options.as_kwargs())
     else:
         loss = PRSLTokenLoss(k, b, shift=model_shift, ignore_index=ignore_index, backend=backend,
-                             check_target=check_target, **options)
+                             check_target=check_target, **options.as_kwargs())
     remove_prsl(outer)
     patch = _Patch(loss, bool(fused_linear), model_softcap, scale, own_loss_shift, bool(eval_predictions))
     _install_forward(type(model))

@@ -1,7 +1,8 @@
 """Fused linear + PRSL: ``linear_prsl_loss`` and the ``LinearPRSLLoss`` module.
 
 The loss of ``prsl_loss(F.linear(hidden, weight, bias), target, k, b)`` without
-ever holding the N x V logits or their N x V gradient (issue 10). Rows are taken
+ever holding the N x V logits or their N x V gradient (at N = 4096, V = 128K bf16 those are
+2 GiB, more than the rest of a small model's step). Rows are taken
 in chunks of ``C``; per chunk:
 
     logits_c = hidden_c @ weight.T + bias              one matmul into a reused C x V buffer
@@ -40,9 +41,9 @@ import torch
 
 from . import backends
 from .function import scale_unless_one
-from .loss import RowStats, prsl_loss, reduce_rows
-from .spec import IGNORE_INDEX, stats_dtype
-from .validation import check_inputs, check_linear_inputs, check_options, check_target_range
+from .loss import prsl_loss
+from .spec import IGNORE_INDEX, RowStats, reduce_rows, stats_dtype
+from .validation import Options, check_inputs, check_linear_inputs, check_options, check_target_range
 from .vocab_parallel import dtensor_linear_prsl_loss, is_dtensor
 
 # Bytes of one C x V chunk buffer (one live at once: the chunk's gradient overwrites its logits
@@ -56,7 +57,7 @@ from .vocab_parallel import dtensor_linear_prsl_loss, is_dtensor
 # V = 128K bf16; 64 MiB would be 12%) and where CPU matmuls are slow anyway. CUDA: the caching allocator recycles
 # it; 48 MiB keeps C large enough (192 rows at V = 128K bf16) that re-reading the weight
 # per chunk stays affordable, and the two buffers under 10% of the logits they replace
-# at N = 4096, V = 128K bf16 (issue 10's target; 64 MiB measured 1.2-2x the unfused time
+# at N = 4096, V = 128K bf16 (the memory this op exists to save; 64 MiB measured 1.2-2x the unfused time
 # on an H200 at 256-328 rows, so smaller chunks trade time for memory).
 CHUNK_BYTES = {"cpu": 64 << 20, "cuda": 48 << 20}
 _CPU_16BIT_CHUNK_BYTES = 32 << 20
@@ -128,16 +129,15 @@ def linear_prsl_loss(hidden, weight, target, k, b, *, bias=None, ignore_index=IG
                                     reduction=reduction, backend=backend, chunk_size=chunk_size,
                                     check_target=check_target, return_stats=return_stats,
                                     label_smoothing=label_smoothing, z_loss=z_loss, softcap=softcap)
+    options = check_options(label_smoothing, z_loss, softcap)
     if any(is_dtensor(x) for x in (hidden, weight, bias, target)):  # tensor parallelism: a vocab-sharded head
-        return dtensor_linear_prsl_loss(hidden, weight, target, k, b, bias=bias, ignore_index=ignore_index,
+        return dtensor_linear_prsl_loss(hidden, weight, target, k, b, options, bias=bias, ignore_index=ignore_index,
                                         reduction=reduction, backend=backend, chunk_size=chunk_size,
-                                        check_target=check_target, return_stats=return_stats,
-                                        label_smoothing=label_smoothing, z_loss=z_loss, softcap=softcap)
+                                        check_target=check_target, return_stats=return_stats)
     check_linear_inputs(hidden, weight, bias, target, k)
     vocab = weight.shape[0]
     logits_like = hidden.new_zeros(()).expand(*hidden.shape[:-1], vocab)  # no memory: for the shared checks
     check_inputs(logits_like, target, k, b, ignore_index, reduction, backend)
-    options = check_options(label_smoothing, z_loss, softcap)
     if chunk_size is not None and (isinstance(chunk_size, bool) or not isinstance(chunk_size, int)
                                    or chunk_size < 1):
         raise ValueError(f"chunk_size must be a positive int or None, got {chunk_size!r}")
@@ -150,8 +150,7 @@ def linear_prsl_loss(hidden, weight, target, k, b, *, bias=None, ignore_index=IG
     if path == "reference" or n_rows == 0:
         return prsl_loss(torch.nn.functional.linear(hidden, weight, bias), target, k, b, ignore_index=ignore_index,
                          reduction=reduction, backend="reference" if path == "reference" else backend,
-                         check_target=False, return_stats=return_stats, label_smoothing=label_smoothing,
-                         z_loss=z_loss, softcap=softcap)
+                         check_target=False, return_stats=return_stats, **options.as_kwargs())
 
     target1d = target.reshape(-1).long()
     chunk = chunk_size or default_chunk_size(n_rows, vocab, hidden.dtype, hidden.device)
@@ -163,7 +162,7 @@ def linear_prsl_loss(hidden, weight, target, k, b, *, bias=None, ignore_index=IG
                                                    chunk, reduction, options)
     else:
         loss_rows, row_stats = _forward_chunks(hidden2d, weight, bias, target1d, k_eff, b, ignore_index, path,
-                                               chunk, None, options)[:2]
+                                               chunk, options)[:2]
         loss = reduce_rows(loss_rows, target1d, ignore_index, reduction)
     if reduction == "none":
         loss = loss.reshape(target.shape)
@@ -179,12 +178,12 @@ def _chunk_logits(hidden_c, weight, bias, out):
     return torch.addmm(bias, hidden_c, weight.t(), out=out)
 
 
-def _forward_chunks(hidden, weight, bias, target, k, b, ignore_index, path, chunk, grad_scale,
-                    options=(0.0, 0.0, 0.0)):
+def _forward_chunks(hidden, weight, bias, target, k, b, ignore_index, path, chunk, options, grad_scale=None,
+                    needs=(False, False, False)):
     """Loss rows and row stats over all chunks; with ``grad_scale`` (a 0-d tensor, the
-    gradient of every row's loss) also the gradients of hidden, weight and bias (each
-    None unless ``grad_scale`` is given and, for the parameters, ``needs[i]``).
-    ``options``: (label_smoothing, z_loss, softcap) as the ops take them."""
+    gradient of every row's loss) also the gradients of hidden, weight and bias, each
+    None unless ``grad_scale`` is given and its flag in ``needs`` (hidden, weight, bias)
+    is set. ``options``: the validated :class:`~prsl_kernels.validation.Options`."""
     forward_kernel, _ = backends.kernels(path)
     forward_grad_kernel = backends.forward_grad_kernel(path)
     n_rows, vocab = hidden.shape[0], weight.shape[0]
@@ -192,21 +191,20 @@ def _forward_chunks(hidden, weight, bias, target, k, b, ignore_index, path, chun
     losses, stats = [], []
     grad_hidden = grad_weight = grad_bias = None
     want = grad_scale is not None
-    if want:
-        need_hidden, need_weight, need_bias = grad_scale[1]
-        grad_scale = grad_scale[0]
-        if need_hidden:
-            grad_hidden = torch.empty(hidden.shape, dtype=hidden.dtype, device=hidden.device)
+    need_hidden, need_weight, need_bias = needs
+    if want and need_hidden:
+        grad_hidden = torch.empty(hidden.shape, dtype=hidden.dtype, device=hidden.device)
+    op_options = options.op_args()
     for start in range(0, n_rows, chunk):
         stop = min(start + chunk, n_rows)
         hidden_c, target_c = hidden[start:stop], target[start:stop]
         logits_c = _chunk_logits(hidden_c, weight, bias, buffer[:stop - start])
         if not want:
-            loss_c, stats_c = forward_kernel(logits_c, target_c, k, b, ignore_index, *options)
+            loss_c, stats_c = forward_kernel(logits_c, target_c, k, b, ignore_index, *op_options)
         else:  # the gradient overwrites the chunk's logits (ours: nobody else reads them)
             grad_rows = grad_scale.expand(stop - start).contiguous()
             loss_c, stats_c = forward_grad_kernel(logits_c, target_c, grad_rows, logits_c, k, b, ignore_index,
-                                                  *options)
+                                                  *op_options)
             grad_hidden, grad_weight, grad_bias = _accumulate(logits_c, hidden_c, weight, start, stop, grad_hidden,
                                                               grad_weight, grad_bias, need_hidden, need_weight,
                                                               need_bias)
@@ -236,8 +234,7 @@ class LinearPRSLFunction(torch.autograd.Function):
     -> (loss, row_stats[N, NUM_ROW_STATS])``, loss a scalar for mean/sum, ``(N,)`` for ``"none"``."""
 
     @staticmethod
-    def forward(ctx, hidden, weight, bias, target, k, b, ignore_index, path, chunk, reduction,
-                options=(0.0, 0.0, 0.0)):
+    def forward(ctx, hidden, weight, bias, target, k, b, ignore_index, path, chunk, reduction, options):
         needs = ctx.needs_input_grad[:3]
         ctx.b, ctx.ignore_index, ctx.path, ctx.chunk, ctx.reduction = b, ignore_index, path, chunk, reduction
         ctx.k = k
@@ -245,7 +242,7 @@ class LinearPRSLFunction(torch.autograd.Function):
         ctx.grads = None
         if reduction == "none":
             loss_rows, row_stats, *_ = _forward_chunks(hidden, weight, bias, target, k, b, ignore_index, path,
-                                                       chunk, None, options)
+                                                       chunk, options)
             ctx.save_for_backward(hidden, weight, bias, target, None, None)
             ctx.mark_non_differentiable(row_stats)
             return loss_rows, row_stats
@@ -257,7 +254,7 @@ class LinearPRSLFunction(torch.autograd.Function):
         if reduction == "mean":
             scale = scale / count.clamp_min(1)
         loss_rows, row_stats, grad_hidden, grad_weight, grad_bias = _forward_chunks(
-            hidden, weight, bias, target, k, b, ignore_index, path, chunk, (scale, needs), options)
+            hidden, weight, bias, target, k, b, ignore_index, path, chunk, options, grad_scale=scale, needs=needs)
         loss = loss_rows.sum() if reduction == "sum" else loss_rows.sum() / count
         if grad_bias is not None:
             grad_bias = grad_bias.to(bias.dtype)  # accumulated in fp32
@@ -306,7 +303,7 @@ def _backward_chunks(ctx, grad_rows, hidden, weight, bias, target):
         hidden_c, target_c = hidden[start:stop], target[start:stop]
         logits_c = _chunk_logits(hidden_c, weight, bias, buffer[:stop - start])
         forward_grad_kernel(logits_c, target_c, grad_rows[start:stop], logits_c, ctx.k, ctx.b, ctx.ignore_index,
-                            *ctx.options)  # the statistics come again with it (cheaper than saving N x 6)
+                            *ctx.options.op_args())  # the statistics come again with it (cheaper than saving N x 6)
         grad_hidden, grad_weight, grad_bias = _accumulate(logits_c, hidden_c, weight, start, stop, grad_hidden,
                                                           grad_weight, grad_bias, need_hidden, need_weight,
                                                           need_bias)
@@ -322,20 +319,19 @@ class LinearPRSLLoss(torch.nn.Module):
     def __init__(self, k, b, ignore_index=IGNORE_INDEX, reduction="mean", backend="auto", chunk_size=None, *,
                  label_smoothing=0.0, z_loss=0.0, softcap=None):
         super().__init__()
-        check_options(label_smoothing, z_loss, softcap)
+        self.options = check_options(label_smoothing, z_loss, softcap)
         self.k, self.b = k, b
         self.ignore_index, self.reduction, self.backend, self.chunk_size = ignore_index, reduction, backend, chunk_size
-        self.label_smoothing, self.z_loss, self.softcap = label_smoothing, z_loss, softcap
 
     def forward(self, hidden, weight, target, bias=None):
         return linear_prsl_loss(hidden, weight, target, self.k, self.b, bias=bias, ignore_index=self.ignore_index,
                                 reduction=self.reduction, backend=self.backend, chunk_size=self.chunk_size,
-                                label_smoothing=self.label_smoothing, z_loss=self.z_loss, softcap=self.softcap)
+                                **self.options.as_kwargs())
 
     def extra_repr(self):
-        options = "".join(f", {name}={value}" for name, value, off in (
-            ("label_smoothing", self.label_smoothing, 0.0), ("z_loss", self.z_loss, 0.0),
-            ("softcap", self.softcap, None)) if value != off)
+        defaults = Options().as_kwargs()
+        options = "".join(f", {name}={value}" for name, value in self.options.as_kwargs().items()
+                          if value != defaults[name])
         return (f"k={self.k}, b={self.b}, ignore_index={self.ignore_index}, reduction={self.reduction!r}, "
                 f"chunk_size={self.chunk_size}{options}")
 

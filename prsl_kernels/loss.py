@@ -1,35 +1,12 @@
 """Public API: ``prsl_loss`` and the ``PRSLLoss`` module."""
 
-from typing import NamedTuple
-
 import torch
 
 from . import backends
 from .function import PRSLFunction, PRSLGradInForwardFunction
-from .spec import IGNORE_INDEX, NUM_ROW_STATS, stats_dtype
-from .validation import check_inputs, check_options, check_target_range
+from .spec import IGNORE_INDEX, RowStats, reduce_rows, stats_dtype
+from .validation import Options, check_inputs, check_options, check_target_range
 from .vocab_parallel import dtensor_prsl_loss, is_dtensor
-
-
-class RowStats(NamedTuple):
-    """Per-row statistics (spec), flat over the leading dims; no gradient flows through them.
-
-    ``correct`` is 1.0 where the target's logit (soft-capped, if ``softcap`` is on) equals the
-    row's maximum, else 0.0: a target tied with another class for the maximum counts as correct
-    (no index tie-break); ignored rows and rows holding a NaN give 0. Token accuracy is
-    ``correct.sum() / (target != ignore_index).sum()``.
-    """
-    lse: torch.Tensor
-    tau: torch.Tensor
-    dist: torch.Tensor
-    spread_sum: torch.Tensor
-    tie_count: torch.Tensor
-    correct: torch.Tensor
-
-    @classmethod
-    def from_columns(cls, row_stats):
-        """From the kernels' ``(N, NUM_ROW_STATS)`` tensor (columns in spec.ROW_STATS order)."""
-        return cls(*(row_stats[:, i] for i in range(NUM_ROW_STATS)))
 
 
 def prsl_loss(logits, target, k, b, *, ignore_index=IGNORE_INDEX, reduction="mean", backend="auto",
@@ -83,13 +60,12 @@ def prsl_loss(logits, target, k, b, *, ignore_index=IGNORE_INDEX, reduction="mea
     Returns:
         The loss (float32, or float64 for float64 logits), and the stats if asked.
     """
-    if is_dtensor(logits) or is_dtensor(target):  # tensor parallelism: logits sharded over the vocabulary
-        return dtensor_prsl_loss(logits, target, k, b, ignore_index=ignore_index, reduction=reduction, backend=backend,
-                                 check_target=check_target, return_stats=return_stats,
-                                 label_smoothing=label_smoothing, z_loss=z_loss, softcap=softcap,
-                                 inplace_backward=inplace_backward, divisor=divisor)
-    check_inputs(logits, target, k, b, ignore_index, reduction, backend)
     options = check_options(label_smoothing, z_loss, softcap)
+    if is_dtensor(logits) or is_dtensor(target):  # tensor parallelism: logits sharded over the vocabulary
+        return dtensor_prsl_loss(logits, target, k, b, options, ignore_index=ignore_index, reduction=reduction,
+                                 backend=backend, check_target=check_target, return_stats=return_stats,
+                                 inplace_backward=inplace_backward, divisor=divisor, replicated_loss=prsl_loss)
+    check_inputs(logits, target, k, b, ignore_index, reduction, backend)
     if not isinstance(inplace_backward, bool):
         raise TypeError(f"inplace_backward must be a bool, got {type(inplace_backward).__name__}")
     if inplace_backward and reduction == "none":
@@ -143,21 +119,10 @@ def _divisor_on(divisor, logits):
     return divisor.reshape(()).to(device=logits.device, dtype=stats_dtype(logits.dtype))
 
 
-def reduce_rows(loss_rows, target, ignore_index, reduction):
-    """The spec's reductions of per-row losses (shaped like ``target``)."""
-    if reduction == "none":
-        return loss_rows
-    if reduction == "sum":
-        return loss_rows.sum()
-    return loss_rows.sum() / (target != ignore_index).sum()  # as F.cross_entropy: all ignored -> nan
-
-
-def _reference_rows(logits, target, k, b, ignore_index, options=(0.0, 0.0, 0.0)):
+def _reference_rows(logits, target, k, b, ignore_index, options=Options()):
     from reference import loss_rows_reference
 
-    eps, lam, cap = options
-    loss_rows, stats = loss_rows_reference(logits, target, k, b, ignore_index, label_smoothing=eps, z_loss=lam,
-                                           softcap=cap or None)
+    loss_rows, stats = loss_rows_reference(logits, target, k, b, ignore_index, **options.as_kwargs())
     return loss_rows.reshape(target.shape), RowStats(*(s.detach() for s in stats))
 
 
@@ -167,18 +132,17 @@ class PRSLLoss(torch.nn.Module):
     def __init__(self, k, b, ignore_index=IGNORE_INDEX, reduction="mean", backend="auto", *, label_smoothing=0.0,
                  z_loss=0.0, softcap=None, inplace_backward=False):
         super().__init__()
-        check_options(label_smoothing, z_loss, softcap)
+        self.options = check_options(label_smoothing, z_loss, softcap)
         self.k, self.b, self.inplace_backward = k, b, inplace_backward
         self.ignore_index, self.reduction, self.backend = ignore_index, reduction, backend
-        self.label_smoothing, self.z_loss, self.softcap = label_smoothing, z_loss, softcap
 
     def forward(self, logits, target):
         return prsl_loss(logits, target, self.k, self.b, ignore_index=self.ignore_index,
-                         reduction=self.reduction, backend=self.backend, label_smoothing=self.label_smoothing,
-                         z_loss=self.z_loss, softcap=self.softcap, inplace_backward=self.inplace_backward)
+                         reduction=self.reduction, backend=self.backend, inplace_backward=self.inplace_backward,
+                         **self.options.as_kwargs())
 
     def extra_repr(self):
-        options = "".join(f", {name}={value}" for name, value, off in (
-            ("label_smoothing", self.label_smoothing, 0.0), ("z_loss", self.z_loss, 0.0),
-            ("softcap", self.softcap, None), ("inplace_backward", self.inplace_backward, False)) if value != off)
+        settings = {**self.options.as_kwargs(), "inplace_backward": self.inplace_backward}
+        defaults = {**Options().as_kwargs(), "inplace_backward": False}
+        options = "".join(f", {name}={value}" for name, value in settings.items() if value != defaults[name])
         return f"k={self.k}, b={self.b}, ignore_index={self.ignore_index}, reduction={self.reduction!r}{options}"

@@ -17,6 +17,8 @@ They are stored as columns of one ``(N, NUM_ROW_STATS)`` tensor in the stats
 dtype (float32, or float64 for float64 logits), column order as below.
 """
 
+from typing import NamedTuple
+
 import torch
 
 IGNORE_INDEX = -100
@@ -31,3 +33,34 @@ LSE, TAU, DIST, SPREAD_SUM, TIE_COUNT, CORRECT = range(NUM_ROW_STATS)
 def stats_dtype(logits_dtype: torch.dtype) -> torch.dtype:
     """The accumulation / loss dtype: float64 for float64 logits, else float32."""
     return torch.float64 if logits_dtype == torch.float64 else torch.float32
+
+
+class RowStats(NamedTuple):
+    """Per-row statistics (columns as ``ROW_STATS``), flat over the leading dims; no gradient flows
+    through them.
+
+    ``correct`` is 1.0 where the target's logit (soft-capped, if ``softcap`` is on) equals the
+    row's maximum, else 0.0: a target tied with another class for the maximum counts as correct
+    (no index tie-break); ignored rows and rows holding a NaN give 0. Token accuracy is
+    ``correct.sum() / (target != ignore_index).sum()``.
+    """
+    lse: torch.Tensor
+    tau: torch.Tensor
+    dist: torch.Tensor
+    spread_sum: torch.Tensor
+    tie_count: torch.Tensor
+    correct: torch.Tensor
+
+    @classmethod
+    def from_columns(cls, row_stats):
+        """From the kernels' ``(N, NUM_ROW_STATS)`` tensor (columns in ``ROW_STATS`` order)."""
+        return cls(*(row_stats[:, i] for i in range(NUM_ROW_STATS)))
+
+
+def reduce_rows(loss_rows, target, ignore_index, reduction):
+    """The spec's reductions (``REDUCTIONS``) of per-row losses (shaped like ``target``)."""
+    if reduction == "none":
+        return loss_rows
+    if reduction == "sum":
+        return loss_rows.sum()
+    return loss_rows.sum() / (target != ignore_index).sum()  # as F.cross_entropy: all ignored -> nan

@@ -101,9 +101,6 @@ _LSE, _TAU, _DIST, _SPREAD, _TIES, _CORRECT = (tl.constexpr(c) for c in (LSE, TA
                                                                         CORRECT))
 _LOG2E = tl.constexpr(1.4426950408889634)
 
-# Tests shrink the tiles so that a short row is streamed in several of them.
-FORCE_BLOCK_V = None
-
 
 # ----------------------------------------------------------------------------
 # Kernels
@@ -838,9 +835,9 @@ def _pow2_at_least(n):
     return 1 << max(0, int(n) - 1).bit_length()
 
 
-def _fast_tile(dtype, vocab, kp):
+def _fast_tile(dtype, vocab, kp, block_v=None):
     vec = _VEC[dtype]
-    tile = _GROUPS * vec if FORCE_BLOCK_V is None else FORCE_BLOCK_V
+    tile = _GROUPS * vec if block_v is None else block_v
     # Short rows: no wider than the row; never fewer groups than top-k slots
     # (tl.topk of the group maxima), nor fewer than 32 (one warp's worth).
     tile = min(tile, _pow2_at_least(vocab + vec))
@@ -853,11 +850,12 @@ def _option_flags(options):
     return {"SOFTCAP": cap > 0, "SMOOTH": eps > 0, "ZLOSS": lam > 0}
 
 
-def forward_config(dtype, vocab, k, options=(0.0, 0.0, 0.0)):
-    """The launch configuration of the forward for (dtype, V, k <= MAX_K) and the options."""
+def forward_config(dtype, vocab, k, options=(0.0, 0.0, 0.0), block_v=None):
+    """The launch configuration of the forward for (dtype, V, k <= MAX_K) and the options;
+    ``block_v``: the tile (block) width instead of the tuned one (see :func:`block_width`)."""
     kp = _kp(k)
     if kp <= FAST_MAX_KP:
-        tile = _fast_tile(dtype, vocab, kp)
+        tile = _fast_tile(dtype, vocab, kp, block_v)
         vec = _VEC[dtype]
         num_warps = max(1, min(_FAST_WARPS, tile // (32 * 16 * vec // 8)))
         config = LaunchConfig("forward", dtype, {
@@ -866,17 +864,13 @@ def forward_config(dtype, vocab, k, options=(0.0, 0.0, 0.0)):
             "TILE": tile, "VEC": vec,
             "ALIGNED": True, "USE_EXP2": dtype != torch.float64, **_option_flags(options)}, num_warps)
         return config._replace(maxnreg=_fast_maxnreg(config))
-    return exact_config(dtype, vocab, k, only_flagged=False, options=options)
+    return exact_config(dtype, vocab, k, only_flagged=False, options=options, block_v=block_v)
 
 
-def exact_config(dtype, vocab, k, only_flagged, options=(0.0, 0.0, 0.0)):
+def exact_config(dtype, vocab, k, only_flagged, options=(0.0, 0.0, 0.0), block_v=None):
     kp = _kp(k)
-    if FORCE_BLOCK_V is not None:
-        block_v = FORCE_BLOCK_V
-    elif vocab <= _SMALL_BLOCK_V or kp >= TOPK_BUFFER_SIZES[-1]:
-        block_v = _SMALL_BLOCK_V
-    else:
-        block_v = _BLOCK_V[dtype]
+    if block_v is None:
+        block_v = _SMALL_BLOCK_V if vocab <= _SMALL_BLOCK_V or kp >= TOPK_BUFFER_SIZES[-1] else _BLOCK_V[dtype]
     num_warps = _NUM_WARPS_OVERRIDE.get((dtype, kp, block_v), max(4, min(16, block_v // 256)))
     return LaunchConfig("forward_exact", dtype, {"ONLY_FLAGGED": only_flagged, "KP": kp, "BLOCK_V": block_v,
                                                  **_option_flags(options)}, num_warps)
@@ -887,8 +881,8 @@ def exact_config(dtype, vocab, k, only_flagged, options=(0.0, 0.0, 0.0)):
 _NUM_WARPS_OVERRIDE = {(torch.float32, 32, 1024): 2}
 
 
-def backward_config(dtype, vocab, options=(0.0, 0.0, 0.0)):
-    tile = FORCE_BLOCK_V if FORCE_BLOCK_V is not None else min(_BACKWARD_TILE, _pow2_at_least(vocab))
+def backward_config(dtype, vocab, options=(0.0, 0.0, 0.0), block_v=None):
+    tile = block_v if block_v is not None else min(_BACKWARD_TILE, _pow2_at_least(vocab))
     # Never narrower than one 16-byte vector: aligned tiles start up to VEC - 1 elements
     # before the row, and only a tile at least that wide keeps tile 1 (the first unmasked
     # one) inside the row. A narrower tile (V = 1..4 in 16-bit, say) read the rows before
@@ -900,15 +894,15 @@ def backward_config(dtype, vocab, options=(0.0, 0.0, 0.0)):
                         max(1, min(8, tile // 256)))
 
 
-def with_grad(config, vocab, grad_aligned=True):
+def with_grad(config, vocab, grad_aligned=True, block_v=None):
     """The forward ``config`` as ``forward_grad`` launches it: WRITE_GRAD on, the gradient
-    written in the backward's tiles (the exact kernel: its own blocks, unaligned, with the
-    backward's exp flavour)."""
+    written in the backward's tiles (of ``block_v`` columns if given; the exact kernel: its
+    own blocks, unaligned, with the backward's exp flavour)."""
     if config.kernel == "forward_exact":
         extra = {"WRITE_GRAD": True, "USE_EXP2": config.dtype != torch.float64}
         return config._replace(constexprs=dict(config.constexprs, **extra))
-    extra = {"WRITE_GRAD": True, "GRAD_TILE": backward_config(config.dtype, vocab).constexprs["TILE"],
-             "GRAD_ALIGNED": grad_aligned}
+    grad_tile = backward_config(config.dtype, vocab, block_v=block_v).constexprs["TILE"]
+    extra = {"WRITE_GRAD": True, "GRAD_TILE": grad_tile, "GRAD_ALIGNED": grad_aligned}
     config = config._replace(constexprs=dict(config.constexprs, **extra))
     return config._replace(maxnreg=_fast_maxnreg(config))
 
@@ -918,7 +912,7 @@ AOT_OPTIONS = (0.1, 1e-4, 30.0)
 
 
 def launch_configs():
-    """Every configuration the launchers can pick (FORCE_BLOCK_V unset), for AOT checks.
+    """Every configuration the launchers can pick (tuned tiles: no ``block_v``), for AOT checks.
 
     ALIGNED is shown True (the usual case: torch allocations are 16-byte aligned);
     the launchers pass False for a misaligned base pointer or, in the backward,
@@ -988,6 +982,29 @@ def aot_signature(config):
 
 _OPTION_ARGS = ("eps_hi", "eps_lo", "lam_hi", "lam_lo", "cap_hi", "cap_lo")
 
+# The tile / block width of launches given no ``block_v``, while a block_width() context is open.
+_block_v_default = None
+
+
+@contextlib.contextmanager
+def block_width(block_v):
+    """Launch with tiles (two-pass forward, backward) and blocks (exact forward) of ``block_v``
+    columns inside the ``with`` block, wherever a launcher is not given ``block_v`` itself
+    (``None``: the tuned widths). For tests: a narrow tile makes a short row stream through
+    several tiles (masked edges, prefetch, multi-tile top-k) on the public path, ``prsl_loss``
+    down through the ops, whose schemas carry no tile width. Widths are clamped as the tuned
+    ones are (at least one 16-byte vector; the two-pass forward's at least its top-k groups)."""
+    global _block_v_default
+    saved, _block_v_default = _block_v_default, block_v
+    try:
+        yield
+    finally:
+        _block_v_default = saved
+
+
+def _block_v(block_v):
+    return _block_v_default if block_v is None else block_v
+
 
 def _split_b(b):
     # Triton passes Python floats as float32; hi + lo carries b to ~48 bits for float64 rows.
@@ -1027,19 +1044,21 @@ def _option_args(options):
     return tuple(x for value in options for x in _split_b(float(value)))
 
 
-def forward(logits, target, k, b, ignore_index, label_smoothing=0.0, z_loss=0.0, softcap=0.0):
-    """``(loss_rows[N], row_stats[N, NUM_ROW_STATS])`` in the stats dtype (see ``prsl_kernels.ops``)."""
+def forward(logits, target, k, b, ignore_index, label_smoothing=0.0, z_loss=0.0, softcap=0.0, *, block_v=None):
+    """``(loss_rows[N], row_stats[N, NUM_ROW_STATS])`` in the stats dtype (see ``prsl_kernels.ops``).
+    ``block_v`` (every launcher): the tile / block width instead of the tuned one (:func:`block_width`)."""
     loss_rows, row_stats, _ = forward_with_flags(logits, target, k, b, ignore_index, label_smoothing, z_loss,
-                                                 softcap)
+                                                 softcap, block_v=block_v)
     return loss_rows, row_stats
 
 
 def forward_with_flags(logits, target, k, b, ignore_index, label_smoothing=0.0, z_loss=0.0, softcap=0.0,
-                       grad=None):
+                       grad=None, *, block_v=None):
     """:func:`forward`, plus the per-row int8 flags of the two-pass kernel (1: the row
     was recomputed by the exact kernel; None where the two-pass kernel did not run).
     ``grad=(grad_rows, grad_out)``: also write the gradient of ``sum_i grad_rows[i] loss_i``
     into ``grad_out`` from the forward kernels (:func:`forward_grad`)."""
+    block_v = _block_v(block_v)
     n_rows, vocab = logits.shape
     if logits.stride(1) != 1:
         logits = logits.contiguous()
@@ -1053,9 +1072,9 @@ def forward_with_flags(logits, target, k, b, ignore_index, label_smoothing=0.0, 
     if k > MAX_K:
         loss_rows, row_stats = _forward_torch(logits, target, k, b, ignore_index, options)
         if grad is not None:
-            backward(grad[0], logits, target, row_stats, b, ignore_index, *options, out=grad[1])
+            backward(grad[0], logits, target, row_stats, b, ignore_index, *options, out=grad[1], block_v=block_v)
         return loss_rows, row_stats, None
-    config = forward_config(logits.dtype, vocab, k, options)
+    config = forward_config(logits.dtype, vocab, k, options, block_v)
     b_hi, b_lo = _split_b(b)
     grad_rows, grad_out = grad if grad is not None else (loss_rows, loss_rows)  # unread without WRITE_GRAD
     grad_stride = grad_out.stride(0) if grad is not None else 0
@@ -1064,7 +1083,7 @@ def forward_with_flags(logits, target, k, b, ignore_index, label_smoothing=0.0, 
     scratch_dtype = acc if softcap > 0 else logits.dtype
     with _device_guard(logits):
         if grad is not None:
-            config = with_grad(config, vocab, _aligned(logits, grad_out) and logits.stride(0) == grad_stride)
+            config = with_grad(config, vocab, _aligned(logits, grad_out) and logits.stride(0) == grad_stride, block_v)
         if config.kernel == "forward_exact":
             scratch = torch.empty(n_rows, config.constexprs["KP"], dtype=scratch_dtype, device=logits.device)
             _prsl_forward_exact_kernel[(n_rows,)](
@@ -1085,9 +1104,9 @@ def forward_with_flags(logits, target, k, b, ignore_index, label_smoothing=0.0, 
             **constexprs, **config.launch_options())
         if not has_topk:
             return loss_rows, row_stats, None
-        exact = exact_config(logits.dtype, vocab, k, only_flagged=True, options=options)
+        exact = exact_config(logits.dtype, vocab, k, only_flagged=True, options=options, block_v=block_v)
         if grad is not None:
-            exact = with_grad(exact, vocab)
+            exact = with_grad(exact, vocab, block_v=block_v)
         scratch = torch.empty(n_rows, exact.constexprs["KP"], dtype=scratch_dtype, device=logits.device)
         _prsl_forward_exact_kernel[(n_rows,)](
             logits, target, loss_rows, row_stats, scratch, flags, grad_rows, grad_out, *args,
@@ -1096,7 +1115,7 @@ def forward_with_flags(logits, target, k, b, ignore_index, label_smoothing=0.0, 
 
 
 def forward_grad(logits, target, grad_rows, grad_out, k, b, ignore_index, label_smoothing=0.0, z_loss=0.0,
-                 softcap=0.0):
+                 softcap=0.0, *, block_v=None):
     """prsl::forward_grad: the forward's ``(loss_rows, row_stats)``, and the gradient of
     ``sum_i grad_rows[i] * loss_i`` written into ``grad_out`` (``[N, V]``, the logits' dtype,
     unit stride along V; it may be ``logits`` itself) by the forward kernels, each row
@@ -1117,12 +1136,12 @@ def forward_grad(logits, target, grad_rows, grad_out, k, b, ignore_index, label_
         raise ValueError("forward_grad: grad_out partly overlaps logits: pass logits itself (the in-place "
                          "gradient) or memory apart from it")
     loss_rows, row_stats, _ = forward_with_flags(logits, target, k, b, ignore_index, label_smoothing, z_loss,
-                                                 softcap, grad=(grad_rows.contiguous(), grad_out))
+                                                 softcap, grad=(grad_rows.contiguous(), grad_out), block_v=block_v)
     return loss_rows, row_stats
 
 
 def backward(grad_rows, logits, target, row_stats, b, ignore_index, label_smoothing=0.0, z_loss=0.0, softcap=0.0,
-             out=None):
+             out=None, *, block_v=None):
     """``grad_logits[N, V]``, contiguous, in the logits' dtype (see ``prsl_kernels.ops``);
     ``out``: write it there instead (``[N, V]``, unit stride along V; may be ``logits``)."""
     n_rows, vocab = logits.shape
@@ -1132,7 +1151,7 @@ def backward(grad_rows, logits, target, row_stats, b, ignore_index, label_smooth
     if n_rows == 0 or vocab == 0:
         return grad_logits
     options = (label_smoothing, z_loss, softcap)
-    config = backward_config(logits.dtype, vocab, options)
+    config = backward_config(logits.dtype, vocab, options, _block_v(block_v))
     # Aligned tiles need the logits rows and the gradient rows to share their offset mod VEC.
     aligned = _aligned(logits, grad_logits) and logits.stride(0) == grad_logits.stride(0)
     tile = config.constexprs["TILE"]
@@ -1221,4 +1240,4 @@ ops.forward_grad.register_kernel("cuda")(forward_grad)
 
 __all__ = ["forward", "backward", "forward_grad", "forward_with_flags", "MAX_K", "FAST_MAX_KP", "TOPK_BUFFER_SIZES",
            "launch_configs", "forward_config", "exact_config", "backward_config", "with_grad", "aot_signature",
-           "LaunchConfig"]
+           "LaunchConfig", "block_width"]

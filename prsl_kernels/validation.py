@@ -1,7 +1,11 @@
-"""Input checks shared by every backend: clear errors before any kernel runs."""
+"""Input checks shared by every backend: clear errors before any kernel runs; the loss options
+as one validated value (:class:`Options`)."""
+
+from __future__ import annotations
 
 import math
 import numbers
+from dataclasses import dataclass
 
 import torch
 
@@ -38,23 +42,54 @@ def check_b(b):
         raise ValueError(f"b must be finite, got b={b}")
 
 
-def check_options(label_smoothing, z_loss, softcap):
-    """Validate the options (spec, "Options") and return them as the ops take them:
-    ``(eps, lam, c)`` floats, 0.0 meaning off (``softcap=None`` -> 0.0)."""
-    for name, value in (("label_smoothing", label_smoothing), ("z_loss", z_loss)):
-        if isinstance(value, bool) or not isinstance(value, numbers.Real):
-            raise TypeError(f"{name} must be a real number, got {type(value).__name__}")
-    if not 0.0 <= label_smoothing <= 1.0:
-        raise ValueError(f"label_smoothing must be in [0, 1], got label_smoothing={label_smoothing}")
-    if not z_loss >= 0.0 or not math.isfinite(z_loss):
-        raise ValueError(f"z_loss must be a finite number >= 0, got z_loss={z_loss}")
-    if softcap is None:
-        return float(label_smoothing), float(z_loss), 0.0
-    if isinstance(softcap, bool) or not isinstance(softcap, numbers.Real):
-        raise TypeError(f"softcap must be None or a real number > 0, got {type(softcap).__name__}")
-    if not softcap > 0.0 or not math.isfinite(softcap):
-        raise ValueError(f"softcap must be None (off) or a finite number > 0, got softcap={softcap}")
-    return float(label_smoothing), float(z_loss), float(softcap)
+@dataclass(frozen=True)
+class Options:
+    """The loss options (spec, "Options"), validated on construction: one frozen, hashable value
+    that every Python layer carries unchanged down to the ops, where :meth:`op_args` unpacks it
+    into the schemas' explicit floats.
+
+    ``label_smoothing``: ``eps`` in [0, 1]; ``z_loss``: ``lam >= 0``, finite; ``softcap``: ``None``
+    (off) or a finite ``c > 0``. The default value is all off (the plain loss)."""
+    label_smoothing: float = 0.0
+    z_loss: float = 0.0
+    softcap: float | None = None
+
+    def __post_init__(self):
+        eps, lam, cap = self.label_smoothing, self.z_loss, self.softcap
+        for name, value in (("label_smoothing", eps), ("z_loss", lam)):
+            if isinstance(value, bool) or not isinstance(value, numbers.Real):
+                raise TypeError(f"{name} must be a real number, got {type(value).__name__}")
+        if not 0.0 <= eps <= 1.0:
+            raise ValueError(f"label_smoothing must be in [0, 1], got label_smoothing={eps}")
+        if not lam >= 0.0 or not math.isfinite(lam):
+            raise ValueError(f"z_loss must be a finite number >= 0, got z_loss={lam}")
+        if cap is not None:
+            if isinstance(cap, bool) or not isinstance(cap, numbers.Real):
+                raise TypeError(f"softcap must be None or a real number > 0, got {type(cap).__name__}")
+            if not cap > 0.0 or not math.isfinite(cap):
+                raise ValueError(f"softcap must be None (off) or a finite number > 0, got softcap={cap}")
+        # Plain floats (not numpy scalars or ints), so that equal options compare and hash equal.
+        object.__setattr__(self, "label_smoothing", float(eps))
+        object.__setattr__(self, "z_loss", float(lam))
+        object.__setattr__(self, "softcap", None if cap is None else float(cap))
+
+    @property
+    def is_off(self) -> bool:
+        """All three off: the kernels run the plain loss, bit for bit."""
+        return self.label_smoothing == 0.0 and self.z_loss == 0.0 and self.softcap is None
+
+    def op_args(self):
+        """``(label_smoothing, z_loss, softcap)`` as the ops' schemas take them: floats, 0.0 = off."""
+        return self.label_smoothing, self.z_loss, 0.0 if self.softcap is None else self.softcap
+
+    def as_kwargs(self) -> dict:
+        """The keyword arguments of the public API (``prsl_loss(..., **options.as_kwargs())``)."""
+        return {"label_smoothing": self.label_smoothing, "z_loss": self.z_loss, "softcap": self.softcap}
+
+
+def check_options(label_smoothing, z_loss, softcap) -> Options:
+    """The public keyword arguments as one validated :class:`Options` (errors name the argument)."""
+    return Options(label_smoothing, z_loss, softcap)
 
 
 def check_target_range(target, vocab, ignore_index, name="target"):

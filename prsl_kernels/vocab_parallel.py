@@ -52,7 +52,7 @@ import torch
 import torch.distributed as dist
 
 from .function import scale_unless_one
-from .spec import IGNORE_INDEX, NUM_ROW_STATS, stats_dtype
+from .spec import IGNORE_INDEX, NUM_ROW_STATS, RowStats, stats_dtype
 from .validation import check_b, check_inputs, check_linear_inputs, check_options, check_target_range
 
 if dist.is_available():
@@ -110,7 +110,7 @@ def _targets_here(target, shard, counted):
 def _block_stats(block, target, shard, k, b, ignore_index, options, keep_parts=False):
     """Loss rows and ``(C, NUM_ROW_STATS)`` statistics of one row block (two collectives); with
     ``keep_parts`` also what its gradient is made of (see ``_block_grad``)."""
-    eps, lam, cap = options
+    eps, lam, cap = options.label_smoothing, options.z_loss, options.softcap
     acc = stats_dtype(block.dtype)
     z = _capped(block, acc, cap)
     rows, width = z.shape
@@ -217,7 +217,7 @@ def _block_grad(parts, stats, target, row_grad, b, ignore_index, options, vocab,
     times the cap's slope ``1 - (z / c)^2`` (z the capped logit); ignored rows 0. ``parts``:
     ``(z, p, (A's columns, u on them, T's mask) or None, target column, target here)``. Written
     into ``out`` (in the logits' dtype) when given, else returned in the stats dtype."""
-    eps, lam, cap = options
+    eps, lam, cap = options.label_smoothing, options.z_loss, options.softcap
     z, p, selection, column, here = parts
     lse, distance, spread, tie_count = stats[:, 0], stats[:, 2], stats[:, 3], stats[:, 4]
     counted = target != ignore_index
@@ -287,7 +287,7 @@ def _backward_blocks(n_rows, logits_of, target, stats, row_grads, shard, k, b, i
     """The gradient again, block by block, from the saved row statistics: no communication."""
     for start, stop in _blocks(n_rows, shard):
         block, t, s = logits_of(start, stop), target[start:stop], stats[start:stop]
-        parts = _parts_from_stats(block, s, t, shard, k if b else 0, ignore_index, options[2])
+        parts = _parts_from_stats(block, s, t, shard, k if b else 0, ignore_index, options.softcap)
         grad = _block_grad(parts, s, t, row_grads[start:stop], b, ignore_index, options, shard.vocab,
                            out_of(start, stop) if out_of else None)
         if take:
@@ -454,7 +454,7 @@ def _local_shard(process_group, vocab_start, width, vocab_size, n_rows, dtype):
                       block_rows(n_rows, int(vocab_size), world, stats_dtype(dtype)))
 
 
-def _check_common(k, b, ignore_index, reduction, vocab, options, divisor):
+def _check_common(k, b, ignore_index, reduction, vocab, divisor):
     if isinstance(k, bool) or not isinstance(k, numbers.Integral) or not 0 <= k <= vocab - 1:
         raise ValueError(f"k must be an int in [0, V-1] = [0, {vocab - 1}] (V = the whole vocabulary, "
                          f"{vocab}), got k={k!r}")
@@ -468,12 +468,9 @@ def _check_common(k, b, ignore_index, reduction, vocab, options, divisor):
             raise ValueError(f"divisor must be a real scalar, got a tensor of shape {tuple(divisor.shape)}")
         if not torch.is_tensor(divisor) and (isinstance(divisor, bool) or not isinstance(divisor, (int, float))):
             raise TypeError(f"divisor must be a number or a 0-d tensor, got {type(divisor).__name__}")
-    return check_options(*options)
 
 
 def _stats(row_stats, return_stats):
-    from .loss import RowStats
-
     return RowStats.from_columns(row_stats) if return_stats else None
 
 
@@ -497,7 +494,8 @@ def vocab_parallel_prsl_loss(logits, target, k, b, *, vocab_start, process_group
     :class:`RowStats` if asked, the same on every rank); the gradient is that of this shard.
     """
     shard = _local_shard(process_group, vocab_start, logits.shape[-1], vocab_size, _rows(target), logits.dtype)
-    options = _check_common(k, b, ignore_index, reduction, shard.vocab, (label_smoothing, z_loss, softcap), divisor)
+    _check_common(k, b, ignore_index, reduction, shard.vocab, divisor)
+    options = check_options(label_smoothing, z_loss, softcap)
     return _prsl_on_shard(logits, target, shard, k, b, ignore_index, reduction, check_target, return_stats, options,
                           divisor)
 
@@ -543,7 +541,8 @@ def vocab_parallel_linear_prsl_loss(hidden, weight, target, k, b, *, vocab_start
     shard's. Other arguments: as :func:`vocab_parallel_prsl_loss`.
     """
     shard = _local_shard(process_group, vocab_start, weight.shape[0], vocab_size, _rows(target), hidden.dtype)
-    options = _check_common(k, b, ignore_index, reduction, shard.vocab, (label_smoothing, z_loss, softcap), divisor)
+    _check_common(k, b, ignore_index, reduction, shard.vocab, divisor)
+    options = check_options(label_smoothing, z_loss, softcap)
     return _linear_on_shard(hidden, weight, bias, target, shard, k, b, ignore_index, reduction, check_target,
                             return_stats, options, divisor)
 
@@ -614,50 +613,50 @@ def _replicate(loss, like):
     return DTensor.from_local(loss, mesh, [Replicate()] * mesh.ndim, run_check=False)
 
 
-def dtensor_prsl_loss(logits, target, k, b, *, ignore_index=IGNORE_INDEX, reduction="mean", backend="auto",
-                      check_target=True, return_stats=False, label_smoothing=0.0, z_loss=0.0, softcap=None,
-                      inplace_backward=False, divisor=None):
+def dtensor_prsl_loss(logits, target, k, b, options, *, ignore_index=IGNORE_INDEX, reduction="mean", backend="auto",
+                      check_target=True, return_stats=False, inplace_backward=False, divisor=None,
+                      replicated_loss):
     """:func:`prsl_kernels.prsl_loss` of a DTensor: logits sharded over the vocabulary (``Shard(-1)`` on
     one mesh dimension, the others ``Replicate``), or replicated. The loss comes back as a ``Replicate``
     DTensor, the gradient with the logits' placements, the statistics as plain tensors (the same on
-    every rank). ``backend`` and ``inplace_backward`` do not apply (torch ops on each shard)."""
-    from .loss import prsl_loss
-
+    every rank). ``backend`` and ``inplace_backward`` do not apply to sharded logits (torch ops on
+    each shard). ``options``: the validated :class:`~prsl_kernels.validation.Options`.
+    ``replicated_loss``: the caller's ``prsl_loss``, which computes replicated logits on every
+    rank (passed in: this module sits below ``loss.py`` and never imports it)."""
     if not is_dtensor(logits):
         raise NotImplementedError("vocab-parallel PRSL: the target is a DTensor but the logits are not; pass the "
                                   "logits as the DTensor the LM head returns (use_local_output=False)")
     target = _replicated_local(target, "target")
-    options = (label_smoothing, z_loss, softcap)
     mesh_dim = _vocab_dim(logits, -1, "logits")
     if mesh_dim is None:  # replicated everywhere: every rank computes the whole loss
-        out = prsl_loss(logits.to_local(), target, k, b, ignore_index=ignore_index, reduction=reduction,
-                        backend=backend, check_target=check_target, return_stats=return_stats,
-                        label_smoothing=label_smoothing, z_loss=z_loss, softcap=softcap, divisor=divisor)
+        out = replicated_loss(logits.to_local(), target, k, b, ignore_index=ignore_index, reduction=reduction,
+                              backend=backend, check_target=check_target, return_stats=return_stats,
+                              divisor=divisor, **options.as_kwargs())
         return (_replicate(out[0], logits), out[1]) if return_stats else _replicate(out, logits)
     vocab = logits.shape[-1]
-    _check_common(k, b, ignore_index, reduction, vocab, options, divisor)
+    _check_common(k, b, ignore_index, reduction, vocab, divisor)
     shard = _dtensor_shard(logits, -1, mesh_dim, _rows(target))
     out = _prsl_on_shard(logits.to_local(), target, shard, k, b, ignore_index, reduction, check_target, return_stats,
-                         check_options(*options), divisor)
+                         options, divisor)
     return (_replicate(out[0], logits), out[1]) if return_stats else _replicate(out, logits)
 
 
-def dtensor_linear_prsl_loss(hidden, weight, target, k, b, *, bias=None, ignore_index=IGNORE_INDEX,
-                             reduction="mean", backend="auto", chunk_size=None, check_target=True, return_stats=False,
-                             label_smoothing=0.0, z_loss=0.0, softcap=None):
+def dtensor_linear_prsl_loss(hidden, weight, target, k, b, options, *, bias=None, ignore_index=IGNORE_INDEX,
+                             reduction="mean", backend="auto", chunk_size=None, check_target=True, return_stats=False):
     """:func:`prsl_kernels.linear_prsl_loss` with a tensor-parallel head: ``weight`` a DTensor
     ``Shard(0)`` on one mesh dimension (``ColwiseParallel``'s ``lm_head.weight``), ``bias`` ``Shard(0)``
     or None, ``hidden`` and ``target`` plain tensors (the same on every rank) or ``Replicate`` DTensors.
     The loss comes back as a ``Replicate`` DTensor; ``weight`` and ``bias`` get gradients with their
     placements, ``hidden`` all of its gradient. ``backend`` does not apply; ``chunk_size`` sets the
-    rows per block (the same on every rank)."""
+    rows per block (the same on every rank). ``options``: the validated
+    :class:`~prsl_kernels.validation.Options`."""
     if not is_dtensor(weight):
         raise NotImplementedError("vocab-parallel PRSL: hidden or bias is a DTensor but the weight is not; pass "
                                   "the tensor-parallel head's weight DTensor (Shard(0))")
     hidden_local = _replicated_local(hidden, "hidden")
     target = _replicated_local(target, "target")
     vocab = weight.shape[0]
-    options = _check_common(k, b, ignore_index, reduction, vocab, (label_smoothing, z_loss, softcap), None)
+    _check_common(k, b, ignore_index, reduction, vocab, None)
     mesh_dim = _vocab_dim(weight, 0, "the LM head's weight")
     if mesh_dim is None:
         raise NotImplementedError("vocab-parallel PRSL: a replicated head weight DTensor; pass weight.to_local() "

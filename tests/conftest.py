@@ -10,6 +10,7 @@ interpreter, "cuda" compiled; ``backend_device`` / the ``triton_device`` fixture
 or are marked ``needs_interpreter`` where they rely on the interpreter itself.
 """
 
+import contextlib
 import os
 import sys
 
@@ -55,6 +56,17 @@ def backend_device(backend):
 def triton_device():
     """The device the Triton backend runs on here (see ``backend_device``)."""
     return backend_device("triton")
+
+
+@pytest.fixture
+def block_width():
+    """``block_width(v)``: Triton launches use tiles / blocks of ``v`` columns (``None``: the tuned
+    ones) for the rest of the test, on every path down to the launchers
+    (``prsl_kernels.triton_kernels.block_width``); the tuned widths come back after it."""
+    from prsl_kernels import triton_kernels  # only when asked: conftest decides how triton is imported
+
+    with contextlib.ExitStack() as stack:
+        yield lambda block_v: stack.enter_context(triton_kernels.block_width(block_v))
 
 
 @pytest.fixture(scope="module")

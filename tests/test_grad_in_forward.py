@@ -1,6 +1,6 @@
-"""The gradient made in the forward (issue 18): ``prsl::forward_grad`` on C++ and Triton
-(compiled on CUDA, else the interpreter), ``prsl_loss``'s use of it for mean / sum, and
-``inplace_backward``.
+"""The gradient made in the forward (one read of the logits from memory instead of two):
+``prsl::forward_grad`` on C++ and Triton (compiled on CUDA, else the interpreter),
+``prsl_loss``'s use of it for mean / sum, and ``inplace_backward``.
 
 The Triton kernels write, per row, exactly what the backward kernel writes from the same
 row statistics (the same code, in the same order): compared bit for bit. The C++ kernel
@@ -157,18 +157,17 @@ def test_cpp_candidates_at_the_row_ends_and_block_edges(dtype, k):
     (torch.float32, 300, 6, 64), (torch.bfloat16, 300, 20, 64), (torch.float64, 300, 6, 64),
     (torch.float32, 300, 0, 64), (torch.float16, 700, 200, 256)])  # the last: the exact kernel only
 @pytest.mark.parametrize("options", OPTIONS)
-def test_triton_forward_grad_is_forward_then_backward(monkeypatch, dtype, vocab, k, block, options):
-    monkeypatch.setattr(tk, "FORCE_BLOCK_V", block)
+def test_triton_forward_grad_is_forward_then_backward(dtype, vocab, k, block, options):
     gen = torch.Generator().manual_seed(vocab + k)
     logits, target = _rows(5, vocab, dtype, gen)
-    _assert_same_as_forward_then_backward(tk, logits, target, k, 2.0, options, gen)
+    with tk.block_width(block):
+        _assert_same_as_forward_then_backward(tk, logits, target, k, 2.0, options, gen)
 
 
-def test_triton_backward_splits_long_rows_over_programs_and_may_write_in_place(monkeypatch):
+def test_triton_backward_splits_long_rows_over_programs_and_may_write_in_place():
     """Rows of many tiles: the backward's programs split a row's tiles evenly (33 tiles over 5
     programs), each with its masked ends and prefetched interior; k > MAX_K takes the torch
     statistics and the backward kernel, which forward_grad runs in place over the logits."""
-    monkeypatch.setattr(tk, "FORCE_BLOCK_V", 64)
     gen = torch.Generator().manual_seed(8)
     vocab = 2100
     logits, target = _rows(3, vocab, torch.float32, gen)
@@ -176,12 +175,12 @@ def test_triton_backward_splits_long_rows_over_programs_and_may_write_in_place(m
     device = backend_device("triton")
     logits, target, grad_rows = logits.to(device), target.to(device), grad_rows.to(device)
     for k in (20, tk.MAX_K + 3):
-        loss, stats = tk.forward(logits, target, k, 0.5, -100)
-        grad = tk.backward(grad_rows, logits, target, stats, 0.5, -100)
+        loss, stats = tk.forward(logits, target, k, 0.5, -100, block_v=64)
+        grad = tk.backward(grad_rows, logits, target, stats, 0.5, -100, block_v=64)
         want = ref.grad_closed_form(logits, target, k, 0.5, grad_rows=grad_rows)
         torch.testing.assert_close(grad.to(want.dtype), want, rtol=1e-5, atol=1e-9)
         inplace = logits.clone()
-        tk.forward_grad(inplace, target, grad_rows, inplace, k, 0.5, -100)
+        tk.forward_grad(inplace, target, grad_rows, inplace, k, 0.5, -100, block_v=64)
         assert torch.equal(inplace, grad)
 
 

@@ -2,7 +2,7 @@
 row stat (token accuracy), in every fused backend against the reference.
 
 The C++ kernels run natively; the Triton kernels compiled on CUDA, or in the CPU
-interpreter without one (tests/conftest.py), on tiny shapes with the tile shrunk (FORCE_BLOCK_V) so that
+interpreter without one (tests/conftest.py), on tiny shapes with the tile shrunk (block_width) so that
 a row streams through several tiles, which covers the two-pass kernel (k < 128),
 the exact kernel (k >= 128, and rows the two-pass kernel flags), the torch path
 above MAX_K, and the backward.
@@ -44,10 +44,8 @@ def _kwargs(options):
 
 
 @pytest.fixture
-def block(monkeypatch):
-    def set_block(block_v):
-        monkeypatch.setattr(tk, "FORCE_BLOCK_V", block_v)
-    return set_block
+def block(block_width):
+    return block_width
 
 
 def make_rows(n, vocab, dtype, seed, scale=4.0):

@@ -8,7 +8,7 @@ and ``triton`` (Triton's CPU interpreter, tests/conftest.py) backends with the f
 oracle on the same logit values, to what float32 arithmetic can resolve.
 
 The draws aim at edges: V = 1..5, the 16-byte vector width, the tiles and blocks of
-the Triton kernels (also shrunk with FORCE_BLOCK_V, so that short rows stream several
+the Triton kernels (also shrunk with triton_kernels.block_width, so that short rows stream several
 tiles), long rows on C++; k = 0, 1, V - 1; exact ties (integer logits), 16-bit rounding
 ties, constant rows, huge magnitudes; -inf masks (fewer than k finite logits too,
 now and then the target itself); targets at the row ends and at the extremes; ignored
@@ -195,7 +195,7 @@ BACKENDS = ["reference", pytest.param("cpp", marks=pytest.mark.skipif(
 
 
 @pytest.mark.parametrize("backend", BACKENDS)
-def test_random_cases_match_the_float64_oracle(backend, monkeypatch):
+def test_random_cases_match_the_float64_oracle(backend):
     seed = int(os.environ.get("PRSL_RANDOM_SEED", "0"))
     count = int(os.environ.get("PRSL_RANDOM_CASES", CASES[backend]))
     only = os.environ.get("PRSL_RANDOM_ONLY")
@@ -204,8 +204,8 @@ def test_random_cases_match_the_float64_oracle(backend, monkeypatch):
     failures = []
     for index in indices:
         case = make_case(index, backend, seed)
-        monkeypatch.setattr(tk, "FORCE_BLOCK_V", case["block"])
-        loss_ratio, (grad_ratio, at) = check_case(case, backend)
+        with tk.block_width(case["block"]):
+            loss_ratio, (grad_ratio, at) = check_case(case, backend)
         worst_loss = max(worst_loss, (loss_ratio, index), key=lambda x: x[0])
         worst_grad = max(worst_grad, (grad_ratio, index), key=lambda x: x[0])
         if not (loss_ratio <= 1 and grad_ratio <= 1):

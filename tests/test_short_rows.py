@@ -16,7 +16,6 @@ import torch
 from conftest import backend_device
 from float64_oracle import Oracle, row_weights, worst_ratio
 from prsl_kernels import prsl_loss
-from prsl_kernels import triton_kernels as tk
 
 # The Triton backend on its device: CPU tensors through the interpreter, CUDA tensors compiled
 # (where the race of tiles outside the row, between programs, is real).
@@ -72,9 +71,9 @@ def _padding(storage, n, vocab, pad):
 
 
 @pytest.mark.parametrize("dtype,vocab,tile", _cases())
-def test_short_rows_and_tile_edges(monkeypatch, dtype, vocab, tile):
+def test_short_rows_and_tile_edges(block_width, dtype, vocab, tile):
     device = backend_device("triton")
-    monkeypatch.setattr(tk, "FORCE_BLOCK_V", tile)
+    block_width(tile)
     logits, target, gen = _rows(dtype, vocab, seed=vocab)
     target_on = target.to(device)
     n = logits.shape[0]

@@ -51,9 +51,8 @@ def test_module_imports_without_interpreter_or_gpu():
     assert result.returncode == 0, result.stderr
 
 
-def test_launch_configs_cover_every_launch(monkeypatch):
+def test_launch_configs_cover_every_launch():
     """Whatever (dtype, V, k) a launcher sees, its configuration is one of launch_configs()."""
-    monkeypatch.setattr(tk, "FORCE_BLOCK_V", None)
     listed = {(c.kernel, c.dtype, tuple(sorted(c.constexprs.items())), c.num_warps) for c in tk.launch_configs()}
     for dtype in (torch.float16, torch.bfloat16, torch.float32, torch.float64):
         for vocab in (2, 37, 1000, 1024, 1025, 4096, 50257, 262144):
@@ -149,7 +148,6 @@ def test_unaligned_launch_takes_no_register_cap(monkeypatch):
             return launch
 
     monkeypatch.setattr(tk, "_prsl_forward_kernel", Recorder(tk._prsl_forward_kernel))
-    monkeypatch.setattr(tk, "FORCE_BLOCK_V", None)
     vocab = 3001  # 8 warps, as at V = 50257
     flat = torch.randn(4 * vocab + 16).to(torch.bfloat16)
     start = next(i for i in range(8) if (flat.data_ptr() + 2 * i) % 16 == 0)

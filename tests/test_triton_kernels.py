@@ -1,7 +1,7 @@
 """The Triton kernels (prsl_kernels/triton_kernels.py) against the reference.
 
 Run in Triton's CPU interpreter (tests/conftest.py sets TRITON_INTERPRET=1), so
-shapes are small and the block size is shrunk (FORCE_BLOCK_V) to stream each
+shapes are small and the block size is shrunk (triton_kernels.block_width) to stream each
 row in several blocks. The reference is evaluated on the same values, upcast.
 """
 
@@ -24,10 +24,8 @@ LOSS_RTOL = {torch.float64: 1e-12}
 
 
 @pytest.fixture
-def block(monkeypatch):
-    def set_block(block_v):
-        monkeypatch.setattr(tk, "FORCE_BLOCK_V", block_v)
-    return set_block
+def block(block_width):
+    return block_width
 
 
 def make_rows(n, vocab, dtype, seed, scale=3.0, ignore_index=-100):
@@ -377,3 +375,35 @@ def test_pass_two_finding_fewer_than_k_candidates_is_flagged(monkeypatch):
     want = ref.prsl_loss_reference(logits, target, k, 0.5, reduction="none")
     torch.testing.assert_close(loss, want, rtol=1e-5, atol=1e-5)  # the exact kernel's rows
     assert torch.isfinite(stats[:, TAU]).all()
+
+
+def test_block_width_reaches_the_launches(monkeypatch, triton_device):
+    """``block_width(v)`` sets the tiles of launches on the public path (prsl_loss down to the
+    launchers), a launcher's own ``block_v`` wins over it, and the tuned tiles come back after."""
+    seen = []
+
+    class Recorder:
+        def __init__(self, kernel):
+            self.kernel = kernel
+
+        def __getitem__(self, grid):
+            def launch(*args, **kwargs):
+                seen.append(kwargs["TILE"])
+                return self.kernel[grid](*args, **kwargs)
+            return launch
+
+    monkeypatch.setattr(tk, "_prsl_backward_kernel", Recorder(tk._prsl_backward_kernel))
+    logits, target, _ = make_rows(3, 300, torch.float32, seed=3)
+    logits, target = logits.to(triton_device), target.to(triton_device)
+
+    def backward_tile():
+        x = logits.clone().requires_grad_(True)
+        prsl_loss(x, target, 3, 0.5, reduction="none", backend="triton").sum().backward()
+        return seen[-1]
+
+    with tk.block_width(64):
+        assert backward_tile() == 64
+        _, stats = tk.forward(logits, target, 3, 0.5, -100)
+        tk.backward(torch.ones(3, device=triton_device), logits, target, stats, 0.5, -100, block_v=32)
+        assert seen[-1] == 32
+    assert backward_tile() == 512  # min(2048, the next power of two of V = 300)

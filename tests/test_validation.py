@@ -1,10 +1,14 @@
 """Every bad input in the spec's error list gives a clear error naming the argument."""
 
+import dataclasses
+
 import pytest
 import torch
 
 from conftest import backend_device
-from prsl_kernels import prsl_loss
+from prsl_kernels import LinearPRSLLoss, PRSLLoss, cpp_kernels, linear_prsl_loss, prsl_loss
+from prsl_kernels.hf_losses import PRSLTokenLoss
+from prsl_kernels.validation import Options, check_options
 
 V = 10
 
@@ -101,3 +105,55 @@ def test_target_out_of_range_names_its_position():
     t[2, 3] = -7
     with pytest.raises(ValueError, match=rf"found {V + 2} at target\[2, 1\]"):
         prsl_loss(z, t, 2, 0.5, backend="reference")
+
+
+# ---------------------------------------------------------------- the options value
+
+
+@pytest.mark.parametrize("kwargs, exc, match", [
+    (dict(label_smoothing=1.5), ValueError, r"label_smoothing must be in \[0, 1\], got label_smoothing=1.5"),
+    (dict(label_smoothing=-0.1), ValueError, "label_smoothing must be in"),
+    (dict(label_smoothing="0.1"), TypeError, "label_smoothing must be a real number"),
+    (dict(label_smoothing=True), TypeError, "label_smoothing must be a real number, got bool"),
+    (dict(z_loss=-1e-3), ValueError, "z_loss must be a finite number >= 0"),
+    (dict(z_loss=float("inf")), ValueError, "z_loss must be a finite number >= 0"),
+    (dict(z_loss=float("nan")), ValueError, "z_loss must be a finite number >= 0"),
+    (dict(z_loss=None), TypeError, "z_loss must be a real number"),
+    (dict(softcap=0.0), ValueError, "softcap must be None"),
+    (dict(softcap=float("inf")), ValueError, "softcap must be None"),
+    (dict(softcap=True), TypeError, "softcap must be None or a real number"),
+])
+def test_options_validate_naming_the_argument(kwargs, exc, match):
+    with pytest.raises(exc, match=match):
+        Options(**kwargs)
+    with pytest.raises(exc, match=match):
+        check_options(**{**Options().as_kwargs(), **kwargs})
+
+
+def test_options_is_one_frozen_hashable_value():
+    options = check_options(0.1, 0, 5)
+    assert type(options) is Options and options == Options(0.1, 0.0, 5.0)
+    assert hash(options) == hash(Options(0.1, 0.0, 5.0)) and {options: 1}[Options(0.1, 0.0, 5.0)] == 1
+    assert all(type(v) is float for v in options.op_args())  # ints and numpy scalars become floats
+    assert options.op_args() == (0.1, 0.0, 5.0) and Options().op_args() == (0.0, 0.0, 0.0)  # the ops' 0.0 = off
+    assert options.as_kwargs() == {"label_smoothing": 0.1, "z_loss": 0.0, "softcap": 5.0}
+    assert Options().is_off and not options.is_off and Options().softcap is None
+    with pytest.raises(dataclasses.FrozenInstanceError):
+        options.z_loss = 1.0
+
+
+@pytest.mark.skipif(not cpp_kernels.available(), reason="C++ extension unavailable")
+def test_the_options_value_is_what_the_layers_carry():
+    """Validated once at the API, the same value reaches the autograd Functions (and the modules
+    and Hugging Face losses hold it)."""
+    kwargs = dict(label_smoothing=0.1, z_loss=1e-3, softcap=5.0)
+    want = Options(**kwargs)
+    logits, target = _ok()
+    x = logits.requires_grad_(True)
+    assert prsl_loss(x, target, 2, 0.5, backend="cpp", **kwargs).grad_fn.options == want  # grad in the forward
+    rows = prsl_loss(x, target, 2, 0.5, backend="cpp", reduction="none", **kwargs)
+    assert rows.grad_fn.next_functions[0][0].options == want  # PRSLFunction, under the reshape
+    hidden, weight = torch.randn(4, 3, requires_grad=True), torch.randn(V, 3)
+    assert linear_prsl_loss(hidden, weight, target, 2, 0.5, backend="cpp", **kwargs).grad_fn.options == want
+    assert PRSLLoss(2, 0.5, **kwargs).options == want and LinearPRSLLoss(2, 0.5, **kwargs).options == want
+    assert PRSLTokenLoss(2, 0.5, shift=True, **kwargs).options == want

@@ -98,8 +98,8 @@ def compare_stats(got, want, target, b, k):
 
 
 def case_logits(mesh, *, n=12, vocab=11, k=3, b=0.7, reduction="mean", ties=False, ignored=(), seed=0,
-                masked=False, target_dtensor=False, divisor=None, dtype=F64, **options):
-    """prsl_loss on Shard(-1) logits (DTensor) against one process."""
+                masked=False, target_dtensor=False, divisor=None, dtype=F64, replicated=False, **options):
+    """prsl_loss on Shard(-1) logits (DTensor), or ``replicated`` ones, against one process."""
     z = logits_of(n, vocab, seed, ties).to(dtype)
     if masked:  # a masked vocabulary: some rows with fewer than k finite non-target logits
         z[0, 1:] = float("-inf")
@@ -113,7 +113,7 @@ def case_logits(mesh, *, n=12, vocab=11, k=3, b=0.7, reduction="mean", ties=Fals
     want_loss, want_stats, want_grad = reference(z, t, k, b, reduction, upstream, **options)
     if divisor is not None:
         want_loss, want_grad = want_loss / divisor, want_grad / divisor
-    dz = distribute_tensor(z, mesh, [Shard(-1)]).requires_grad_()
+    dz = distribute_tensor(z, mesh, [Replicate()] if replicated else [Shard(-1)]).requires_grad_()
     target = distribute_tensor(t, mesh, [Replicate()]) if target_dtensor else t
     loss, stats = prsl_loss(dz, target, k, b, reduction=reduction, return_stats=True, **options, **extra)
     assert isinstance(loss, DTensor) and loss.placements == (Replicate(),), loss
@@ -348,6 +348,8 @@ CASES = {
     "options-ties-none": lambda m: case_logits(m, vocab=13, k=4, ties=True, softcap=3.0, label_smoothing=0.2,
                                               reduction="none", seed=7),
     "masked-vocab": lambda m: case_logits(m, vocab=12, k=6, masked=True, seed=8),
+    # Replicated logits: every rank computes the whole loss with prsl_loss on its local value.
+    "replicated-options": lambda m: case_logits(m, replicated=True, softcap=2.5, label_smoothing=0.1, seed=10),
     "k0": lambda m: case_logits(m, k=0, label_smoothing=0.3),
     "b0": lambda m: case_logits(m, b=0.0, z_loss=1e-3),
     "b-negative-target-dtensor": lambda m: case_logits(m, b=-0.4, target_dtensor=True, seed=9),
