@@ -18,6 +18,11 @@ class RowStats(NamedTuple):
     row's maximum, else 0.0: a target tied with another class for the maximum counts as correct
     (no index tie-break); ignored rows and rows holding a NaN give 0. Token accuracy is
     ``correct.sum() / (target != ignore_index).sum()``.
+
+    ``entropy`` is ``-sum_j p_j log p_j`` of the row's (soft-capped) softmax, computed in the
+    forward's first pass (no extra read of the logits); 0.0 on ignored rows, NaN where the loss is
+    NaN (a NaN or +inf logit, or every logit -inf), so a mean over a batch shows a NaN row.
+    The mean entropy of a batch is ``entropy.sum() / (target != ignore_index).sum()``.
     """
     lse: torch.Tensor
     tau: torch.Tensor
@@ -25,6 +30,7 @@ class RowStats(NamedTuple):
     spread_sum: torch.Tensor
     tie_count: torch.Tensor
     correct: torch.Tensor
+    entropy: torch.Tensor
 
     @classmethod
     def from_columns(cls, row_stats):
