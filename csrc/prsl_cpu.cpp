@@ -171,10 +171,13 @@ PRSL_INLINE vfloat clamp_below(vfloat x, vfloat lo) {
 constexpr float kLog2e = 1.44269504088896341f;
 constexpr double kLn2 = 0.693147180559945309;
 
-template <bool kCoarse = false>
+// kClamped: the caller has already raised t to kExp2Floor (pass 1, which reuses the raised t).
+constexpr float kExp2Floor = -127.0f;  // 2^t is exactly 0 at and below it
+
+template <bool kCoarse = false, bool kClamped = false>
 PRSL_INLINE vfloat vexp2(vfloat t) {
   const float magic = 12583039.0f;  // 1.5 * 2^23 + 127
-  const vfloat tc = clamp_below(t, splat<vfloat>(-127.0f));
+  const vfloat tc = kClamped ? t : clamp_below(t, splat<vfloat>(kExp2Floor));
   const vfloat rounded = tc + magic;
   const vfloat f = tc - (rounded - magic);
   vfloat q;
@@ -484,9 +487,11 @@ struct ShiftUnits<float, kCoarse> {
   static float of(float m) { return m * kLog2e; }
   static float rescale(float from, float to) { return std::exp2(from - to); }  // sums at `from` to `to`
   static PRSL_INLINE vfloat exp(vfloat x, float s) { return vexp2<kCoarse>(x * kLog2e - s); }
-  // The same exp from its argument y = (x - shift) in the lanes' units (here log2 e (x - m)).
-  static PRSL_INLINE vfloat arg(vfloat x, float s) { return x * kLog2e - s; }
-  static PRSL_INLINE vfloat exp_arg(vfloat y) { return vexp2<kCoarse>(y); }
+  // The same exp in two steps, for pass 1's entropy sum: its argument y = (x - shift) in the
+  // lanes' units (here log2 e (x - m)), raised to the floor where the exp is exactly 0 (so a -inf
+  // logit gives e y = 0, not 0 * -inf; NaN stays NaN), then the exp of that y.
+  static PRSL_INLINE vfloat arg(vfloat x, float s) { return clamp_below(x * kLog2e - s, splat<vfloat>(kExp2Floor)); }
+  static PRSL_INLINE vfloat exp_arg(vfloat y) { return vexp2<kCoarse, true>(y); }
   static double natural(float s) { return static_cast<double>(s) * kLn2; }
   // Entropy from S = sum e and T = sum e y (y in the lanes' units): log S - (T / S) ln 2.
   static float entropy(float sum, float t) {
@@ -507,7 +512,11 @@ struct ShiftUnits<double, kCoarse> {
   static double of(double m) { return m; }
   static double rescale(double from, double to) { return std::exp(from - to); }
   static PRSL_INLINE vdouble exp(vdouble x, double s) { return vexp(x - s); }
-  static PRSL_INLINE vdouble arg(vdouble x, double s) { return x - s; }
+  // As above; exp underflows to exactly 0 below about -745 (NaN kept: NaN < floor is false).
+  static PRSL_INLINE vdouble arg(vdouble x, double s) {
+    const vdouble y = x - s, floor = splat<vdouble>(-2048.0);
+    return y < floor ? floor : y;
+  }
   static PRSL_INLINE vdouble exp_arg(vdouble y) { return vexp(y); }
   static double natural(double s) { return s; }
   static double entropy(double sum, double t) { return std::log(sum) - t / sum; }
@@ -705,7 +714,8 @@ struct RowForward {
     // shift stays 0 while nothing finite was seen: exp(-inf - 0) = 0, NaN stays NaN.
     // Entropy: t0 + t1 = T = sum_j e_j y_j, y_j the exp's argument (z_j - shift, in the lanes'
     // units); when the shift moves by d = old - new, T = factor (T + d S) with S the old sum.
-    // A term whose e is 0 (a -inf logit, whose y is -inf, or an underflow) adds 0, not 0 * -inf.
+    // A -inf logit adds 0: Units::arg raises y to where e is exactly 0 (the clamp the exp needs
+    // anyway, so T costs one FMA per vector).
     acc_t run_max = -kInf, shift = 0;
     vec s0 = splat<vec>(acc_t(0)), s1 = s0, s2 = s0, s3 = s0, t0 = s0, t1 = s0;
     vec row_sum = s0;  // label smoothing: sum_j z_j
@@ -738,9 +748,8 @@ struct RowForward {
       const vec y0 = Units::arg(x0, shift), y1 = Units::arg(x1, shift), y2 = Units::arg(x2, shift),
                 y3 = Units::arg(x3, shift);
       const vec e0 = Units::exp_arg(y0), e1 = Units::exp_arg(y1), e2 = Units::exp_arg(y2), e3 = Units::exp_arg(y3);
-      const vec zero = splat<vec>(acc_t(0));
-      t0 += e0 * (e0 != 0 ? y0 : zero) + e1 * (e1 != 0 ? y1 : zero);
-      t1 += e2 * (e2 != 0 ? y2 : zero) + e3 * (e3 != 0 ? y3 : zero);
+      t0 += e0 * y0 + e1 * y1;
+      t1 += e2 * y2 + e3 * y3;
       if constexpr (kKeep) {
         storeu(keep_exp + j0, e0), storeu(keep_exp + j0 + W, e1);
         storeu(keep_exp + j0 + 2 * W, e2), storeu(keep_exp + j0 + 3 * W, e3);
