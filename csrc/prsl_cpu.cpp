@@ -29,7 +29,10 @@
 //   in both passes of the forward and in the backward (which also multiplies by the
 //   cap's slope 1 - tanh^2); label smoothing adds one per-row sum of z to pass 1 and
 //   a constant -eps/V per column to the backward; z-loss only uses lse.
-// The sixth stat, `correct`, is 1 where z_s equals the row maximum (pass 1's max).
+// The sixth stat, `correct`, is 1 where z_s equals the row maximum (pass 1's max). The
+// seventh, `entropy` H = -sum_j p_j log p_j, comes from pass 1 too: beside the online sum
+// S = sum_j e_j, e_j = exp(z_j - shift), a third sum T = sum_j e_j (z_j - shift) (rescaled
+// with S when the shift moves), and H = log S - T / S.
 //
 // Arithmetic is float32 (float64 for float64 logits). Each row is reduced by one
 // thread in a fixed order, so results are bit-identical across runs and thread
@@ -76,9 +79,9 @@
 namespace prsl_cpu {
 namespace {
 
-// Column order of the (N, 6) row statistics: mirrors ROW_STATS in prsl_kernels/spec.py.
-constexpr int64_t kNumRowStats = 6;
-enum RowStat : int { kLse = 0, kTau = 1, kDist = 2, kSpreadSum = 3, kTieCount = 4, kCorrect = 5 };
+// Column order of the (N, 7) row statistics: mirrors ROW_STATS in prsl_kernels/spec.py.
+constexpr int64_t kNumRowStats = 7;
+enum RowStat : int { kLse = 0, kTau = 1, kDist = 2, kSpreadSum = 3, kTieCount = 4, kCorrect = 5, kEntropy = 6 };
 
 // The options (spec, "Options"), 0 meaning off.
 struct Options {
@@ -168,10 +171,13 @@ PRSL_INLINE vfloat clamp_below(vfloat x, vfloat lo) {
 constexpr float kLog2e = 1.44269504088896341f;
 constexpr double kLn2 = 0.693147180559945309;
 
-template <bool kCoarse = false>
+// kClamped: the caller has already raised t to kExp2Floor (pass 1, which reuses the raised t).
+constexpr float kExp2Floor = -127.0f;  // 2^t is exactly 0 at and below it
+
+template <bool kCoarse = false, bool kClamped = false>
 PRSL_INLINE vfloat vexp2(vfloat t) {
   const float magic = 12583039.0f;  // 1.5 * 2^23 + 127
-  const vfloat tc = clamp_below(t, splat<vfloat>(-127.0f));
+  const vfloat tc = kClamped ? t : clamp_below(t, splat<vfloat>(kExp2Floor));
   const vfloat rounded = tc + magic;
   const vfloat f = tc - (rounded - magic);
   vfloat q;
@@ -481,7 +487,16 @@ struct ShiftUnits<float, kCoarse> {
   static float of(float m) { return m * kLog2e; }
   static float rescale(float from, float to) { return std::exp2(from - to); }  // sums at `from` to `to`
   static PRSL_INLINE vfloat exp(vfloat x, float s) { return vexp2<kCoarse>(x * kLog2e - s); }
+  // The same exp in two steps, for pass 1's entropy sum: its argument y = (x - shift) in the
+  // lanes' units (here log2 e (x - m)), raised to the floor where the exp is exactly 0 (so a -inf
+  // logit gives e y = 0, not 0 * -inf; NaN stays NaN), then the exp of that y.
+  static PRSL_INLINE vfloat arg(vfloat x, float s) { return clamp_below(x * kLog2e - s, splat<vfloat>(kExp2Floor)); }
+  static PRSL_INLINE vfloat exp_arg(vfloat y) { return vexp2<kCoarse, true>(y); }
   static double natural(float s) { return static_cast<double>(s) * kLn2; }
+  // Entropy from S = sum e and T = sum e y (y in the lanes' units): log S - (T / S) ln 2.
+  static float entropy(float sum, float t) {
+    return static_cast<float>(std::log(static_cast<double>(sum)) - static_cast<double>(t) / sum * kLn2);
+  }
   static float lse(float s, float sum) { return static_cast<float>(natural(s) + std::log(static_cast<double>(sum))); }
   // exp(x - c) for a row constant c (the backward's lse): c log2 e split into hi + lo, so the
   // argument is as exact as pass 1's.
@@ -497,7 +512,14 @@ struct ShiftUnits<double, kCoarse> {
   static double of(double m) { return m; }
   static double rescale(double from, double to) { return std::exp(from - to); }
   static PRSL_INLINE vdouble exp(vdouble x, double s) { return vexp(x - s); }
+  // As above; exp underflows to exactly 0 below about -745 (NaN kept: NaN < floor is false).
+  static PRSL_INLINE vdouble arg(vdouble x, double s) {
+    const vdouble y = x - s, floor = splat<vdouble>(-2048.0);
+    return y < floor ? floor : y;
+  }
+  static PRSL_INLINE vdouble exp_arg(vdouble y) { return vexp(y); }
   static double natural(double s) { return s; }
+  static double entropy(double sum, double t) { return std::log(sum) - t / sum; }
   static double lse(double s, double sum) { return s + std::log(sum); }
   static void split(double c, double& hi, double& lo) { hi = c, lo = 0; }
   static PRSL_INLINE vdouble exp(vdouble x, double hi, double) { return vexp(x - hi); }
@@ -669,7 +691,7 @@ struct RowForward {
     return kth_largest(seg, groups, k + 1, granule);
   }
 
-  // Computes loss and (lse, tau, D, S, |T|, correct) of one counted row. kCap: soft-cap
+  // Computes loss and (lse, tau, D, S, |T|, correct, entropy) of one counted row. kCap: soft-cap
   // every logit first; kSmooth: also sum the (capped) row for label smoothing.
   // kKeep (forward_grad): also leave pass 1's exponentials in keep_exp (BLOCK per block, in the
   // lanes' order) and the shift they were taken against in keep_shift (one per block), so that the
@@ -690,8 +712,12 @@ struct RowForward {
     // latency). The shift moves only when a block beats the running max (about
     // log V times per row on real data), so a block costs 4 exps and one compare.
     // shift stays 0 while nothing finite was seen: exp(-inf - 0) = 0, NaN stays NaN.
+    // Entropy: t0 + t1 = T = sum_j e_j y_j, y_j the exp's argument (z_j - shift, in the lanes'
+    // units); when the shift moves by d = old - new, T = factor (T + d S) with S the old sum.
+    // A -inf logit adds 0: Units::arg raises y to where e is exactly 0 (the clamp the exp needs
+    // anyway, so T costs one FMA per vector).
     acc_t run_max = -kInf, shift = 0;
-    vec s0 = splat<vec>(acc_t(0)), s1 = s0, s2 = s0, s3 = s0;
+    vec s0 = splat<vec>(acc_t(0)), s1 = s0, s2 = s0, s3 = s0, t0 = s0, t1 = s0;
     vec row_sum = s0;  // label smoothing: sum_j z_j
     for_each_block<kCap>(z, V, [&](int64_t j0, vec x0, vec x1, vec x2, vec x3) __attribute__((always_inline)) {
       if constexpr (kSmooth) {
@@ -713,11 +739,17 @@ struct RowForward {
         const acc_t new_shift = Units::of(new_max);
         // Rescales the earlier terms; 0 (not exp(0 - new)) when none was finite.
         const acc_t factor = run_max == -kInf ? acc_t(0) : Units::rescale(shift, new_shift);
+        // d S added lane-wise into T before the rescale (T and S lanes pair up: t0 with s0 + s1).
+        const acc_t moved = run_max == -kInf ? acc_t(0) : shift - new_shift;
+        t0 = (t0 + moved * (s0 + s1)) * factor, t1 = (t1 + moved * (s2 + s3)) * factor;
         s0 = s0 * factor, s1 = s1 * factor, s2 = s2 * factor, s3 = s3 * factor;
         run_max = new_max, shift = new_shift;
       }
-      const vec e0 = Units::exp(x0, shift), e1 = Units::exp(x1, shift), e2 = Units::exp(x2, shift),
-                e3 = Units::exp(x3, shift);
+      const vec y0 = Units::arg(x0, shift), y1 = Units::arg(x1, shift), y2 = Units::arg(x2, shift),
+                y3 = Units::arg(x3, shift);
+      const vec e0 = Units::exp_arg(y0), e1 = Units::exp_arg(y1), e2 = Units::exp_arg(y2), e3 = Units::exp_arg(y3);
+      t0 += e0 * y0 + e1 * y1;
+      t1 += e2 * y2 + e3 * y3;
       if constexpr (kKeep) {
         storeu(keep_exp + j0, e0), storeu(keep_exp + j0 + W, e1);
         storeu(keep_exp + j0 + 2 * W, e2), storeu(keep_exp + j0 + 3 * W, e3);
@@ -732,6 +764,12 @@ struct RowForward {
     acc_t sum = 0;
     for (int i = 0; i < W; ++i) sum += total[i];
     const acc_t lse = Units::lse(shift, sum);
+    const vec t_lanes = t0 + t1;
+    acc_t t_sum = 0;
+    for (int i = 0; i < W; ++i) t_sum += t_lanes[i];
+    // A row of -inf only: S = 0 and lse = -inf (its loss is NaN, as torch's); the entropy is NaN
+    // with it (log 0 - 0 / 0). NaN or +inf in the row: NaN, as lse.
+    const acc_t entropy = Units::entropy(sum, t_sum);
     acc_t z_target = static_cast<acc_t>(z[target]);
     if constexpr (kCap) z_target = softcap_one<vec>(z_target, cap);
 
@@ -828,6 +866,7 @@ struct RowForward {
     stats[kSpreadSum] = spread;
     stats[kTieCount] = ties;
     stats[kCorrect] = lse == lse && z_target >= run_max ? acc_t(1) : acc_t(0);
+    stats[kEntropy] = entropy;
   }
 };
 

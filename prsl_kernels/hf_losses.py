@@ -57,7 +57,7 @@ class PRSLTokenLoss:
     assert, no host sync). Off, such a label gives a NaN loss (Triton) or an error from
     the kernel (C++).
 
-    The running sums (``ce_sum``, ``penalty_sum``, ``tokens``, correct tokens) are
+    The running sums (``ce_sum``, ``penalty_sum``, ``tokens``, correct tokens, entropy) are
     device tensors, accumulated without host syncs; :meth:`pop_stats` reads and
     resets them.
     """
@@ -89,11 +89,13 @@ class PRSLTokenLoss:
                                                          ignore_index=self.ignore_index, reduction="sum")
             loss_sum = loss_sum.to(stats_dtype(logits.dtype))  # the loss dtype of prsl_loss
             count = (targets != self.ignore_index).sum()
-            self._record(loss_sum, loss_sum.new_zeros(()), count, self._correct_sum(logits, targets))
+            self._record(loss_sum, loss_sum.new_zeros(()), count, self._correct_sum(logits, targets),
+                         self._entropy_sum(logits, targets))
             return _normalise(loss_sum, count, num_items_in_batch)
         if self.variant == "released":
             loss_sum, ce_sum, penalty_sum, count = self._released(logits, targets)
             correct_sum = self._correct_sum(logits, targets)
+            entropy_sum = self._entropy_sum(logits, targets)
             loss = _normalise(loss_sum, count, num_items_in_batch)
         else:
             counted = (targets != self.ignore_index).reshape(-1)
@@ -109,7 +111,8 @@ class PRSLTokenLoss:
             loss_sum = torch.where(count > 0, loss.detach() * torch.as_tensor(denom).to(loss.device), 0.0)
             ce_sum = loss_sum - penalty_sum
             correct_sum = stats.correct.sum()  # 0 on ignored rows
-        self._record(ce_sum, penalty_sum, count, correct_sum)
+            entropy_sum = stats.entropy.sum()  # 0 on ignored rows
+        self._record(ce_sum, penalty_sum, count, correct_sum, entropy_sum)
         return loss
 
     def _targets(self, labels, device, vocab, aligned):
@@ -132,6 +135,14 @@ class PRSLTokenLoss:
             z_s = flat.gather(1, torch.where(counted, t, 0)[:, None]).squeeze(1)
             return ((z_s >= flat.max(-1).values) & counted).sum()
 
+    def _entropy_sum(self, logits, targets):
+        """The counted rows' softmax entropies, as ``RowStats.entropy``, for the paths that do not
+        run the fused kernels: one forward of the fused kernel with k = 0 (O(N) memory, no graph)."""
+        with torch.no_grad():
+            _, stats = prsl_loss(logits.detach(), targets, 0, 0.0, ignore_index=self.ignore_index,
+                                 reduction="none", backend=self.backend, check_target=False, return_stats=True)
+            return stats.entropy.sum()  # 0 on ignored rows
+
     def _released(self, logits, targets):
         from reference import prsl_released_loss_reference
 
@@ -149,20 +160,23 @@ class PRSLTokenLoss:
         loss_sum = ce_sum + penalty_batch * count
         return loss_sum, ce_sum.detach(), (penalty_batch * count).detach(), count
 
-    def _record(self, ce_sum, penalty_sum, count, correct_sum):
+    def _record(self, ce_sum, penalty_sum, count, correct_sum, entropy_sum):
         vals = torch.stack([ce_sum.detach().float(), torch.as_tensor(penalty_sum).detach().float().to(ce_sum.device),
-                            count.detach().float().to(ce_sum.device), correct_sum.detach().float().to(ce_sum.device)])
+                            count.detach().float().to(ce_sum.device), correct_sum.detach().float().to(ce_sum.device),
+                            entropy_sum.detach().float().to(ce_sum.device)])
         self._sums = vals if self._sums is None else self._sums + vals
 
     def pop_stats(self) -> dict | None:
-        """``{"ce": mean CE, "penalty": mean b*D, "tokens": n, "accuracy": token accuracy}`` since
-        the last call (None if no call). Accuracy: the target's logit is the row maximum (ties count)."""
+        """``{"ce": mean CE, "penalty": mean b*D, "tokens": n, "accuracy": token accuracy, "entropy": mean
+        softmax entropy}`` since the last call (None if no call). Accuracy: the target's logit is the
+        row maximum (ties count); entropy: ``RowStats.entropy`` (of the soft-capped logits with
+        ``softcap``) averaged over the counted tokens."""
         if self._sums is None:
             return None
-        ce, pen, n, correct = self._sums.tolist()
+        ce, pen, n, correct, entropy = self._sums.tolist()
         self._sums = None
         n = max(n, 1.0)
-        return {"ce": ce / n, "penalty": pen / n, "tokens": int(n), "accuracy": correct / n}
+        return {"ce": ce / n, "penalty": pen / n, "tokens": int(n), "accuracy": correct / n, "entropy": entropy / n}
 
 
 def prsl_loss_function(k: int, b: float, *, shift: bool = True, ignore_index: int = IGNORE_INDEX,
@@ -243,7 +257,7 @@ class PRSLLinearTokenLoss(PRSLTokenLoss):
         counted = (targets != self.ignore_index).reshape(-1)
         penalty_sum = self.b * (stats.dist * counted).sum() if self.k and self.b else loss_sum.new_zeros(())
         count = counted.sum()
-        self._record(loss_sum.detach() - penalty_sum, penalty_sum, count, stats.correct.sum())
+        self._record(loss_sum.detach() - penalty_sum, penalty_sum, count, stats.correct.sum(), stats.entropy.sum())
         return _normalise(loss_sum, count, num_items_in_batch)
 
 

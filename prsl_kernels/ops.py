@@ -4,7 +4,8 @@ dispatch by device (C++ on CPU, Triton on CUDA) and trace under
 
     prsl::forward(logits[N, V], target[N] int64, k, b, ignore_index,
                   label_smoothing, z_loss, softcap)
-        -> (loss_rows[N], row_stats[N, NUM_ROW_STATS])      (stats dtype)
+        -> (loss_rows[N], row_stats[N, NUM_ROW_STATS])      (stats dtype; columns
+           spec.ROW_STATS: lse, tau, dist, spread_sum, tie_count, correct, entropy)
     prsl::backward(grad_rows[N], logits, target, row_stats, b, ignore_index,
                    label_smoothing, z_loss, softcap)
         -> grad_logits[N, V]                                 (logits dtype)

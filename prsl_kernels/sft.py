@@ -13,7 +13,8 @@ VLM collators) and takes the loss from the model, which :func:`apply_prsl` has m
 ``prsl``: the keyword arguments of :func:`apply_prsl` (``fused_linear=True`` by default: no logits
 are built). Without it the model must already be patched. TRL's own loss choices that would
 silently replace PRSL (``loss_type="dft"``, ``label_smoothing_factor``, ``compute_loss_func``)
-are refused. The logs gain ``ce``, ``penalty`` (mean ``b * D``) and ``mean_token_accuracy``.
+are refused. The logs gain ``ce``, ``penalty`` (mean ``b * D``), ``mean_token_accuracy`` and ``entropy``
+(the mean softmax entropy of the counted tokens).
 """
 
 from __future__ import annotations
@@ -64,7 +65,7 @@ class PRSLSFTTrainer(SFTTrainer):
         if stats is not None:
             prefix = "eval_" if next(iter(logs), "").startswith("eval_") else ""
             logs.update({f"{prefix}ce": stats["ce"], f"{prefix}penalty": stats["penalty"],
-                         f"{prefix}mean_token_accuracy": stats["accuracy"]})
+                         f"{prefix}mean_token_accuracy": stats["accuracy"], f"{prefix}entropy": stats["entropy"]})
         super().log(logs, start_time)
 
 

@@ -68,7 +68,11 @@ the backward, which also multiplies by the slope ``1 - tanh^2``; the padding of
 masked tiles stays -inf); SMOOTH adds one per-group (per-block) sum of z to the
 first pass and ``-eps/V`` to every gradient column; ZLOSS adds ``lam lse^2`` to
 the loss and ``2 lam lse p_j`` to the gradient. The sixth stat, ``correct``,
-compares z_s with the row maximum the first pass already has.
+compares z_s with the row maximum the first pass already has. The seventh,
+``entropy`` H = -sum_j p_j log p_j, comes from the first pass too: beside each
+online max m and sum s = sum_j e_j (e_j = exp(z_j - m)) a third sum
+t = sum_j e_j (z_j - m), rescaled as t <- a (t + (m_old - m_new) s) with
+a = exp(m_old - m_new) when m grows; then H = log S - T / S for the row's S, T.
 
 A target that is neither ``ignore_index`` nor in ``[0, V)`` (possible with
 ``check_target=False``) is never dereferenced: that row's loss and lse are NaN,
@@ -86,7 +90,7 @@ import triton
 import triton.language as tl
 
 from . import ops
-from .spec import CORRECT, DIST, LSE, NUM_ROW_STATS, SPREAD_SUM, TAU, TIE_COUNT, stats_dtype
+from .spec import CORRECT, DIST, ENTROPY, LSE, NUM_ROW_STATS, SPREAD_SUM, TAU, TIE_COUNT, stats_dtype
 
 # The top-k buffer sizes: k uses the smallest one holding k + 1 values (the
 # extra slot detects ties past tau in the exact kernel). Buffers up to
@@ -97,9 +101,10 @@ MAX_K = TOPK_BUFFER_SIZES[-1] - 1
 
 # The row-stats columns (spec.py), visible inside the kernels.
 _NUM_STATS = tl.constexpr(NUM_ROW_STATS)
-_LSE, _TAU, _DIST, _SPREAD, _TIES, _CORRECT = (tl.constexpr(c) for c in (LSE, TAU, DIST, SPREAD_SUM, TIE_COUNT,
-                                                                        CORRECT))
+_LSE, _TAU, _DIST, _SPREAD, _TIES, _CORRECT, _ENTROPY = (tl.constexpr(c) for c in (LSE, TAU, DIST, SPREAD_SUM,
+                                                                                  TIE_COUNT, CORRECT, ENTROPY))
 _LOG2E = tl.constexpr(1.4426950408889634)
+_LN2 = tl.constexpr(0.6931471805599453)
 
 
 # ----------------------------------------------------------------------------
@@ -155,10 +160,10 @@ def _softcap(x, cap):
 
 
 @triton.jit
-def _pass1_tile(tile_ptr, pos, offs, V, m, s, zs, cap, MASKED: tl.constexpr, SOFTCAP: tl.constexpr,
+def _pass1_tile(tile_ptr, pos, offs, V, m, s, h, zs, cap, MASKED: tl.constexpr, SOFTCAP: tl.constexpr,
                 SMOOTH: tl.constexpr, acc: tl.constexpr, USE_EXP2: tl.constexpr):
     # One tile of the first pass: loads (capped when SOFTCAP, padding kept at -inf),
-    # the group log-sum-exp and, for SMOOTH, the group sums of z.
+    # the group log-sum-exp with its entropy sum and, for SMOOTH, the group sums of z.
     raw = _load_tile(tile_ptr, pos, offs, V, MASKED)
     if SOFTCAP:
         x = _softcap(raw.to(acc), cap)
@@ -170,8 +175,8 @@ def _pass1_tile(tile_ptr, pos, offs, V, m, s, zs, cap, MASKED: tl.constexpr, SOF
         if MASKED:
             x = tl.where((pos >= 0) & (pos < V), x, 0.0)
         zs += tl.sum(x, axis=1)
-    m, s = _group_lse_step(raw, m, s, acc, USE_EXP2)
-    return m, s, zs
+    m, s, h = _group_lse_step(raw, m, s, h, acc, USE_EXP2)
+    return m, s, h, zs
 
 
 @triton.jit
@@ -195,20 +200,43 @@ def _stats_vector(stat_cols, lse, tau, dist, spread, tie_count):
 
 
 @triton.jit
-def _group_lse_step(raw, m, s, acc: tl.constexpr, USE_EXP2: tl.constexpr):
+def _group_lse_step(raw, m, s, h, acc: tl.constexpr, USE_EXP2: tl.constexpr):
     # Per-group online log-sum-exp; the reductions run along VEC, inside one
     # thread. While a group holds only -inf, shift by 0 so exp(-inf - -inf)
     # never makes a nan; +inf still gives nan (as torch).
+    # h = sum_j e_j y_j, y_j the exp's argument (z_j - m, in base-2 units with USE_EXP2), for the
+    # entropy: when m moves, h <- a (h + d s) with d the old shift minus the new in those units
+    # (0 while the group held only -inf: then s = h = 0). A term whose e is 0 (a -inf logit, y
+    # = -inf) adds 0, not 0 * -inf.
     x = raw.to(acc)
     m_new = tl.maximum(m, tl.max(x, axis=1))
     shift = tl.where(m_new == float("-inf"), 0.0, m_new)
+    moved = tl.where(m == float("-inf"), 0.0, m - shift)
     if USE_EXP2:
         # exp(x - shift) = 2^(x log2e - shift log2e): one FMA and one ex2 per logit.
         shift2 = shift * _LOG2E
-        s = s * tl.exp2((m - shift) * _LOG2E) + tl.sum(tl.exp2(x * _LOG2E - shift2[:, None]), axis=1)
+        a = tl.exp2((m - shift) * _LOG2E)
+        y = x * _LOG2E - shift2[:, None]
+        moved = moved * _LOG2E
     else:
-        s = s * tl.exp(m - shift) + tl.sum(tl.exp(x - shift[:, None]), axis=1)
-    return m_new, s
+        a = tl.exp(m - shift)
+        y = x - shift[:, None]
+    e = tl.exp2(y) if USE_EXP2 else tl.exp(y)
+    h = a * (h + moved * s) + tl.sum(e * tl.where(e == 0.0, 0.0, y), axis=1)
+    s = s * a + tl.sum(e, axis=1)
+    return m_new, s, h
+
+
+@triton.jit
+def _row_entropy(m, s, h, shift, USE_EXP2: tl.constexpr):
+    # H = log S - T / S of the row from its groups' (m, s, h), everything rescaled to the row's
+    # shift (a group of -inf only has s = h = 0 and adds 0).
+    a = tl.exp(m - shift)
+    moved = tl.where(m == float("-inf"), 0.0, m - shift)
+    if USE_EXP2:
+        h = h * _LN2
+    total = tl.sum(s * a, axis=0)
+    return tl.log(total) - tl.sum(a * (h + moved * s), axis=0) / total
 
 
 @triton.jit
@@ -312,18 +340,21 @@ def _prsl_forward_kernel(
     cap = tl.cast(cap_hi, acc) + tl.cast(cap_lo, acc)
     m = tl.full([GROUPS], float("-inf"), acc)
     s = tl.zeros([GROUPS], acc)
+    h = tl.zeros([GROUPS], acc)  # entropy: group sums of e_j y_j (_group_lse_step)
     zs = tl.zeros([GROUPS], acc)  # SMOOTH: group sums of z
-    m, s, zs = _pass1_tile(tile0, offs - lead, offs, V, m, s, zs, cap, True, SOFTCAP, SMOOTH, acc, USE_EXP2)
+    m, s, h, zs = _pass1_tile(tile0, offs - lead, offs, V, m, s, h, zs, cap, True, SOFTCAP, SMOOTH, acc, USE_EXP2)
     for t in range(1, n_tiles - 1):
-        m, s, zs = _pass1_tile(tile0 + t * TILE, offs, offs, V, m, s, zs, cap, False, SOFTCAP, SMOOTH, acc,
-                               USE_EXP2)
+        m, s, h, zs = _pass1_tile(tile0 + t * TILE, offs, offs, V, m, s, h, zs, cap, False, SOFTCAP, SMOOTH, acc,
+                                  USE_EXP2)
     if n_tiles > 1:
         last = (n_tiles - 1) * TILE
-        m, s, zs = _pass1_tile(tile0 + last, last + offs - lead, offs, V, m, s, zs, cap, True, SOFTCAP, SMOOTH,
-                               acc, USE_EXP2)
+        m, s, h, zs = _pass1_tile(tile0 + last, last + offs - lead, offs, V, m, s, h, zs, cap, True, SOFTCAP,
+                                  SMOOTH, acc, USE_EXP2)
     m_row = tl.max(m, axis=0)
     shift = tl.where(m_row == float("-inf"), 0.0, m_row)
     lse = shift + tl.log(tl.sum(s * tl.exp(m - shift), axis=0))
+    # Stored now, like correct below: nothing of h stays live across the selection.
+    tl.store(stats_row + _ENTROPY, _row_entropy(m, s, h, shift, USE_EXP2))
     z_target = tl.load(logits_ptr + row_off + target).to(acc)
     if SOFTCAP:
         z_target = _softcap(z_target, cap)
@@ -414,7 +445,7 @@ def _prsl_forward_kernel(
                          tl.cast(lam_hi, acc) + tl.cast(lam_lo, acc), SMOOTH, ZLOSS)
     tl.store(loss_ptr + row, loss)
     stats = _stats_vector(stat_cols, lse, tau, dist, spread, tie_count)
-    tl.store(stats_row + stat_cols, stats, mask=stat_cols < _CORRECT)  # correct: stored above
+    tl.store(stats_row + stat_cols, stats, mask=stat_cols < _CORRECT)  # correct, entropy: stored above
     if WRITE_GRAD:
         # In place (grad_ptr == logits_ptr) the gradient overwrites the row it is made from, and
         # the warps run unsynchronised: only thread 0's z_target reaches the loss, and warp 0 may
@@ -494,6 +525,7 @@ def _prsl_forward_exact_kernel(
     cols = tl.arange(0, BLOCK_V)
     m = tl.full([], float("-inf"), acc)
     s = tl.full([], 0.0, acc)
+    h = tl.full([], 0.0, acc)  # entropy: sum_j e_j (z_j - m), as in _group_lse_step
     slots = tl.arange(0, KP)
     scratch_row = scratch_ptr + row * KP
     top = tl.full([KP], float("-inf"), acc)
@@ -512,7 +544,12 @@ def _prsl_forward_exact_kernel(
             z_sum += tl.sum(tl.where(idx < V, x, 0.0), axis=0)
         m_new = tl.maximum(m, tl.max(x, axis=0))
         shift = tl.where(m_new == float("-inf"), 0.0, m_new)
-        s = s * tl.exp(m - shift) + tl.sum(tl.exp(x - shift), axis=0)
+        a = tl.exp(m - shift)
+        y = x - shift
+        e = tl.exp(y)
+        moved = tl.where(m == float("-inf"), 0.0, m - shift)
+        h = a * (h + moved * s) + tl.sum(e * tl.where(e == 0.0, 0.0, y), axis=0)
+        s = s * a + tl.sum(e, axis=0)
         m = m_new
         xs = tl.where(idx == target, float("-inf"), x)
         cand = xs > thr
@@ -526,6 +563,7 @@ def _prsl_forward_exact_kernel(
             thr = tl.min(top, axis=0)
 
     lse = m + tl.log(s)
+    tl.store(stats_row + _ENTROPY, tl.log(s) - h / s)
     # Loaded last: held across the loop it is the one value ptxas spills.
     z_target = tl.load(row_ptr + target).to(acc)
     if SOFTCAP:
@@ -553,7 +591,7 @@ def _prsl_forward_exact_kernel(
                      tl.cast(lam_hi, acc) + tl.cast(lam_lo, acc), SMOOTH, ZLOSS) + b * dist
     tl.store(loss_ptr + row, loss)
     stats = _stats_vector(stat_cols, lse, tau, dist, spread, tie_count)
-    tl.store(stats_row + stat_cols, stats, mask=stat_cols < _CORRECT)  # correct: stored above
+    tl.store(stats_row + stat_cols, stats, mask=stat_cols < _CORRECT)  # correct, entropy: stored above
     if WRITE_GRAD:
         # Every read of the row (z_target, the tie recount) before any warp's in-place store:
         # as in the two-pass kernel.
@@ -1215,7 +1253,10 @@ def _forward_torch(logits, target, k, b, ignore_index, options=(0.0, 0.0, 0.0), 
         dist = (u * u).sum(-1).sqrt()
         ties = (z == tau[:, None]).sum(-1) - (z_target == tau).long()
         correct = ((z_target >= z.max(-1).values) & (lse == lse)).to(acc)
-        stats = torch.stack([lse, tau, dist, spread, ties.to(acc), correct], dim=1)
+        log_p = z - lse[:, None]  # entropy: a -inf logit (p = 0) adds 0, not 0 * -inf
+        p = torch.exp(log_p)
+        entropy = torch.where(p == 0, torch.zeros_like(p), -p * log_p).sum(-1)
+        stats = torch.stack([lse, tau, dist, spread, ties.to(acc), correct, entropy], dim=1)
         ce = lse - z_target
         if eps > 0:
             ce = (1 - eps) * ce + eps * (lse - z.mean(-1))

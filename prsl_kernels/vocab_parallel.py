@@ -10,14 +10,15 @@ logits (spec, "Per token"; ``e_j = exp(z_j - M)``, ``e_tau = exp(tau - M)``):
              (a shard with fewer pads -inf: an element of the global top k is  } and rank
              always within its own shard's top k, so the union holds them all)
     sumexp = sum_j e_j                  lse = M + log(sumexp)                  } one all-reduce of
-    S'     = sum_{j in A} (e_j - e_tau)        S = S' / sumexp                 } 6 numbers per row
+    S'     = sum_{j in A} (e_j - e_tau)        S = S' / sumexp                 } 7 numbers per row
     Q'     = sum_{j in A} (e_j - e_tau)^2      D = sqrt(Q') / sumexp           }
+    T'     = sum_j e_j (z_j - M)               H = log(sumexp) - T' / sumexp   }
     |T|, z_s (from the shard holding s), sum_j z_j (label smoothing)           }
 
 because ``u_j = p_j - p_min = (e_j - e_tau) / sumexp``: once M and tau are known, every sum the penalty
-needs is local, and A (fewer than k logits, each above everything else) lies within the shard's own k
+(and the entropy H, whose shard sums T' are taken against the global M: no rescaling) needs is local, and A (fewer than k logits, each above everything else) lies within the shard's own k
 candidates, so only the sum of ``e_j`` and the count of T take a pass over the shard. Per block of rows
-that is an all-gather of ``(k + 1) * world`` and an all-reduce of 6 numbers per row, never ``V``. A
+that is an all-gather of ``(k + 1) * world`` and an all-reduce of 7 numbers per row, never ``V``. A
 NaN or +inf logit reaches M, so its row's lse and loss are NaN (as torch). Each shard's gradient then
 follows from the spec's closed form on its own columns (``_block_grad``) and the replicated row
 statistics: with ``reduction="mean"``/``"sum"`` it is written in the forward (the backward only scales
@@ -65,7 +66,7 @@ else:  # a torch built without distributed: nothing can be a DTensor
 BLOCK_BYTES = 8 << 20
 _MIN_BLOCK_ROWS = 8
 # Columns of the all-reduced block: everything a row needs once M and tau are known.
-_SUMEXP, _SPREAD, _SQUARES, _TIES, _Z_TARGET, _Z_SUM = range(6)
+_SUMEXP, _SPREAD, _SQUARES, _TIES, _Z_TARGET, _Z_SUM, _ENTROPY_SUM = range(7)
 
 
 def is_dtensor(x) -> bool:
@@ -139,8 +140,11 @@ def _block_stats(block, target, shard, k, b, ignore_index, options, keep_parts=F
     # 2. Every sum, local once M and tau are known: one all-reduce. A lies within the candidates.
     shift = torch.where(top == float("-inf"), 0.0, top)  # all -inf: lse = -inf, as torch
     e = torch.sub(z, shift[:, None]).exp_()
-    sums = torch.zeros((rows, 6), dtype=acc, device=z.device)
+    sums = torch.zeros((rows, 7), dtype=acc, device=z.device)
     sums[:, _SUMEXP] = e.sum(-1)
+    # Entropy: T = sum_j e_j (z_j - M) against the global maximum M already, so the shards' T add up
+    # in the same all-reduce (no rescaling). A -inf logit (e = 0) adds 0, not 0 * -inf.
+    sums[:, _ENTROPY_SUM] = torch.sub(z, shift[:, None]).masked_fill_(e == 0, 0.0).mul_(e).sum(-1)
     d = None
     if k and width:
         above, ties = _select(z_nt, candidates, tau, column, here)
@@ -166,7 +170,8 @@ def _block_stats(block, target, shard, k, b, ignore_index, options, keep_parts=F
         ce = lse - z_target
     loss = torch.where(counted, ce + b * distance, 0.0)
     correct = ((z_target >= top) & (lse == lse)).to(acc)
-    stats = torch.stack([lse, tau, distance, spread, sums[:, _TIES], correct], 1)
+    entropy = torch.log(sumexp) - sums[:, _ENTROPY_SUM] / sumexp
+    stats = torch.stack([lse, tau, distance, spread, sums[:, _TIES], correct, entropy], 1)
     stats = torch.where(counted[:, None], stats, 0.0)  # as the fused kernels
     if not keep_parts:
         return loss, stats, None

@@ -74,7 +74,7 @@ def _reduce(loss_rows, counted, reduction, shape):
 
 def loss_rows_reference(logits, target, k, b, ignore_index=IGNORE_INDEX, *, label_smoothing=0.0, z_loss=0.0,
                         softcap=None):
-    """Flat per-row loss (0 on ignored rows) and the six row statistics (spec.ROW_STATS order).
+    """Flat per-row loss (0 on ignored rows) and the row statistics (spec.ROW_STATS order).
 
     Without options the loss is ``CE + b * D``; with them (spec, "Options"), on the
     soft-capped logits, ``(1 - eps) CE + eps (lse - mean_j z_j) + lam lse^2 + b * D``.
@@ -89,7 +89,20 @@ def loss_rows_reference(logits, target, k, b, ignore_index=IGNORE_INDEX, *, labe
         ce = lse - z_target
     loss_rows = torch.where(counted, ce + b * dist, torch.zeros_like(lse))
     correct = torch.where(counted, correct, torch.zeros_like(correct))
-    return loss_rows, (lse, tau, dist, spread, ties, correct)
+    entropy = torch.where(counted, entropy_reference(z.detach(), lse.detach()), torch.zeros_like(lse))
+    return loss_rows, (lse, tau, dist, spread, ties, correct, entropy)
+
+
+def entropy_reference(z, lse):
+    """``-sum_j p_j log p_j`` per row of (capped) logits ``z`` with log-sum-exp ``lse``.
+
+    ``log p_j = z_j - lse`` (not ``log(p_j)``, which loses the small p's digits); a ``-inf`` logit
+    has ``p_j = 0`` and adds 0, not ``0 * -inf``. A NaN lse (NaN or +inf in the row) or an all
+    ``-inf`` row (p = 0 / 0) gives NaN.
+    """
+    log_p = z - lse[:, None]
+    p = torch.exp(log_p)
+    return torch.where(p == 0, torch.zeros_like(p), -p * log_p).sum(-1)
 
 
 def prsl_loss_reference(logits, target, k, b, ignore_index=IGNORE_INDEX, reduction="mean", *, label_smoothing=0.0,
@@ -162,5 +175,6 @@ __all__ = [
     "loss_rows_reference",
     "prsl_loss_reference",
     "grad_closed_form",
+    "entropy_reference",
     "prsl_released_loss_reference",
 ]

@@ -9,6 +9,14 @@ equal probabilities is ill-conditioned in any precision). The gradient is then
 rounded once to the logits' dtype. The oracle computes the same formulas in
 float64 on the same (already rounded) logit values, so both sides agree on every
 tie, on A and T, and on tau exactly.
+
+The row statistics (``Oracle.stats``): tau, |T| and ``correct`` are selections of
+those values, hence equal; lse is held to the cross-entropy's bound; the entropy
+``H = log S - T / S`` (T / S = sum_j p_j (z_j - m), m the row maximum) to
+``eps * ((scale) (1 + H) + log(V + 1))``: each ``z_j - m`` is known to ``eps * scale``
+absolute and each weight ``p_j`` to ``eps * scale`` relative, so their p-weighted
+mean, which is at most H, to ``eps * scale * (1 + H)``; log S as lse. D and S are
+held through the loss and the gradient.
 """
 
 import math
@@ -48,7 +56,7 @@ class Oracle:
         self.dtype, self.vocab, self.k, self.b = logits.dtype, vocab, k, b
         self.counted = t != ignore_index
         lse, tau, dist, _, _, p, above, ties, _, _, _ = ref.row_stats_reference(z, t, k, ignore_index)
-        self.loss_rows = ref.loss_rows_reference(z, t, k, b, ignore_index)[0]
+        self.loss_rows, self.row_stats = ref.loss_rows_reference(z, t, k, b, ignore_index)
         self.grad_unit = ref.grad_closed_form(z, t, k, b, ignore_index).reshape(n, vocab)
         finite = torch.where(torch.isfinite(z), z.abs(), torch.zeros_like(z))
         scale = finite.amax(-1) + torch.where(torch.isfinite(lse), lse.abs(), torch.zeros_like(lse)) + 1.0
@@ -65,6 +73,34 @@ class Oracle:
         self.loss_tol = SLACK * eps * (scale + math.log(vocab + 1)) * (1.0 + abs(b) * math.sqrt(k + 1) * p_sel) \
             + SLACK * eps * self.loss_rows.abs()
         self.loss_tol = torch.where(self.counted, self.loss_tol, torch.zeros_like(self.loss_tol))
+        entropy = self.row_stats[-1]
+        self.entropy_tol = SLACK * eps * (scale * (1.0 + entropy.abs()) + math.log(vocab + 1))
+        self.lse_tol = SLACK * eps * (scale + math.log(vocab + 1))
+
+    def stats(self, got):
+        """The worst ``(ratio to tolerance, column name)`` of a backend's :class:`RowStats` on the
+        counted rows (ignored rows hold fillers: 0 in the kernels). tau / |T| only with a penalty
+        (k == 0 or b == 0 skips the selection: tau = +inf there)."""
+        from prsl_kernels.spec import ROW_STATS
+
+        rows = self.counted
+        exact = math.inf  # any difference in a selection fails
+        tolerances = {"lse": self.lse_tol, "entropy": self.entropy_tol, "correct": exact, "tau": exact,
+                      "tie_count": exact}
+        if not (self.k and self.b):
+            del tolerances["tau"], tolerances["tie_count"]
+        worst = (0.0, None)
+        for name, want in zip(ROW_STATS, self.row_stats):
+            if name not in tolerances:
+                continue  # dist, spread_sum: through the loss and the gradient
+            have = getattr(got, name)
+            if tolerances[name] is exact:
+                same = (have.double()[rows] == want[rows]) | (have.double()[rows].isnan() & want[rows].isnan())
+                ratio = 0.0 if bool(same.all()) else math.inf
+            else:
+                ratio = worst_ratio(have[rows], want[rows], tolerances[name][rows])[0]
+            worst = max(worst, (ratio, name), key=lambda x: x[0])
+        return worst
 
     def loss(self, reduction):
         """(loss, tolerance) for a reduction (float64)."""
@@ -106,19 +142,20 @@ def worst_ratio(got, want, tol):
     return float(ratio[i]), i
 
 
-def run_backend(backend, logits, target, k, b, reduction, upstream, inplace=False, ignore_index=-100):
+def run_backend(backend, logits, target, k, b, reduction, upstream, inplace=False, ignore_index=-100,
+                with_stats=False):
     """``(loss, grad)`` of ``prsl_loss(...).backward(upstream)`` on a fresh leaf holding ``logits``
-    (its memory layout kept: padded row strides stay padded)."""
+    (its memory layout kept: padded row strides stay padded); ``with_stats``: ``(loss, grad, RowStats)``."""
     from prsl_kernels import prsl_loss
 
     x = torch.empty_strided(logits.shape, logits.stride(), dtype=logits.dtype)
     with torch.no_grad():
         x.copy_(logits)
     x.requires_grad_(True)
-    loss = prsl_loss(x, target, k, b, ignore_index=ignore_index, reduction=reduction, backend=backend,
-                     inplace_backward=inplace)
+    loss, stats = prsl_loss(x, target, k, b, ignore_index=ignore_index, reduction=reduction, backend=backend,
+                            inplace_backward=inplace, return_stats=True)
     loss.backward(upstream)
-    return loss.detach(), x.grad
+    return (loss.detach(), x.grad, stats) if with_stats else (loss.detach(), x.grad)
 
 
 def row_weights(reduction, upstream, target, ignore_index=-100):

@@ -78,6 +78,8 @@ def test_tiny_vit_gpt2_trains_and_saves(tmp_path, loss):
     assert all(r["ce"] + r["penalty"] == pytest.approx(r["loss"], rel=1e-2) for r in rec)
     assert all((r["penalty"] > 0) == (loss == "prsl") for r in rec)
     assert all(0.0 <= r["accuracy"] <= 1.0 for r in rec)  # token accuracy (RowStats.correct)
+    # mean entropy (RowStats.entropy; its value against float64: tests/test_entropy.py)
+    assert rec and all(np.isfinite(r["entropy"]) and r["entropy"] > 0.0 for r in rec)
     info = json.loads((out / finetune.RUN_INFO).read_text())
     assert info["loss"] == {"name": loss, "k": 6 if loss == "prsl" else 0, "b": 1.0 if loss == "prsl" else 0.0,
                             "window_start": 0, "backend": "auto"}

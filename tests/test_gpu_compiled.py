@@ -17,6 +17,9 @@ Tolerances, and why:
   6e-8 relative on each partial sum); the loss is ``lse - z_s + ...`` and may cancel, so its
   error is measured against the row's lse: ``|loss - ref| <= 1e-5 * max(|lse|, 1)``, >= 10x the
   float32 rounding at these row lengths, and ~1e-4 of a typical loss.
+* Entropy ``H = log S - T / S`` (T / S = sum_j p_j (z_j - m)): log S as lse; T / S is a
+  p-weighted mean of exponents (at most H), each weight off by ex2.approx's 2^-22 and each exponent
+  by the float32 rounding of ``z_j log2 e - m log2 e``: the loss rows' bound times ``1 + H``.
 * tau, |T|, ``correct``: selections of input values that both sides see exactly: equal.
 * D and S: differences of probabilities (u = p - p_min), whose relative error grows as the
   top-k probabilities approach each other: 1e-4 normwise over the rows (benchmarks/gpu_check.py's
@@ -144,7 +147,7 @@ def compare(logits, target, k, b, *, loss_rows=None, stats=None, grad=None, grad
     total, lse_scale = 0.0, 1.0
     for rows in row_chunks(*logits.shape):
         z, t = logits[rows].double(), target[rows]
-        want_loss, (lse, tau, dist, spread, ties, correct) = ref.loss_rows_reference(z, t, k, b, **options)
+        want_loss, (lse, tau, dist, spread, ties, correct, entropy) = ref.loss_rows_reference(z, t, k, b, **options)
         counted = t != -100
         total += float(want_loss.sum())
         lse_scale = max(lse_scale, _abs_max(lse[counted]))
@@ -157,6 +160,7 @@ def compare(logits, target, k, b, *, loss_rows=None, stats=None, grad=None, grad
                 assert torch.equal(stats.tau[rows][counted].double(), tau[counted]), f"tau {rows}"
                 assert torch.equal(stats.tie_count[rows][counted].double(), ties[counted]), f"|T| {rows}"
             assert torch.equal(stats.correct[rows].double(), correct), f"correct {rows}"
+            check_close(stats.entropy[rows], entropy, 0.0, tol * (1 + entropy.abs()), f"entropy {rows}")
             dist_err.add(stats.dist[rows][counted], dist[counted])
             spread_err.add(stats.spread_sum[rows][counted], spread[counted])
         if grad is not None:

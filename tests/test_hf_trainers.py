@@ -26,6 +26,15 @@ def _prsl_and_ce(model, batch):
         return prsl_loss_reference(logits, targets, K, B).item(), ce.item()
 
 
+def _entropy(model, batch):
+    """The float64 softmax entropy of the unpatched ``model``'s logits, mean over the counted tokens."""
+    with torch.no_grad():
+        logits = model(**{key: batch[key] for key in ("input_ids", "attention_mask")}).logits.double()
+        targets = align_labels(batch["labels"], True)
+        h = torch.special.entr(torch.softmax(logits, -1)).sum(-1)
+        return float(h[targets != -100].mean())
+
+
 def _rows(batch):
     return [{key: value[i] for key, value in batch.items()} for i in range(batch["input_ids"].shape[0])]
 
@@ -108,6 +117,10 @@ def test_sft_trainer_text_with_completion_only_loss_trains_prsl(tmp_path):
     assert abs(got - ce) > 1e-3 * ce
     logged = next(entry for entry in trainer.state.log_history if "loss" in entry)
     assert logged["penalty"] > 0 and logged["ce"] + logged["penalty"] == pytest.approx(got, rel=1e-5)
+    # The mean softmax entropy over the counted tokens, against float64 on the same float32 logits:
+    # float32 accumulation (tests/test_entropy.py's bound, about 1e-5 of H at these |z| < 5, V = 300)
+    # plus the fused head's chunked matmul rounding differently from the model's (as for the loss).
+    assert logged["entropy"] == pytest.approx(_entropy(initial, first), rel=1e-5)
 
 
 def test_sft_trainer_vlm_batches_with_lora_train_prsl(tmp_path):

@@ -170,18 +170,19 @@ def make_case(index, backend, seed):
 
 
 def check_case(case, backend):
-    """(loss ratio, grad ratio): the worst errors as fractions of their tolerances."""
+    """(loss ratio, grad ratio, (stats ratio, column)): the worst errors as fractions of their tolerances."""
     logits, target = case["logits"], case["target"]
     oracle = Oracle(logits, target, case["k"], case["b"], case["ignore_index"])
-    loss, grad = run_backend(backend, logits, target, case["k"], case["b"], case["reduction"], case["upstream"],
-                             inplace=case["inplace"], ignore_index=case["ignore_index"])
+    loss, grad, stats = run_backend(backend, logits, target, case["k"], case["b"], case["reduction"],
+                                    case["upstream"], inplace=case["inplace"], ignore_index=case["ignore_index"],
+                                    with_stats=True)
     want_loss, loss_tol = oracle.loss(case["reduction"])
     # mean / sum: the forward's gradient (already rounded) is scaled by the upstream in the backward.
     rescale = 1.0 if case["reduction"] == "none" else float(case["upstream"])
     want_grad, grad_tol = oracle.grad(row_weights(case["reduction"], case["upstream"], target, case["ignore_index"]),
                                       rescale)
     assert grad.dtype == logits.dtype and grad.shape == logits.shape
-    return worst_ratio(loss, want_loss, loss_tol)[0], worst_ratio(grad, want_grad, grad_tol)
+    return worst_ratio(loss, want_loss, loss_tol)[0], worst_ratio(grad, want_grad, grad_tol), oracle.stats(stats)
 
 
 def _describe(index, case):
@@ -200,18 +201,21 @@ def test_random_cases_match_the_float64_oracle(backend):
     count = int(os.environ.get("PRSL_RANDOM_CASES", CASES[backend]))
     only = os.environ.get("PRSL_RANDOM_ONLY")
     indices = [int(only)] if only is not None else range(count)
-    worst_loss = worst_grad = (0.0, None)
+    worst_loss = worst_grad = worst_stats = (0.0, None)
     failures = []
     for index in indices:
         case = make_case(index, backend, seed)
         with tk.block_width(case["block"]):
-            loss_ratio, (grad_ratio, at) = check_case(case, backend)
+            loss_ratio, (grad_ratio, at), (stats_ratio, column) = check_case(case, backend)
         worst_loss = max(worst_loss, (loss_ratio, index), key=lambda x: x[0])
         worst_grad = max(worst_grad, (grad_ratio, index), key=lambda x: x[0])
-        if not (loss_ratio <= 1 and grad_ratio <= 1):
+        worst_stats = max(worst_stats, (stats_ratio, f"{column}, case {index}"), key=lambda x: x[0])
+        if not (loss_ratio <= 1 and grad_ratio <= 1 and stats_ratio <= 1):
             row, col = divmod(at, case["vocab"])
             failures.append(f"{_describe(index, case)}: loss error {loss_ratio:.3g} x tol, gradient error "
-                            f"{grad_ratio:.3g} x tol at row {row}, column {col}")
+                            f"{grad_ratio:.3g} x tol at row {row}, column {col}, row stats error "
+                            f"{stats_ratio:.3g} x tol ({column})")
     print(f"\n{backend}: {len(indices)} cases (seed {seed}); worst loss error {worst_loss[0]:.3g} x tol "
-          f"(case {worst_loss[1]}), worst gradient error {worst_grad[0]:.3g} x tol (case {worst_grad[1]})")
+          f"(case {worst_loss[1]}), worst gradient error {worst_grad[0]:.3g} x tol (case {worst_grad[1]}), "
+          f"worst row-stats error {worst_stats[0]:.3g} x tol ({worst_stats[1]})")
     assert not failures, "\n".join(failures[:10])

@@ -16,9 +16,9 @@ from torch.distributed.device_mesh import init_device_mesh
 from torch.distributed.tensor import DTensor, Replicate, Shard, distribute_tensor
 
 from prsl_kernels import linear_prsl_loss, prsl_loss
+from prsl_kernels.spec import ROW_STATS as STATS  # every column, entropy included
 from prsl_kernels.vocab_parallel import vocab_parallel_linear_prsl_loss, vocab_parallel_prsl_loss
 
-STATS = ("lse", "tau", "dist", "spread_sum", "tie_count", "correct")
 F64 = torch.float64
 
 
@@ -137,16 +137,19 @@ def case_all_ignored(mesh):
 
 
 def case_non_finite(mesh):
-    """A NaN (row 0) or +inf (row 1) logit in one shard makes that row's loss NaN, as in one process;
-    an ignored row holding NaN (row 2) has loss and gradient 0, the other rows are untouched."""
+    """A NaN (row 0) or +inf (row 1) logit in one shard makes that row's loss and entropy NaN, as in one
+    process; an ignored row holding NaN (row 2) has loss, entropy and gradient 0, the other rows are
+    untouched."""
     z, t = logits_of(6, 10, 13), targets_of(6, 10, 14)
     z[0, 7], z[1, 2], z[2, 9] = float("nan"), float("inf"), float("nan")
     t[2] = -100
     upstream = torch.ones(6, dtype=F64)
     want_loss, _, want_grad = reference(z, t, 3, 0.5, "none", upstream)
     dz = distribute_tensor(z, mesh, [Shard(-1)]).requires_grad_()
-    loss = local(prsl_loss(dz, t, 3, 0.5, reduction="none"))
+    loss, stats = prsl_loss(dz, t, 3, 0.5, reduction="none", return_stats=True)
+    loss = local(loss)
     loss.sum().backward()
+    assert bool(torch.isnan(stats.entropy[:2]).all()) and stats.entropy[2] == 0, stats.entropy
     grad = full(dz.grad)
     assert bool(torch.isnan(loss[:2]).all()) and loss[2] == 0 and bool((grad[2] == 0).all()), (loss, grad)
     assert bool(torch.isnan(grad[:2]).any(-1).all())

@@ -422,7 +422,8 @@ def _make_callbacks(cfg, bundle, loss_fn, eval_examples, log_path):
     from transformers import TrainerCallback
 
     class JsonlLogger(TrainerCallback):
-        """Adds CE, the penalty (b*D) and the token accuracy to the Trainer's logs; writes JSONL (rank 0)."""
+        """Adds CE, the penalty (b*D), the token accuracy and the mean entropy to the Trainer's logs; writes
+        JSONL (rank 0)."""
 
         def on_log(self, args, state, control, logs=None, **kw):
             # Every rank logs at the same steps (Trainer gathers the loss there), so the all-reduce
@@ -433,7 +434,7 @@ def _make_callbacks(cfg, bundle, loss_fn, eval_examples, log_path):
             # "train_loss": the end-of-training line, the only one when --logging-steps > --max-steps.
             if stats is not None and ("loss" in logs or "train_loss" in logs):
                 logs["ce"], logs["penalty"], logs["tokens"] = stats["ce"], stats["penalty"], stats["tokens"]
-                logs["accuracy"] = stats["accuracy"]
+                logs["accuracy"], logs["entropy"] = stats["accuracy"], stats["entropy"]
             with open(log_path, "a") as f:
                 f.write(json.dumps({"step": state.global_step, **logs}) + "\n")
 
@@ -472,14 +473,15 @@ def _global_stats(stats, device):
     dist = torch.distributed
     if not (dist.is_available() and dist.is_initialized()) or dist.get_world_size() == 1:
         return stats
-    s = stats or {"ce": 0.0, "penalty": 0.0, "tokens": 0, "accuracy": 0.0}
+    s = stats or {"ce": 0.0, "penalty": 0.0, "tokens": 0, "accuracy": 0.0, "entropy": 0.0}
     sums = torch.tensor([s["ce"] * s["tokens"], s["penalty"] * s["tokens"], float(s["tokens"]),
-                         s["accuracy"] * s["tokens"]], dtype=torch.float64, device=device)
+                         s["accuracy"] * s["tokens"], s["entropy"] * s["tokens"]], dtype=torch.float64, device=device)
     dist.all_reduce(sums)
-    ce, penalty, tokens, correct = sums.tolist()
+    ce, penalty, tokens, correct, entropy = sums.tolist()
     if tokens == 0:
         return None
-    return {"ce": ce / tokens, "penalty": penalty / tokens, "tokens": int(round(tokens)), "accuracy": correct / tokens}
+    return {"ce": ce / tokens, "penalty": penalty / tokens, "tokens": int(round(tokens)), "accuracy": correct / tokens,
+            "entropy": entropy / tokens}
 
 
 def _quiet_console(trainer, progress: bool) -> None:
