@@ -89,13 +89,11 @@ class PRSLTokenLoss:
                                                          ignore_index=self.ignore_index, reduction="sum")
             loss_sum = loss_sum.to(stats_dtype(logits.dtype))  # the loss dtype of prsl_loss
             count = (targets != self.ignore_index).sum()
-            self._record(loss_sum, loss_sum.new_zeros(()), count, self._correct_sum(logits, targets),
-                         self._entropy_sum(logits, targets))
+            self._record(loss_sum, loss_sum.new_zeros(()), count, *self._logged_sums(logits, targets))
             return _normalise(loss_sum, count, num_items_in_batch)
         if self.variant == "released":
             loss_sum, ce_sum, penalty_sum, count = self._released(logits, targets)
-            correct_sum = self._correct_sum(logits, targets)
-            entropy_sum = self._entropy_sum(logits, targets)
+            correct_sum, entropy_sum = self._logged_sums(logits, targets)
             loss = _normalise(loss_sum, count, num_items_in_batch)
         else:
             counted = (targets != self.ignore_index).reshape(-1)
@@ -126,22 +124,14 @@ class PRSLTokenLoss:
             check_target_range(targets, vocab, self.ignore_index, "shift_labels" if aligned else "labels")
         return targets if aligned else align_labels(targets, self.shift, self.ignore_index)
 
-    def _correct_sum(self, logits, targets):
-        """Tokens whose target logit is the row maximum (ties count), as ``RowStats.correct``:
-        one extra max over the logits, for the paths that do not run the fused kernels."""
-        with torch.no_grad():
-            flat, t = logits.reshape(-1, logits.shape[-1]), targets.reshape(-1)
-            counted = t != self.ignore_index
-            z_s = flat.gather(1, torch.where(counted, t, 0)[:, None]).squeeze(1)
-            return ((z_s >= flat.max(-1).values) & counted).sum()
-
-    def _entropy_sum(self, logits, targets):
-        """The counted rows' softmax entropies, as ``RowStats.entropy``, for the paths that do not
-        run the fused kernels: one forward of the fused kernel with k = 0 (O(N) memory, no graph)."""
+    def _logged_sums(self, logits, targets):
+        """``(correct tokens, entropy sum)`` of the counted rows, as ``RowStats.correct`` and
+        ``RowStats.entropy``, for the paths whose loss does not run the fused kernels: one forward
+        of the fused kernel with k = 0 (one read of the logits, O(N) memory, no graph)."""
         with torch.no_grad():
             _, stats = prsl_loss(logits.detach(), targets, 0, 0.0, ignore_index=self.ignore_index,
                                  reduction="none", backend=self.backend, check_target=False, return_stats=True)
-            return stats.entropy.sum()  # 0 on ignored rows
+            return stats.correct.sum(), stats.entropy.sum()  # both 0 on ignored rows
 
     def _released(self, logits, targets):
         from reference import prsl_released_loss_reference

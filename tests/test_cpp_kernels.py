@@ -320,7 +320,7 @@ def test_disabled_extension_falls_back_with_one_warning():
 @requires_cpp
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16, torch.float32])
 def test_rows_whose_threshold_is_negative(dtype):
-    """Issue 18: rows whose k-th largest non-target logit (tau) is negative, or whose every logit is."""
+    """Rows whose k-th largest non-target logit (tau) is negative, or whose every logit is."""
     z, t, _ = _data(5, 3000, seed=77, dtype=torch.float64)
     k = 20
     z[0] -= 30.0

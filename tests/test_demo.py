@@ -19,7 +19,7 @@ def test_demo_smoke(tmp_path, capfd):
 
     out = tmp_path / "demo"
     assert main(["--size", "smoke", "--output-dir", str(out), "--no-progress"]) == 0
-    # Issue 13.14: the console carries a header, one line per model, the report path and the verdict;
+    # Console output is for people: the console carries a header, one line per model, the report path and the verdict;
     # Trainer's log dicts, load bars and the Java tokenizer's chatter go to files (or nowhere).
     console = capfd.readouterr()
     lines = [ln for ln in console.out.splitlines() if ln.strip()]

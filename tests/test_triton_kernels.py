@@ -330,7 +330,7 @@ def test_top_logits_at_the_row_ends(dtype):
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16, torch.float32])
 @pytest.mark.parametrize("k", [6, 20])
 def test_rows_whose_threshold_is_negative(dtype, k):
-    """Issue 18: rows whose k-th largest non-target logit (tau) is negative, or whose every logit
+    """Rows whose k-th largest non-target logit (tau) is negative, or whose every logit
     is negative, on the default launch (two-pass forward) in 16-bit and 32-bit: a selection that
     treats values by their bit patterns or assumes tau >= 0 is wrong exactly here."""
     gen = torch.Generator().manual_seed(40 + k)
@@ -362,7 +362,7 @@ def _lose_every_chunk(tile0, group_row, gl0, tb0, n_groups, n_tiles, thr, target
 
 
 def test_pass_two_finding_fewer_than_k_candidates_is_flagged(monkeypatch):
-    """Issue 18: if pass 2 of the two-pass forward ever lost candidates (values recomputed
+    """If pass 2 of the two-pass forward ever lost candidates (values recomputed
     differently from pass 1), the row must be flagged and recomputed by the exact kernel, never
     finished with tau = -inf. Simulated (interpreter) by a pass 2 that drops every whole chunk."""
     gen = torch.Generator().manual_seed(5)
