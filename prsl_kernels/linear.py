@@ -303,7 +303,7 @@ def _backward_chunks(ctx, grad_rows, hidden, weight, bias, target):
         hidden_c, target_c = hidden[start:stop], target[start:stop]
         logits_c = _chunk_logits(hidden_c, weight, bias, buffer[:stop - start])
         forward_grad_kernel(logits_c, target_c, grad_rows[start:stop], logits_c, ctx.k, ctx.b, ctx.ignore_index,
-                            *ctx.options.op_args())  # the statistics come again with it (cheaper than saving N x 6)
+                            *ctx.options.op_args())  # the statistics come again with it (cheaper than saving N x NUM_ROW_STATS)
         grad_hidden, grad_weight, grad_bias = _accumulate(logits_c, hidden_c, weight, start, stop, grad_hidden,
                                                           grad_weight, grad_bias, need_hidden, need_weight,
                                                           need_bias)

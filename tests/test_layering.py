@@ -63,6 +63,15 @@ def modules():
     return found
 
 
+def _source(node, package):
+    """The absolute module name an ``ast.ImportFrom`` reads from (``from ..x import y`` in
+    ``package``)."""
+    if not node.level:
+        return node.module or ""
+    parts = package.split(".")
+    return ".".join(parts[: len(parts) - node.level + 1] + ([node.module] if node.module else []))
+
+
 def imports_of(name, path, known):
     """The known modules that ``name`` imports anywhere in its source.
 
@@ -77,11 +86,7 @@ def imports_of(name, path, known):
         if isinstance(node, ast.Import):
             targets = [alias.name for alias in node.names]
         elif isinstance(node, ast.ImportFrom):
-            if node.level:
-                base = package.split(".")[: len(package.split(".")) - node.level + 1]
-                source = ".".join(base + ([node.module] if node.module else []))
-            else:
-                source = node.module or ""
+            source = _source(node, package)
             subs = [f"{source}.{alias.name}" for alias in node.names if f"{source}.{alias.name}" in known]
             targets = subs or [source]
         elif (isinstance(node, ast.Call) and getattr(node.func, "attr", getattr(node.func, "id", "")) == "import_module"
@@ -103,11 +108,7 @@ def private_imports(name, path, known):
     found = []
     for node in ast.walk(tree):
         if isinstance(node, ast.ImportFrom):
-            if node.level:
-                base = package.split(".")[: len(package.split(".")) - node.level + 1]
-                source = ".".join(base + ([node.module] if node.module else []))
-            else:
-                source = node.module or ""
+            source = _source(node, package)
             if source.split(".")[0] not in PACKAGES:
                 continue
             for alias in node.names:

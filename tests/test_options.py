@@ -59,7 +59,7 @@ def make_rows(n, vocab, dtype, seed, scale=4.0):
 
 
 def check_against_reference(logits, target, k, b, options, backend, grad_rows=None):
-    """Per-row loss, the six row stats and the gradient of prsl_loss vs the reference."""
+    """Per-row loss, every row stat (spec.ROW_STATS) and the gradient of prsl_loss vs the reference."""
     dtype, device = logits.dtype, backend_device(backend)
     x = logits.detach().clone().to(device).requires_grad_(True)
     loss, stats = prsl_loss(x, target.to(device), k, b, reduction="none", backend=backend, return_stats=True,
