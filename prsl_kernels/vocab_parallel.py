@@ -66,7 +66,8 @@ else:  # a torch built without distributed: nothing can be a DTensor
 BLOCK_BYTES = 8 << 20
 _MIN_BLOCK_ROWS = 8
 # Columns of the all-reduced block: everything a row needs once M and tau are known.
-_SUMEXP, _SPREAD, _SQUARES, _TIES, _Z_TARGET, _Z_SUM, _ENTROPY_SUM = range(7)
+_NUM_SUMS = 7
+_SUMEXP, _SPREAD, _SQUARES, _TIES, _Z_TARGET, _Z_SUM, _ENTROPY_SUM = range(_NUM_SUMS)
 
 
 def is_dtensor(x) -> bool:
@@ -139,12 +140,15 @@ def _block_stats(block, target, shard, k, b, ignore_index, options, keep_parts=F
 
     # 2. Every sum, local once M and tau are known: one all-reduce. A lies within the candidates.
     shift = torch.where(top == float("-inf"), 0.0, top)  # all -inf: lse = -inf, as torch
-    e = torch.sub(z, shift[:, None]).exp_()
-    sums = torch.zeros((rows, 7), dtype=acc, device=z.device)
+    y = torch.sub(z, shift[:, None])
+    e = torch.exp(y)
+    sums = torch.zeros((rows, _NUM_SUMS), dtype=acc, device=z.device)
     sums[:, _SUMEXP] = e.sum(-1)
     # Entropy: T = sum_j e_j (z_j - M) against the global maximum M already, so the shards' T add up
-    # in the same all-reduce (no rescaling). A -inf logit (e = 0) adds 0, not 0 * -inf.
-    sums[:, _ENTROPY_SUM] = torch.sub(z, shift[:, None]).masked_fill_(e == 0, 0.0).mul_(e).sum(-1)
+    # in the same all-reduce (no rescaling). A -inf logit (e = 0) adds 0, not 0 * -inf; y is not
+    # needed after this, so its buffer takes the products.
+    sums[:, _ENTROPY_SUM] = y.masked_fill_(e == 0, 0.0).mul_(e).sum(-1)
+    del y
     d = None
     if k and width:
         above, ties = _select(z_nt, candidates, tau, column, here)

@@ -28,6 +28,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "benchmarks"))
 
 import aot_report  # noqa: E402
+from launch_recorder import record_launches  # noqa: E402
 
 # Not conftest's marker: this file also runs as a script (compiled, in subprocesses), where importing
 # conftest after triton would refuse. In pytest, conftest has set TRITON_INTERPRET before this import.
@@ -135,19 +136,7 @@ def test_register_cap_follows_alignment_and_options():
 @needs_interpreter  # launches on CPU tensors
 def test_unaligned_launch_takes_no_register_cap(monkeypatch):
     """What the launcher really passes (interpreter): maxnreg for aligned rows, none for ``logits[1:]``."""
-    seen = []
-
-    class Recorder:
-        def __init__(self, kernel):
-            self.kernel = kernel
-
-        def __getitem__(self, grid):
-            def launch(*args, **kwargs):
-                seen.append((kwargs["ALIGNED"], kwargs.get("maxnreg")))
-                return self.kernel[grid](*args, **kwargs)
-            return launch
-
-    monkeypatch.setattr(tk, "_prsl_forward_kernel", Recorder(tk._prsl_forward_kernel))
+    seen = record_launches(monkeypatch, tk, "_prsl_forward_kernel", lambda kw: (kw["ALIGNED"], kw.get("maxnreg")))
     vocab = 3001  # 8 warps, as at V = 50257
     flat = torch.randn(4 * vocab + 16).to(torch.bfloat16)
     start = next(i for i in range(8) if (flat.data_ptr() + 2 * i) % 16 == 0)

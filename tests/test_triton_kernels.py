@@ -10,6 +10,7 @@ import torch
 
 import reference as ref
 from conftest import needs_interpreter
+from launch_recorder import record_launches
 from prsl_kernels import prsl_loss
 from prsl_kernels import triton_kernels as tk
 from prsl_kernels.spec import DIST, LSE, NUM_ROW_STATS, SPREAD_SUM, TAU, TIE_COUNT
@@ -380,19 +381,7 @@ def test_pass_two_finding_fewer_than_k_candidates_is_flagged(monkeypatch):
 def test_block_width_reaches_the_launches(monkeypatch, triton_device):
     """``block_width(v)`` sets the tiles of launches on the public path (prsl_loss down to the
     launchers), a launcher's own ``block_v`` wins over it, and the tuned tiles come back after."""
-    seen = []
-
-    class Recorder:
-        def __init__(self, kernel):
-            self.kernel = kernel
-
-        def __getitem__(self, grid):
-            def launch(*args, **kwargs):
-                seen.append(kwargs["TILE"])
-                return self.kernel[grid](*args, **kwargs)
-            return launch
-
-    monkeypatch.setattr(tk, "_prsl_backward_kernel", Recorder(tk._prsl_backward_kernel))
+    seen = record_launches(monkeypatch, tk, "_prsl_backward_kernel", lambda kw: kw["TILE"])
     logits, target, _ = make_rows(3, 300, torch.float32, seed=3)
     logits, target = logits.to(triton_device), target.to(triton_device)
 
